@@ -1,0 +1,147 @@
+"""The metric catalog: the one place a metric is named.
+
+Every exporter, alert rule, dashboard and the README's metrics table is generated from
+:data:`METRICS`. A metric name typed anywhere else is a bug.
+
+Each metric carries the base labels :data:`BASE_LABELS` (``session_id``, ``model_name``) plus
+its own ``labels``. No label changes per step, so every series stays bounded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["BASE_LABELS", "METRICS", "Metric", "by_field", "by_name", "markdown_table"]
+
+Kind = Literal["gauge", "counter", "histogram"]
+
+BASE_LABELS: tuple[str, ...] = ("session_id", "model_name")
+
+_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric: how it is named and typed everywhere.
+
+    Attributes:
+        name: The Prometheus name. Counters end in ``_total``.
+        kind: ``gauge``, ``counter`` or ``histogram``.
+        help: One sentence for ``# HELP`` and the README.
+        unit: The unit, or ``""`` for a plain number.
+        labels: Labels beyond :data:`BASE_LABELS`.
+        attr: The :class:`~privacy_callbacks.PrivacySnapshot` attribute holding the value
+            (for counters: the running total), or ``None`` when the value does not come from the
+            per-step snapshot.
+        field: The InfluxDB field name for the per-step point, or ``None`` if the metric is not
+            written per step.
+        buckets: Histogram bucket bounds.
+    """
+
+    name: str
+    kind: Kind
+    help: str
+    unit: str = ""
+    labels: tuple[str, ...] = ()
+    attr: str | None = None
+    field: str | None = None
+    buckets: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"Invalid metric name {self.name!r}: use lower_snake_case")
+        if self.kind == "counter" and not self.name.endswith("_total"):
+            raise ValueError(f"Counter {self.name!r} must end in '_total'")
+        if self.kind == "histogram" and not self.buckets:
+            raise ValueError(f"Histogram {self.name!r} needs buckets")
+
+    @property
+    def all_labels(self) -> tuple[str, ...]:
+        return BASE_LABELS + self.labels
+
+
+_ACC = ("accountant",)
+
+METRICS: tuple[Metric, ...] = (
+    Metric("privacy_epsilon_consumed", "gauge",
+           "Privacy loss epsilon spent so far, from the privacy accountant's own history.",
+           labels=_ACC, attr="epsilon", field="epsilon"),
+    Metric("privacy_delta_consumed", "gauge",
+           "Delta the reported epsilon is computed for.",
+           labels=_ACC, attr="delta", field="delta"),
+    Metric("privacy_epsilon_target", "gauge",
+           "Epsilon budget for this training run.",
+           labels=_ACC, attr="target_epsilon", field="epsilon_target"),
+    Metric("privacy_budget_remaining", "gauge",
+           "Epsilon budget left: target minus epsilon spent (negative once the target is passed).",
+           labels=_ACC, attr="budget_remaining", field="budget_remaining"),
+    Metric("privacy_budget_consumed_total", "counter",
+           "Epsilon consumed, as a monotonic counter.",
+           labels=_ACC, attr="epsilon"),
+    Metric("privacy_epsilon_forecast", "gauge",
+           "Epsilon at the end of the planned training if the current noise and sample rate hold.",
+           labels=_ACC, attr="epsilon_forecast", field="epsilon_forecast"),
+    Metric("privacy_budget_exhaustion_steps", "gauge",
+           "Optimizer steps left before epsilon would pass the target.",
+           unit="steps", labels=_ACC, attr="budget_exhaustion_steps",
+           field="budget_exhaustion_steps"),
+    Metric("privacy_noise_multiplier", "gauge",
+           "Noise multiplier sigma of the Gaussian mechanism in the last step.",
+           attr="noise_multiplier", field="noise_multiplier"),
+    Metric("gradient_clipping_norm", "gauge",
+           "Per-sample gradient clipping norm C.",
+           attr="max_grad_norm", field="clipping_norm"),
+    Metric("privacy_sample_rate", "gauge",
+           "Sampling rate q the accountant used for the last step.",
+           attr="sample_rate", field="sample_rate"),
+    Metric("privacy_noise_std", "gauge",
+           "Standard deviation of the noise on the averaged gradient, sigma*C/(B*k).",
+           attr="noise_std", field="noise_std"),
+    Metric("training_steps_with_privacy_total", "counter",
+           "Optimizer steps the privacy accountant has accounted.",
+           unit="steps", attr="steps", field="steps_accounted"),
+    Metric("training_throughput_private", "gauge",
+           "Training throughput with differential privacy.",
+           unit="samples/s", labels=("rank",), attr="throughput", field="throughput"),
+    Metric("privacy_accounting_errors_total", "counter",
+           "Failures while computing epsilon; training continued.",
+           attr="accounting_errors"),
+    Metric("privacy_export_dropped_total", "counter",
+           "Snapshots or points an exporter dropped (outage, full buffer).",
+           labels=("exporter",)),
+)
+
+_BY_NAME = {m.name: m for m in METRICS}
+_BY_FIELD = {m.field: m for m in METRICS if m.field}
+if len(_BY_NAME) != len(METRICS) or len(_BY_FIELD) != sum(1 for m in METRICS if m.field):
+    raise RuntimeError("Duplicate metric name or field in the catalog")
+
+
+def by_name(name: str) -> Metric:
+    """Return the metric called ``name``; ``KeyError`` names the unknown metric."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"Unknown metric {name!r}: see privacy_callbacks.catalog.METRICS") from None
+
+
+def by_field(field: str) -> Metric:
+    """Return the metric written as InfluxDB field ``field``."""
+    try:
+        return _BY_FIELD[field]
+    except KeyError:
+        raise KeyError(f"Unknown field {field!r}: see privacy_callbacks.catalog.METRICS") from None
+
+
+def markdown_table() -> str:
+    """The README's metrics table, generated from :data:`METRICS`."""
+    rows = ["| metric | type | unit | labels | InfluxDB field | meaning |",
+            "|---|---|---|---|---|---|"]
+    for m in METRICS:
+        rows.append(
+            f"| `{m.name}` | {m.kind} | {m.unit or '-'} | {', '.join(m.all_labels)} "
+            f"| {('`' + m.field + '`') if m.field else '-'} | {m.help} |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,298 @@
+"""PrivacyMonitor: privacy metrics from an Opacus run, every optimizer step."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+import uuid
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from . import probe
+from .accounting import Accounting, make_accounting
+from .exporters.base import Exporter, RunInfo
+from .publisher import Publisher
+from .snapshot import PrivacySnapshot
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PrivacyMonitor"]
+
+
+def _batch_len(batch: Any) -> int:
+    """Samples in a batch, from host-side shape metadata only."""
+    while True:
+        if isinstance(batch, torch.Tensor):
+            return int(batch.shape[0]) if batch.dim() else 1
+        if isinstance(batch, (list, tuple)) and batch:
+            batch = batch[0]
+        elif isinstance(batch, dict) and batch:
+            batch = next(iter(batch.values()))
+        else:
+            return 0
+
+
+class PrivacyMonitor(Callback):
+    """Reports the privacy spent by an Opacus DP-SGD run on every optimizer step.
+
+    After each optimizer step it reads the accountant's history and the DP optimizer's settings
+    (host-side values only: no device synchronisation), computes epsilon (microseconds for RDP;
+    on a background thread for PRV and GDP), builds a :class:`PrivacySnapshot` and hands it to a
+    background publisher that feeds the exporters. Epsilon also goes to the progress bar and the
+    trainer's loggers at the trainer's ``log_every_n_steps`` cadence.
+
+    Args:
+        delta: The delta to report epsilon for, in (0, 1).
+        target_epsilon: The epsilon budget; enables the budget metrics.
+        exporters: Where snapshots go, e.g. ``[PrometheusExporter(port=9108)]``.
+        accountant: The Opacus accountant or ``PrivacyEngine``. By default the monitor finds the
+            ``PrivacyEngine`` stored on the LightningModule (``self.privacy_engine``, as in Opacus'
+            Lightning example) or on a callback.
+        session_id: Label identifying this run; a random id by default (set it to keep one series
+            across restarts).
+        model_name: Label naming the model; the LightningModule's class name by default.
+        progress_bar: Show epsilon in the progress bar.
+        max_pending: Snapshots the publisher holds while exporters lag before dropping the oldest.
+
+    Exported metrics: see :mod:`privacy_callbacks.catalog` and the README's metrics table.
+    """
+
+    def __init__(
+        self,
+        delta: float,
+        target_epsilon: float | None = None,
+        *,
+        exporters: Sequence[Exporter] = (),
+        accountant: Any = None,
+        session_id: str | None = None,
+        model_name: str | None = None,
+        progress_bar: bool = True,
+        max_pending: int = 10_000,
+    ) -> None:
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+            raise ValueError(f"Unexpected value for delta: {delta!r}; use a number in (0, 1), "
+                             "typically below 1/(training set size), e.g. 1e-5")
+        if target_epsilon is not None and (
+                isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float))
+                or not 0 < target_epsilon < math.inf):
+            raise ValueError(f"Unexpected value for target_epsilon: {target_epsilon!r}; use a "
+                             "positive finite number, or None for no budget")
+        exporters = tuple(exporters)
+        for exporter in exporters:
+            if not isinstance(exporter, Exporter):
+                raise ValueError(f"Unexpected exporter {exporter!r}: use PrometheusExporter, "
+                                 "InfluxDBExporter or a subclass of privacy_callbacks.Exporter")
+        for name, value in (("session_id", session_id), ("model_name", model_name)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"Unexpected value for {name}: {value!r}; use a non-empty string")
+        if accountant is not None:
+            probe.find_accountant(None, None, accountant)  # raises, naming the value
+        self.delta = float(delta)
+        self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
+        self.exporters = exporters
+        self.accountant = accountant
+        self.session_id = session_id or uuid.uuid4().hex[:12]
+        self.model_name = model_name
+        self.progress_bar = progress_bar
+        self.max_pending = max_pending
+
+        self.accounting: Accounting | None = None
+        self.last_snapshot: PrivacySnapshot | None = None
+        self._publisher: Publisher | None = None
+        self._optimizers: list[Any] = []
+        self._accumulate = 1
+        self._planned_steps: int | None = None
+        self._rank = 0
+        self._exporting = False
+        self._started = False
+        self._last_step = -1
+        self._samples = 0
+        self._t_last: float | None = None
+        self._loaded_state: dict[str, Any] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._rank = trainer.global_rank
+        self._exporting = trainer.is_global_zero
+        if self._exporting:
+            started: list[Exporter] = []
+            try:
+                for exporter in self.exporters:
+                    exporter.start()
+                    started.append(exporter)
+            except BaseException:
+                for exporter in started:
+                    exporter.close(timeout=1.0)
+                raise
+            self._started = True
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._optimizers = probe.find_dp_optimizers(trainer)
+        accountant = probe.find_accountant(trainer, pl_module, self.accountant)
+        if not any(getattr(opt, "step_hook", None) for opt in self._optimizers):
+            logger.warning("No DPOptimizer has an accountant hook attached: Opacus will account "
+                           "no steps and epsilon stays 0. Use PrivacyEngine.make_private.")
+        self.accounting = make_accounting(accountant, self.delta)
+        self.model_name = self.model_name or type(pl_module).__name__
+        self._accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
+        planned = trainer.estimated_stepping_batches
+        self._planned_steps = int(planned) if math.isfinite(planned) else None
+        self._last_step = trainer.global_step
+        self._samples = 0
+        self._t_last = None
+        if self._exporting:
+            self._publisher = Publisher(self.exporters, max_pending=self.max_pending)
+            info = RunInfo(
+                session_id=self.session_id, model_name=self.model_name,
+                accountant=self.accounting.mechanism, rank=trainer.global_rank,
+                world_size=trainer.world_size, delta=self.delta,
+                target_epsilon=self.target_epsilon, exporters=(*self.exporters, self._publisher))
+            for exporter in self.exporters:
+                exporter.open(info)
+            urls = [u for u in (getattr(e, "url", None) for e in self.exporters) if u]
+            logger.info("Privacy monitor: session %s, %s accountant, delta=%g%s", self.session_id,
+                        self.accounting.mechanism, self.delta,
+                        f", metrics at {', '.join(urls)}" if urls else "")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t_last = None
+        self._samples = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if self._t_last is None:
+            self._t_last = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t_last = None  # validation time is not training throughput
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._samples += _batch_len(batch)
+        step = trainer.global_step
+        if step == self._last_step or self.accounting is None:
+            return  # no optimizer step in this batch (gradient accumulation)
+        self._last_step = step
+        snapshot = self._snapshot(step)
+        self.last_snapshot = snapshot
+        if self._publisher is not None:
+            self._publisher.publish(snapshot)
+        if self.progress_bar and snapshot.epsilon is not None and (
+                batch_idx == 0 or step % max(1, trainer.log_every_n_steps) == 0):
+            pl_module.log("epsilon", torch.tensor(snapshot.epsilon), prog_bar=True, logger=False,
+                          on_step=True, on_epoch=False)
+        if trainer.loggers and self._exporting and step % max(1, trainer.log_every_n_steps) == 0:
+            self._log_to_loggers(trainer, snapshot)
+
+    def _snapshot(self, step: int) -> PrivacySnapshot:
+        now = time.perf_counter()
+        throughput = None
+        if self._t_last is not None and now > self._t_last:
+            throughput = self._samples / (now - self._t_last)
+        self._t_last, self._samples = now, 0
+
+        accounting = self.accounting
+        assert accounting is not None
+        accounting.update()
+        opt = self._optimizers[0]
+        sigma = float(opt.noise_multiplier)
+        clip = float(opt.max_grad_norm)
+        history = accounting.accountant.history
+        q = float(history[-1][1]) if history else None
+        noise_std = sigma * clip
+        if getattr(opt, "loss_reduction", "mean") == "mean" and opt.expected_batch_size:
+            noise_std /= opt.expected_batch_size * self._accumulate
+
+        eps = accounting.epsilon
+        target = self.target_epsilon
+        forecast = exhaustion = remaining = None
+        if q is not None:
+            if self._planned_steps is not None:
+                forecast = accounting.forecast(max(0, self._planned_steps - step), sigma, q)
+            if target is not None:
+                exhaustion = accounting.exhaustion_steps(target, sigma, q)
+        if target is not None and eps is not None:
+            remaining = target - eps
+        return PrivacySnapshot(
+            step=step, timestamp_ns=time.time_ns(), accountant=accounting.mechanism,
+            delta=self.delta, epsilon=eps, epsilon_step=accounting.epsilon_step,
+            steps=accounting.steps, noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q,
+            noise_std=noise_std, throughput=throughput, accounting_errors=accounting.errors,
+            target_epsilon=target, budget_remaining=remaining, epsilon_forecast=forecast,
+            budget_exhaustion_steps=exhaustion, rank=self._rank)
+
+    def _log_to_loggers(self, trainer: pl.Trainer, snapshot: PrivacySnapshot) -> None:
+        metrics = {"privacy/epsilon": snapshot.epsilon,
+                   "privacy/noise_multiplier": snapshot.noise_multiplier}
+        if snapshot.budget_remaining is not None:
+            metrics["privacy/budget_remaining"] = snapshot.budget_remaining
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=snapshot.step)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every snapshot so far reached the exporters; False on timeout."""
+        return self._publisher.flush(timeout) if self._publisher is not None else True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        snap = self.last_snapshot
+        if snap is not None and self._exporting:
+            logger.info("Privacy spent: epsilon=%.4g at delta=%g after %d steps (%s)",
+                        snap.epsilon if snap.epsilon is not None else float("nan"), snap.delta,
+                        snap.steps, snap.accountant)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self._publisher is not None:
+            if self.accounting is not None and self.last_snapshot is not None:
+                self.accounting.settle(timeout=10.0)
+                self._publish_final()
+            self._publisher.close(timeout=10.0)
+            self._publisher = None
+        if self._started:
+            for exporter in self.exporters:
+                try:
+                    exporter.close(timeout=10.0)
+                except Exception:
+                    logger.exception("Closing %s failed", exporter.name)
+            self._started = False
+        if self.accounting is not None:
+            self.accounting.close()
+
+    def _publish_final(self) -> None:
+        """A background accountant may have finished after the last step: export its value."""
+        accounting, last = self.accounting, self.last_snapshot
+        assert accounting is not None and last is not None and self._publisher is not None
+        if accounting.epsilon_step == last.epsilon_step and accounting.errors == last.accounting_errors:
+            return
+        eps = accounting.epsilon
+        remaining = None if self.target_epsilon is None or eps is None else self.target_epsilon - eps
+        final = dataclasses.replace(last, epsilon=eps, epsilon_step=accounting.epsilon_step,
+                                    budget_remaining=remaining,
+                                    accounting_errors=accounting.errors, throughput=None)
+        self.last_snapshot = final
+        self._publisher.publish(final)
+
+    # -- checkpoint state -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        accountant = self.accounting.accountant if self.accounting is not None else None
+        return {
+            "session_id": self.session_id,
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "accountant": accountant.mechanism() if accountant is not None else None,
+            "history": [list(seg) for seg in accountant.history] if accountant is not None else [],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_state = dict(state_dict)

@@ -1,0 +1,63 @@
+"""The one module that knows where Opacus keeps things in a Lightning run.
+
+It finds the privacy accountant and the DP optimizers, and reads the mechanism's configuration
+(sigma, C, expected batch size) from host-side attributes each step: noise schedulers and adaptive
+clipping change them, and reading a Python attribute never touches the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opacus import PrivacyEngine
+from opacus.accountants.accountant import IAccountant
+from opacus.optimizers import DPOptimizer
+
+__all__ = ["HOW_TO_WIRE", "find_accountant", "find_dp_optimizers"]
+
+HOW_TO_WIRE = (
+    "Wire Opacus as its Lightning example does: create `self.privacy_engine = PrivacyEngine()` in "
+    "your LightningModule and return the optimizer from `self.privacy_engine.make_private(...)` "
+    "in `configure_optimizers`, or add the `DifferentialPrivacy` callback before `PrivacyMonitor`."
+)
+
+
+def find_dp_optimizers(trainer: Any) -> list[DPOptimizer]:
+    """The trainer's Opacus DP optimizers; a clear error when there is none."""
+    optimizers = list(getattr(trainer, "optimizers", []) or [])
+    found = [opt for opt in optimizers if isinstance(opt, DPOptimizer)]
+    if not found:
+        kinds = ", ".join(type(opt).__name__ for opt in optimizers) or "none"
+        raise RuntimeError(
+            f"PrivacyMonitor found no Opacus DPOptimizer among the trainer's optimizers "
+            f"(found: {kinds}). {HOW_TO_WIRE}")
+    return found
+
+
+def _as_accountant(obj: Any) -> IAccountant | None:
+    if isinstance(obj, IAccountant):
+        return obj
+    if isinstance(obj, PrivacyEngine):
+        return obj.accountant
+    return None
+
+
+def find_accountant(trainer: Any, pl_module: Any, explicit: Any = None) -> IAccountant:
+    """The accountant: the one given, else a ``PrivacyEngine`` on the module or a callback."""
+    if explicit is not None:
+        accountant = _as_accountant(explicit)
+        if accountant is None:
+            raise ValueError(
+                f"Unexpected value for accountant: {explicit!r}. Pass an Opacus accountant "
+                "(e.g. `engine.accountant`) or the `PrivacyEngine` itself.")
+        return accountant
+    candidates = [getattr(pl_module, "privacy_engine", None)]
+    candidates += [v for v in vars(pl_module).values() if isinstance(v, PrivacyEngine)]
+    candidates += [getattr(cb, "privacy_engine", None) for cb in getattr(trainer, "callbacks", [])]
+    for candidate in candidates:
+        accountant = _as_accountant(candidate)
+        if accountant is not None:
+            return accountant
+    raise RuntimeError(
+        f"PrivacyMonitor found no Opacus PrivacyEngine on {type(pl_module).__name__} or the "
+        f"trainer's callbacks. {HOW_TO_WIRE} Or pass it: PrivacyMonitor(accountant=engine).")

@@ -1,0 +1,114 @@
+"""Hands snapshots from the training thread to the exporters on a background thread."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Sequence
+
+from .exporters.base import Exporter
+from .snapshot import PrivacySnapshot
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Publisher"]
+
+
+class Publisher:
+    """A bounded hand-off: :meth:`publish` is an append and a wake-up, nothing more.
+
+    When exporters fall behind by more than ``max_pending`` snapshots, the oldest are dropped and
+    counted in :attr:`dropped` (exported as ``privacy_export_dropped_total{exporter="publisher"}``).
+    Device-side statistics attached to a snapshot are resolved here, off the training thread.
+    """
+
+    name = "publisher"
+
+    def __init__(self, exporters: Sequence[Exporter], max_pending: int = 10_000) -> None:
+        if max_pending < 1:
+            raise ValueError(f"Unexpected value for max_pending: {max_pending}; use 1 or more")
+        self.exporters = tuple(exporters)
+        self.dropped = 0
+        self._queue: collections.deque[PrivacySnapshot] = collections.deque()
+        self._max = max_pending
+        self._wake = threading.Event()
+        self._idle = threading.Condition()
+        self._published = 0
+        self._done = 0
+        self._stop = False
+        self._failed: set[str] = set()
+        self._thread = threading.Thread(target=self._run, name="privacy-publisher", daemon=True)
+        self._thread.start()
+
+    def publish(self, snapshot: PrivacySnapshot) -> None:
+        """Queue ``snapshot``; never blocks. Called on the training thread."""
+        queue = self._queue
+        if len(queue) >= self._max:
+            try:
+                queue.popleft()
+                self.dropped += 1
+            except IndexError:  # the publisher thread just emptied it
+                pass
+        queue.append(snapshot)
+        self._published += 1
+        self._wake.set()
+
+    def _run(self) -> None:
+        queue = self._queue
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while queue:
+                try:
+                    snapshot = queue.popleft()
+                except IndexError:
+                    break
+                self._deliver(snapshot)
+                with self._idle:
+                    self._done += 1
+                    self._idle.notify_all()
+            if self._stop and not queue:
+                return
+
+    def _deliver(self, snapshot: PrivacySnapshot) -> None:
+        stats = snapshot.device_stats
+        if stats is not None:
+            try:
+                stats.resolve()
+            except Exception:
+                self._fail("device statistics")
+        for exporter in self.exporters:
+            try:
+                exporter.export(snapshot)
+            except Exception:
+                exporter.dropped += 1
+                self._fail(exporter.name)
+
+    def _fail(self, what: str) -> None:
+        if what not in self._failed:
+            self._failed.add(what)
+            logger.exception("Exporting privacy metrics to %s failed; training continues "
+                             "(further failures are counted, not logged)", what)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every snapshot published so far was exported; False on timeout."""
+        target = self._published
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._done + self.dropped < target and self._thread.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Export what is queued (within ``timeout``) and stop the thread."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("Privacy metrics publisher did not finish within %.1f s; "
+                           "%d snapshots not exported", timeout, len(self._queue))

@@ -1,0 +1,45 @@
+"""PrivacySnapshot: one frozen record per optimizer step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacySnapshot:
+    """What the monitor knows after one optimizer step.
+
+    Built on the training thread from host-side values only (no device reads); exporters get it
+    on the publisher's thread. ``None`` means "not known for this run" (no target set, say) and is
+    not exported.
+
+    Attributes:
+        step: The trainer's global step after this optimizer step.
+        timestamp_ns: Wall-clock end of the step, in ns since the epoch.
+        epsilon: Epsilon spent, for ``delta``.
+        epsilon_step: The accounted step count ``epsilon`` belongs to. Equal to ``steps`` for RDP;
+            may trail it for accountants computed in the background (PRV, GDP).
+        steps: Optimizer steps the accountant has accounted so far.
+        device_stats: Handle on device-side statistics, resolved by the publisher.
+    """
+
+    step: int
+    timestamp_ns: int
+    accountant: str
+    delta: float
+    epsilon: float | None
+    epsilon_step: int
+    steps: int
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float | None
+    noise_std: float
+    throughput: float | None
+    accounting_errors: int
+    target_epsilon: float | None = None
+    budget_remaining: float | None = None
+    epsilon_forecast: float | None = None
+    budget_exhaustion_steps: int | None = None
+    rank: int = 0
+    device_stats: Any = field(default=None, compare=False, repr=False)

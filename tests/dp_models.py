@@ -1,0 +1,53 @@
+"""A tiny DP model wired the way Opacus documents it for Lightning."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def make_data(n: int = 256, features: int = 8, seed: int = 0) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=gen)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    return TensorDataset(x, y)
+
+
+class DPModel(pl.LightningModule):
+    """Logistic regression made private in ``configure_optimizers``, as Opacus' example does."""
+
+    def __init__(self, noise_multiplier: float = 1.0, max_grad_norm: float = 1.0,
+                 n: int = 256, batch_size: int = 32, accountant: str = "rdp",
+                 lr: float = 0.1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.n, self.batch_size, self.lr = n, batch_size, lr
+        self.privacy_engine = PrivacyEngine(accountant=accountant)
+        self.dataset = make_data(n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        if hasattr(self, "dp"):
+            self.dp["module"].remove_hooks()
+        # A dict, not an attribute: the wrapper would become a submodule of itself.
+        dp_module, optimizer, _ = self.privacy_engine.make_private(
+            module=self, optimizer=optimizer, data_loader=self.train_dataloader(),
+            noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            poisson_sampling=False)
+        self.dp = {"module": dp_module}
+        return optimizer

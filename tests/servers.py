@@ -1,0 +1,142 @@
+"""Real servers from Debian packages, started on free loopback ports in temp dirs.
+
+A missing binary fails the test with the Debian package to install: CI installs them all, so a
+skip would hide a broken set-up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def require_binary(binary: str, package: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        pytest.fail(f"`{binary}` not found: install the Debian package `{package}` "
+                    f"(apt-get install -y {package}); .ci/run does this", pytrace=False)
+    return path
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.2,
+             what: str = "condition") -> object:
+    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # server not up yet
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"Timed out after {timeout:.0f} s waiting for {what}"
+                         + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+@dataclass
+class Server:
+    """A server process on 127.0.0.1:``port`` with its own temp dir."""
+
+    name: str
+    argv: list[str]
+    port: int
+    workdir: Path
+    ready_path: str = "/"
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "Server":
+        log = open(self.workdir / f"{self.name}.log", "ab")
+        self.proc = subprocess.Popen(self.argv, cwd=self.workdir, stdout=log, stderr=log,
+                                     env={**os.environ, **self.env}, start_new_session=True)
+        log.close()
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log()}")
+            return http_get(self.url + self.ready_path, timeout=1.0)[0] < 500
+
+        try:
+            wait_for(ready, timeout, what=f"{self.name} on port {self.port}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log(self) -> str:
+        path = self.workdir / f"{self.name}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def new_workdir(name: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"pc-{name}-"))
+
+
+def prometheus(config: str, rule_files: dict[str, str] | None = None, *,
+               extra_args: tuple[str, ...] = ()) -> Server:
+    """A Prometheus with ``config`` (YAML text); rule files are written beside it."""
+    binary = require_binary("prometheus", "prometheus")
+    workdir = new_workdir("prometheus")
+    for name, text in (rule_files or {}).items():
+        (workdir / name).write_text(text)
+    (workdir / "prometheus.yml").write_text(config)
+    port = free_port()
+    argv = [binary, f"--config.file={workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+            "--web.enable-lifecycle", *extra_args]
+    return Server("prometheus", argv, port, workdir, ready_path="/-/ready")
+
+
+def prometheus_query(server: Server, expr: str) -> list[dict]:
+    """Instant query; the result vector (``[]`` when nothing matches)."""
+    import json
+    import urllib.parse
+    status, body = http_get(f"{server.url}/api/v1/query?"
+                            + urllib.parse.urlencode({"query": expr}))
+    data = json.loads(body)
+    if status != 200 or data.get("status") != "success":
+        raise AssertionError(f"Query {expr!r} failed: {status} {body[:300]!r}")
+    return data["data"]["result"]
