@@ -111,6 +111,40 @@ METRICS: tuple[Metric, ...] = (
     Metric("privacy_export_dropped_total", "counter",
            "Snapshots or points an exporter dropped (outage, full buffer).",
            labels=("exporter",)),
+    Metric("training_step_seconds", "gauge",
+           "Wall-clock time of the last optimizer step, data loading included.",
+           unit="s", labels=("rank",), attr="step_seconds", field="step_seconds"),
+    # Mechanism metrics, read from the device without synchronising the training thread.
+    Metric("privacy_clipped_fraction", "gauge",
+           "Fraction of per-sample gradients whose norm exceeded the clipping norm C this step."),
+    Metric("privacy_per_sample_grad_norm", "histogram",
+           "Per-sample gradient L2 norms before clipping.",
+           buckets=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)),
+    Metric("privacy_noise_magnitude", "histogram",
+           "L2 norm of the Gaussian noise added to the summed gradient this step.",
+           buckets=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)),
+    Metric("privacy_signal_magnitude", "gauge",
+           "L2 norm of the summed clipped per-sample gradients (the signal) this step."),
+    Metric("privacy_signal_to_noise_ratio", "gauge",
+           "Signal magnitude divided by noise magnitude this step."),
+    Metric("privacy_overhead_ratio", "gauge",
+           "Time of a DP step part relative to the same step without DP (total: DP step / plain step).",
+           labels=("operation",)),
+    # Budget guard.
+    Metric("privacy_budget_exhausted", "gauge",
+           "1 once the budget guard found that one more step would pass the target, else 0.",
+           labels=_ACC),
+    # Security and compliance.
+    Metric("membership_inference_risk_score", "gauge",
+           "Largest membership-inference advantage (TPR - FPR) any attack can have at the current "
+           "(epsilon, delta)."),
+    Metric("membership_inference_empirical_auc", "gauge",
+           "AUC of a loss-threshold membership-inference attack on training vs held-out samples."),
+    Metric("membership_inference_empirical_advantage", "gauge",
+           "Best TPR - FPR of the loss-threshold membership-inference attack."),
+    Metric("privacy_compliance_violations_total", "counter",
+           "Violations of the configured DP policy.",
+           labels=("policy", "violation_type")),
 )
 
 _BY_NAME = {m.name: m for m in METRICS}

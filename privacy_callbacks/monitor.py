@@ -194,9 +194,10 @@ class PrivacyMonitor(Callback):
 
     def _snapshot(self, step: int) -> PrivacySnapshot:
         now = time.perf_counter()
-        throughput = None
+        throughput = seconds = None
         if self._t_last is not None and now > self._t_last:
-            throughput = self._samples / (now - self._t_last)
+            seconds = now - self._t_last
+            throughput = self._samples / seconds
         self._t_last, self._samples = now, 0
 
         accounting = self.accounting
@@ -225,7 +226,8 @@ class PrivacyMonitor(Callback):
             step=step, timestamp_ns=time.time_ns(), accountant=accounting.mechanism,
             delta=self.delta, epsilon=eps, epsilon_step=accounting.epsilon_step,
             steps=accounting.steps, noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q,
-            noise_std=noise_std, throughput=throughput, accounting_errors=accounting.errors,
+            noise_std=noise_std, throughput=throughput, step_seconds=seconds,
+            accounting_errors=accounting.errors,
             target_epsilon=target, budget_remaining=remaining, epsilon_forecast=forecast,
             budget_exhaustion_steps=exhaustion, rank=self._rank)
 
@@ -278,7 +280,8 @@ class PrivacyMonitor(Callback):
         remaining = None if self.target_epsilon is None or eps is None else self.target_epsilon - eps
         final = dataclasses.replace(last, epsilon=eps, epsilon_step=accounting.epsilon_step,
                                     budget_remaining=remaining,
-                                    accounting_errors=accounting.errors, throughput=None)
+                                    accounting_errors=accounting.errors, throughput=None,
+                                    step_seconds=None)
         self.last_snapshot = final
         self._publisher.publish(final)
 

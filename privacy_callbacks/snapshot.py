@@ -36,6 +36,7 @@ class PrivacySnapshot:
     sample_rate: float | None
     noise_std: float
     throughput: float | None
+    step_seconds: float | None
     accounting_errors: int
     target_epsilon: float | None = None
     budget_remaining: float | None = None
