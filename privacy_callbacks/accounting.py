@@ -99,6 +99,9 @@ class _RdpMath:
         if isinstance(rdp, int):
             return 0.0
         eps = rdp - self._sub + self._add
+        best = eps[eps.argmin()]
+        if best == best:  # no NaN among the orders: argmin is nanargmin
+            return float(best)
         if np.isnan(eps).all():
             return math.inf
         return float(eps[np.nanargmin(eps)])

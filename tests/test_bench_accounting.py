@@ -1,0 +1,20 @@
+"""The accounting benchmark keeps running and keeps finding identical values."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import bench_accounting  # noqa: E402
+
+
+def test_quick_benchmark_rows_are_identical_to_opacus(capsys, tmp_path):
+    rows = bench_accounting.main(["--quick", "--json", str(tmp_path / "rows.json")])
+    assert [(r["accountant"], r["steps"], r["segments"]) for r in rows] == [
+        ("rdp", 1, 1), ("rdp", 100, 1), ("rdp", 100, 10)]
+    assert all(r["identical"] for r in rows)
+    table = capsys.readouterr().out
+    assert table.count("| rdp |") == 3
+    assert (tmp_path / "rows.json").read_text().count('"identical": true') == 3
