@@ -140,3 +140,16 @@ def prometheus_query(server: Server, expr: str) -> list[dict]:
     if status != 200 or data.get("status") != "success":
         raise AssertionError(f"Query {expr!r} failed: {status} {body[:300]!r}")
     return data["data"]["result"]
+
+
+def alertmanager(config: str) -> Server:
+    """An Alertmanager with ``config`` (YAML text), alone (no cluster port)."""
+    from privacy_callbacks.ops.stack import alertmanager_argv
+
+    binary = require_binary("prometheus-alertmanager", "prometheus-alertmanager")
+    workdir = new_workdir("alertmanager")
+    (workdir / "alertmanager.yml").write_text(config)
+    port = free_port()
+    return Server("alertmanager", alertmanager_argv(binary, workdir, port,
+                                                    workdir / "alertmanager.yml"),
+                  port, workdir, ready_path="/-/ready")

@@ -1,0 +1,469 @@
+"""Prometheus alert rules, their ``promtool test rules`` file and a scrape config.
+
+Every metric name in an expression comes from :func:`privacy_callbacks.catalog.by_name`, so a
+renamed metric changes the rules and a removed one makes generation fail with a ``KeyError``.
+Each alert carries example series that make it fire and that keep it quiet; :func:`rule_tests`
+turns them into a ``promtool test rules`` file, so every alert is proven both ways.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import yaml
+
+from .. import catalog
+
+__all__ = ["ALERTS", "CATEGORIES", "Alert", "Case", "RuleOptions", "prometheus_config",
+           "rule_file", "rule_tests"]
+
+CATEGORIES: tuple[str, ...] = ("privacy_violation", "regulatory", "security", "performance")
+SEVERITIES: tuple[str, ...] = ("critical", "warning")
+
+# The Pushgateway's own per-group metric (not one of ours): Unix time of the group's last push.
+PUSH_TIME_SECONDS = "push_time_seconds"
+
+RULE_GROUP = "privacy_callbacks"
+
+
+def metric(name: str, suffix: str = "") -> str:
+    """The catalog's name for ``name`` (``KeyError`` if unknown), with a histogram ``suffix``."""
+    m = catalog.by_name(name)
+    if suffix and (m.kind != "histogram" or suffix not in ("_bucket", "_sum", "_count")):
+        raise ValueError(f"Suffix {suffix!r} does not apply to {m.kind} {m.name!r}")
+    return m.name + suffix
+
+
+def _increased(name: str, window: str) -> str:
+    """Counter ``name`` went up within ``window``, including a series that first appeared there.
+
+    ``increase`` alone misses the first increment of a series that starts at its first event
+    (our counters do), so a series that is new since ``window`` ago and above 0 counts too.
+    """
+    m = metric(name)
+    return f"(increase({m}[{window}]) > 0) or ({m} > 0 unless ({m} offset {window}))"
+
+
+@dataclass(frozen=True)
+class RuleOptions:
+    """Thresholds of the generated rules.
+
+    Args:
+        budget_low_ratio: ``PrivacyBudgetLow`` fires once ε / target reaches this (0 < r < 1).
+        attack_risk_threshold: ``PrivacyAttackDetected`` fires when the membership-inference
+            risk score (an advantage, 0..1) exceeds this.
+        overhead_ratio_threshold: ``HighPrivacyOverhead`` fires when a DP step takes more than
+            this many times a plain step, for ``overhead_for``.
+        overhead_for: How long the overhead must stay high (Prometheus duration).
+        stall_minutes: ``PrivacyExporterStalled`` fires when a served run made no step for this
+            long.
+        push_stale_minutes: ``PrivacyMetricsStale`` fires when a pushed group is older than this.
+        violation_window: How far back a new compliance violation or accounting error counts.
+        runbook_url: Base URL of your runbook; ``#<alertname>`` is appended in ``runbook_url``.
+    """
+
+    budget_low_ratio: float = 0.8
+    attack_risk_threshold: float = 0.5
+    overhead_ratio_threshold: float = 3.0
+    overhead_for: str = "5m"
+    stall_minutes: int = 10
+    push_stale_minutes: int = 10
+    violation_window: str = "10m"
+    runbook_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.budget_low_ratio < 1.0:
+            raise ValueError(f"Unexpected value for budget_low_ratio: {self.budget_low_ratio!r}; "
+                             "use a fraction of the target between 0 and 1, e.g. 0.8")
+        if not 0.0 <= self.attack_risk_threshold < 1.0:
+            raise ValueError(f"Unexpected value for attack_risk_threshold: "
+                             f"{self.attack_risk_threshold!r}; use an advantage in [0, 1)")
+        if not (math.isfinite(self.overhead_ratio_threshold) and self.overhead_ratio_threshold > 1):
+            raise ValueError(f"Unexpected value for overhead_ratio_threshold: "
+                             f"{self.overhead_ratio_threshold!r}; use a ratio above 1, e.g. 3.0")
+        for name in ("stall_minutes", "push_stale_minutes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Unexpected value for {name}: {value!r}; use whole minutes >= 1")
+        for name in ("overhead_for", "violation_window"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) and value[:-1].isdigit() and value[-1] in "smh"):
+                raise ValueError(f"Unexpected value for {name}: {value!r}; use a duration like '5m'")
+
+
+@dataclass(frozen=True)
+class Case:
+    """Input series for ``promtool test rules`` and what the alert must do at ``eval_time``.
+
+    Attributes:
+        name: What the case shows.
+        series: ``(series selector, promtool values)`` pairs, one sample per minute.
+        fires: Expected alerts as ``(extra labels, summary, description)``; empty: stays quiet.
+        eval_time: When the rule is checked.
+    """
+
+    name: str
+    series: tuple[tuple[str, str], ...]
+    fires: tuple[tuple[dict[str, str], str, str], ...] = ()
+    eval_time: str = "10m"
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alerting rule with the cases that prove it."""
+
+    name: str
+    severity: str
+    category: str
+    expr: str
+    summary: str
+    description: str
+    runbook: str
+    metrics: tuple[str, ...]
+    cases: tuple[Case, ...] = ()
+    for_: str = "0s"
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES or self.category not in CATEGORIES:
+            raise ValueError(f"{self.name}: severity {self.severity!r} / category "
+                             f"{self.category!r} not in {SEVERITIES} / {CATEGORIES}")
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Catalog metrics of this rule that no released exporter feeds yet."""
+        return tuple(name for name in self.metrics if not fed(name))
+
+    def rule(self, runbook_url: str | None) -> dict:
+        annotations = {"summary": self.summary, "description": self.description,
+                       "runbook": self.runbook}
+        if runbook_url:
+            annotations["runbook_url"] = f"{runbook_url}#{self.name.lower()}"
+        return {"alert": self.name, "expr": self.expr, "for": self.for_,
+                "labels": {"severity": self.severity, "category": self.category, **self.labels},
+                "annotations": annotations}
+
+
+# Fed by every exporter's drop count rather than by a snapshot attribute.
+_FED_WITHOUT_SNAPSHOT = frozenset({metric("privacy_export_dropped_total")})
+
+
+def fed(name: str) -> bool:
+    """Whether an exporter of this release publishes ``name`` (catalog ``attr`` set)."""
+    m = catalog.by_name(name)
+    return m.attr is not None or m.name in _FED_WITHOUT_SNAPSHOT
+
+
+_RUN = 'session_id="s1",model_name="m1",job="privacy",instance="127.0.0.1:9108"'
+_RUN_LABELS = {"session_id": "s1", "model_name": "m1", "job": "privacy",
+               "instance": "127.0.0.1:9108"}
+_ACC = {**_RUN_LABELS, "accountant": "rdp"}
+
+
+def _sel(name: str, labels: str = _RUN) -> str:
+    """A series selector for a name already resolved with :func:`metric`."""
+    return f"{name}{{{labels}}}"
+
+
+def _alerts(o: RuleOptions) -> tuple[Alert, ...]:
+    eps, target = metric("privacy_epsilon_consumed"), metric("privacy_epsilon_target")
+    exhausted = metric("privacy_budget_exhausted")
+    risk = metric("membership_inference_risk_score")
+    sigma = metric("privacy_noise_multiplier")
+    noise_sum = metric("privacy_noise_magnitude", "_sum")
+    noise_count = metric("privacy_noise_magnitude", "_count")
+    overhead = metric("privacy_overhead_ratio")
+    steps = metric("training_steps_with_privacy_total")
+    violations = metric("privacy_compliance_violations_total")
+    errors = metric("privacy_accounting_errors_total")
+    acc = _RUN + ',accountant="rdp"'
+    who = "session {{ $labels.session_id }} (model {{ $labels.model_name }})"
+    target_of = ('{{ with printf `' + target + '{session_id=%q,model_name=%q,accountant=%q}` '
+                 '$labels.session_id $labels.model_name $labels.accountant | query }}'
+                 '{{ . | first | value | printf \"%.2f\" }}{{ end }}')
+    stall = f"{o.stall_minutes}m"
+    low_pct = f"{o.budget_low_ratio:.0%}"
+    return (
+        Alert(
+            "PrivacyBudgetExhausted", "critical", "privacy_violation",
+            f"({eps} >= {target}) or ({eps} and ({exhausted} == 1))",
+            "Privacy budget exhausted: " + who,
+            "ε spent is {{ $value | printf \"%.2f\" }} (" + "{{ $labels.accountant }} accountant) for a "
+            "target of " + target_of + ", or the budget guard allows no further step. Every "
+            "further step weakens the privacy guarantee.",
+            "Stop the run now (or confirm the budget guard stopped it). Do not release the model "
+            "or checkpoints saved after the target was passed; retrain with a larger noise "
+            "multiplier, fewer epochs or an approved larger target.",
+            ("privacy_epsilon_consumed", "privacy_epsilon_target", "privacy_budget_exhausted"),
+            cases=(
+                Case("epsilon past target", ((_sel(eps, acc), "1+1x10"), (_sel(target, acc), "8x10"))
+                     , fires=((_ACC, "Privacy budget exhausted: session s1 (model m1)",
+                               "ε spent is 11.00 (rdp accountant) for a target of 8.00, or the budget "
+                               "guard allows no further step. Every further step weakens the "
+                               "privacy guarantee."),)),
+                Case("guard stopped before target",
+                     ((_sel(eps, acc), "7.5x10"), (_sel(target, acc), "8x10"),
+                      (_sel(exhausted, acc), "0x8 1 1")),
+                     fires=((_ACC, "Privacy budget exhausted: session s1 (model m1)",
+                             "ε spent is 7.50 (rdp accountant) for a target of 8.00, or the budget "
+                             "guard allows no further step. Every further step weakens the "
+                             "privacy guarantee."),)),
+                Case("epsilon below target", ((_sel(eps, acc), "7.9x10"),
+                                              (_sel(target, acc), "8x10"),
+                                              (_sel(exhausted, acc), "0x10"))),
+            )),
+        Alert(
+            "PrivacyBudgetLow", "warning", "privacy_violation",
+            f"({eps} / {target} >= {o.budget_low_ratio!r}) and ({eps} < {target})",
+            "Privacy budget nearly spent: " + who,
+            "{{ $value | humanizePercentage }} of the ε budget is spent (" + f"alert at {low_pct}"
+            "; target " + target_of + ").",
+            "Check the forecast (privacy_epsilon_forecast) and the steps left "
+            "(privacy_budget_exhaustion_steps); shorten training or raise the noise multiplier "
+            "before the target is reached.",
+            ("privacy_epsilon_consumed", "privacy_epsilon_target"),
+            cases=(
+                Case("most of the budget spent", ((_sel(eps, acc), "6.8x10"),
+                                                  (_sel(target, acc), "8x10")),
+                     fires=((_ACC, "Privacy budget nearly spent: session s1 (model m1)",
+                             f"85% of the ε budget is spent (alert at {low_pct}; target 8.00)."),)),
+                Case("half the budget spent", ((_sel(eps, acc), "4x10"),
+                                               (_sel(target, acc), "8x10"))),
+                Case("target passed: the critical alert speaks",
+                     ((_sel(eps, acc), "9x10"), (_sel(target, acc), "8x10"))),
+            )),
+        Alert(
+            "PrivacyAttackDetected", "critical", "security",
+            f"{risk} > {o.attack_risk_threshold!r}",
+            "Membership-inference risk above threshold: " + who,
+            "A membership-inference attack can reach an advantage of {{ $value | printf \"%.2f\" }} "
+            f"(threshold {o.attack_risk_threshold!r}).",
+            "Treat the model as able to leak whether a record was in the training set: restrict "
+            "access to it and its outputs, and review ε and the data owners' requirements with "
+            "the security team.",
+            ("membership_inference_risk_score",),
+            cases=(
+                Case("high risk", ((_sel(risk), "0.7x10"),),
+                     fires=((_RUN_LABELS,
+                             "Membership-inference risk above threshold: session s1 (model m1)",
+                             "A membership-inference attack can reach an advantage of 0.70 "
+                             f"(threshold {o.attack_risk_threshold!r})."),)),
+                Case("low risk", ((_sel(risk), "0.1x10"),)),
+            )),
+        Alert(
+            "PrivacyComplianceViolation", "critical", "regulatory",
+            _increased("privacy_compliance_violations_total", o.violation_window),
+            "Privacy policy violated: " + who,
+            "Policy {{ $labels.policy }} was violated ({{ $labels.violation_type }}) within the "
+            f"last {o.violation_window}.",
+            "Record the violation in the audit trail, pause releases of this model and inform "
+            "the compliance owner of the policy.",
+            ("privacy_compliance_violations_total",),
+            cases=(
+                Case("new violation", ((_sel(violations,
+                                             _RUN + ',policy="gdpr",violation_type="epsilon"'),
+                                        "_x8 1 1"),),
+                     fires=(({**_RUN_LABELS, "policy": "gdpr", "violation_type": "epsilon"},
+                             "Privacy policy violated: session s1 (model m1)",
+                             "Policy gdpr was violated (epsilon) within the last "
+                             f"{o.violation_window}."),)),
+                Case("old violation only", ((_sel(violations,
+                                                  _RUN + ',policy="gdpr",violation_type="epsilon"'),
+                                             "2x30"),), eval_time="30m"),
+            )),
+        Alert(
+            "NoiseGenerationFailure", "critical", "privacy_violation",
+            f"({sigma} == 0) or ({noise_sum} != {noise_sum}) or "
+            f"((increase({noise_count}[5m]) > 0) and (increase({noise_sum}[5m]) == 0))",
+            "No privacy noise: " + who,
+            "The noise added to the gradients is zero or not a number (noise multiplier 0, or "
+            "noise norms of 0 / NaN): the updates of this run are not private.",
+            "Stop the run. Check the privacy engine's noise_multiplier (and any scheduler "
+            "changing it) and the optimizer wiring; discard checkpoints trained without noise.",
+            ("privacy_noise_multiplier", "privacy_noise_magnitude"),
+            cases=(
+                Case("sigma is zero", ((_sel(sigma), "0x10"),),
+                     fires=((_RUN_LABELS, "No privacy noise: session s1 (model m1)",
+                             "The noise added to the gradients is zero or not a number (noise "
+                             "multiplier 0, or noise norms of 0 / NaN): the updates of this run "
+                             "are not private."),)),
+                Case("noise norms are NaN", ((_sel(sigma), "1x10"),
+                                             (_sel(noise_sum), "1 2 3 NaN NaN NaN NaN NaN NaN NaN"),
+                                             (_sel(noise_count), "1+1x10")),
+                     eval_time="9m",
+                     fires=((_RUN_LABELS, "No privacy noise: session s1 (model m1)",
+                             "The noise added to the gradients is zero or not a number (noise "
+                             "multiplier 0, or noise norms of 0 / NaN): the updates of this run "
+                             "are not private."),)),
+                Case("noise norms are zero", ((_sel(sigma), "1x10"), (_sel(noise_sum), "0x10"),
+                                              (_sel(noise_count), "1+1x10")),
+                     fires=((_RUN_LABELS, "No privacy noise: session s1 (model m1)",
+                             "The noise added to the gradients is zero or not a number (noise "
+                             "multiplier 0, or noise norms of 0 / NaN): the updates of this run "
+                             "are not private."),)),
+                Case("noise present", ((_sel(sigma), "1x10"), (_sel(noise_sum), "0+2x10"),
+                                       (_sel(noise_count), "1+1x10"))),
+            )),
+        Alert(
+            "HighPrivacyOverhead", "warning", "performance",
+            f'{overhead}{{operation="total"}} > {o.overhead_ratio_threshold!r}',
+            "High DP overhead: " + who,
+            "A private step takes {{ $value | printf \"%.1f\" }} times a plain step (threshold "
+            f"{o.overhead_ratio_threshold!r}, for {o.overhead_for}).",
+            "Look at privacy_overhead_ratio by operation: per-sample gradients dominate with "
+            "large models (try ghost clipping or a smaller batch per device); noise generation "
+            "dominates when it runs on the CPU.",
+            ("privacy_overhead_ratio",),
+            for_=o.overhead_for,
+            cases=(
+                Case("slow for long", ((_sel(overhead, _RUN + ',operation="total"'), "4x20"),),
+                     eval_time="15m",
+                     fires=(({**_RUN_LABELS, "operation": "total"},
+                             "High DP overhead: session s1 (model m1)",
+                             "A private step takes 4.0 times a plain step (threshold "
+                             f"{o.overhead_ratio_threshold!r}, for {o.overhead_for})."),)),
+                Case("modest overhead", ((_sel(overhead, _RUN + ',operation="total"'), "1.5x20"),),
+                     eval_time="15m"),
+            )),
+        Alert(
+            "PrivacyAccountingErrors", "warning", "privacy_violation",
+            _increased("privacy_accounting_errors_total", o.violation_window),
+            "Privacy accounting failed: " + who,
+            f"ε could not be computed {{{{ $value | printf \"%.0f\" }}}} time(s) within the last "
+            f"{o.violation_window}; the reported ε may be stale.",
+            "Read the training log for the accountant's exception; until ε is computed again, "
+            "treat the budget as unknown and do not extend training.",
+            ("privacy_accounting_errors_total",),
+            cases=(
+                Case("first error", ((_sel(errors), "_x8 1 1"),),
+                     fires=((_RUN_LABELS, "Privacy accounting failed: session s1 (model m1)",
+                             "ε could not be computed 1 time(s) within the last "
+                             f"{o.violation_window}; the reported ε may be stale."),)),
+                Case("no errors", ((_sel(errors), "0x10"),)),
+            )),
+        Alert(
+            "PrivacyExporterStalled", "warning", "performance",
+            f"increase({steps}[{stall}]) == 0",
+            "No training step for " + stall + ": " + who,
+            f"The run still serves its metrics but accounted no optimizer step in {stall}: "
+            "training or the metrics publisher is stuck.",
+            "Check the training process (stack dump, GPU utilisation) and the exporter's "
+            "privacy_export_dropped_total; a stuck publisher never blocks training, a stuck "
+            "trainer does.",
+            ("training_steps_with_privacy_total",),
+            cases=(
+                Case("steps stopped", ((_sel(steps), "16x20"),), eval_time="15m",
+                     fires=((_RUN_LABELS, f"No training step for {stall}: session s1 (model m1)",
+                             f"The run still serves its metrics but accounted no optimizer step "
+                             f"in {stall}: training or the metrics publisher is stuck."),)),
+                Case("steps advance", ((_sel(steps), "0+8x20"),), eval_time="15m"),
+            )),
+        Alert(
+            "PrivacyMetricsStale", "warning", "performance",
+            f"((time() - {PUSH_TIME_SECONDS}) > {o.push_stale_minutes * 60}) "
+            f"and on(job, instance) group by (job, instance) ({steps})",
+            "Pushed privacy metrics are stale: job {{ $labels.job }}",
+            "The Pushgateway group of job {{ $labels.job }} was last pushed "
+            "{{ $value | humanizeDuration }} ago " + f"(limit {o.push_stale_minutes}m).",
+            "If the run ended, delete its group from the Pushgateway; if it runs, check that "
+            "it can reach the Pushgateway (privacy_export_dropped_total counts failed pushes).",
+            ("training_steps_with_privacy_total",),
+            cases=(
+                Case("last push long ago",
+                     ((f'{PUSH_TIME_SECONDS}{{job="train",instance=""}}', "0x20"),
+                      (f'{steps}{{job="train",instance="",session_id="s1",model_name="m1"}}',
+                       "16x20")),
+                     eval_time="20m",
+                     fires=(({"job": "train"},
+                             "Pushed privacy metrics are stale: job train",
+                             "The Pushgateway group of job train was last pushed 20m 0s ago "
+                             f"(limit {o.push_stale_minutes}m)."),)),
+                Case("recent push",
+                     ((f'{PUSH_TIME_SECONDS}{{job="train",instance=""}}', "0+60x20"),
+                      (f'{steps}{{job="train",instance="",session_id="s1",model_name="m1"}}',
+                       "0+8x20")),
+                     eval_time="20m"),
+            )),
+    )
+
+
+def alerts(options: RuleOptions | None = None) -> tuple[Alert, ...]:
+    """The alerts, with ``options`` (defaults if ``None``)."""
+    return _alerts(options or RuleOptions())
+
+
+ALERTS: tuple[Alert, ...] = alerts()
+
+
+def _dump(data: dict) -> str:
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+
+
+def rule_file(options: RuleOptions | None = None) -> str:
+    """The Prometheus rule file (YAML) with every alert."""
+    options = options or RuleOptions()
+    return _dump({"groups": [{"name": RULE_GROUP,
+                              "rules": [a.rule(options.runbook_url) for a in alerts(options)]}]})
+
+
+def rule_tests(rule_file_name: str, options: RuleOptions | None = None) -> str:
+    """A ``promtool test rules`` file: every case of every alert, against ``rule_file_name``."""
+    options = options or RuleOptions()
+    tests = []
+    for alert in alerts(options):
+        for case in alert.cases:
+            expected = []
+            for labels, summary, description in case.fires:
+                annotations = {"summary": summary, "description": description,
+                               "runbook": alert.runbook}
+                if options.runbook_url:
+                    annotations["runbook_url"] = f"{options.runbook_url}#{alert.name.lower()}"
+                expected.append({"exp_labels": {**labels, "severity": alert.severity,
+                                                "category": alert.category, **alert.labels},
+                                 "exp_annotations": annotations})
+            tests.append({
+                "name": f"{alert.name}: {case.name}",
+                "interval": "1m",
+                "input_series": [{"series": s, "values": v} for s, v in case.series],
+                "alert_rule_test": [{"eval_time": case.eval_time, "alertname": alert.name,
+                                     "exp_alerts": expected}],
+            })
+    return _dump({"rule_files": [rule_file_name], "evaluation_interval": "1m", "tests": tests})
+
+
+def prometheus_config(targets: list[str], *, rule_files: tuple[str, ...] = (),
+                      alertmanager: str | None = None, pushgateway: str | None = None,
+                      remote_write: str | None = None, interval: str = "15s") -> str:
+    """A Prometheus config that scrapes the monitors' ``/metrics`` endpoints.
+
+    Args:
+        targets: ``host:port`` of each :class:`~privacy_callbacks.PrometheusExporter`.
+        rule_files: Rule files to load (paths relative to the config's folder work).
+        alertmanager: ``host:port`` of the Alertmanager that receives the alerts.
+        pushgateway: ``host:port`` of a Pushgateway to scrape (pushed labels kept).
+        remote_write: URL to copy every sample to (e.g. VictoriaMetrics' ``/api/v1/write``).
+        interval: Scrape and rule evaluation interval.
+    """
+    if not targets and not pushgateway:
+        raise ValueError("No scrape target: pass the exporters' host:port (e.g. 127.0.0.1:9108) "
+                         "or a Pushgateway")
+    for target in [*targets, *filter(None, (alertmanager, pushgateway))]:
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit() or "/" in target:
+            raise ValueError(f"Unexpected target {target!r}: use host:port, e.g. 127.0.0.1:9108")
+    config: dict = {"global": {"scrape_interval": interval, "evaluation_interval": interval}}
+    if rule_files:
+        config["rule_files"] = list(rule_files)
+    if alertmanager:
+        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
+    scrape = []
+    if targets:
+        scrape.append({"job_name": "privacy", "static_configs": [{"targets": list(targets)}]})
+    if pushgateway:
+        scrape.append({"job_name": "pushgateway", "honor_labels": True,
+                       "static_configs": [{"targets": [pushgateway]}]})
+    config["scrape_configs"] = scrape
+    if remote_write:
+        config["remote_write"] = [{"url": remote_write}]
+    return _dump(config)

@@ -1,0 +1,201 @@
+"""Generated rules, routing and dashboards, checked by the real promtool and amtool."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from privacy_callbacks import catalog
+from privacy_callbacks.__main__ import main
+from privacy_callbacks.ops import ALERTS, RECEIVERS, Receivers, RuleOptions, alertmanager_config
+from privacy_callbacks.ops.dashboards import DATASOURCE, dashboards, panel_metrics, panels
+from privacy_callbacks.ops.rules import CATEGORIES, rule_file, rule_tests
+from servers import require_binary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def generated(tmp_path: Path) -> Path:
+    assert main(["generate", str(tmp_path), "--target", "127.0.0.1:9108",
+                 "--pushgateway", "127.0.0.1:9091"]) == 0
+    return tmp_path
+
+
+def test_generate_writes_every_file(generated: Path):
+    names = sorted(str(p.relative_to(generated)) for p in generated.rglob("*") if p.is_file())
+    assert names == ["alertmanager.yml", "dashboards/privacy-budget.json",
+                     "dashboards/privacy-performance.json", "dashboards/privacy-security.json",
+                     "privacy-rules.test.yml", "privacy-rules.yml", "prometheus.yml"]
+    assert (generated / "alertmanager.yml").stat().st_mode & 0o077 == 0
+
+
+def test_promtool_checks_rules_and_config(generated: Path):
+    promtool = require_binary("promtool", "prometheus")
+    rules = run([promtool, "check", "rules", "privacy-rules.yml"], generated)
+    assert rules.returncode == 0, rules.stdout + rules.stderr
+    assert f"SUCCESS: {len(ALERTS)} rules found" in rules.stdout
+    config = run([promtool, "check", "config", "prometheus.yml"], generated)
+    assert config.returncode == 0, config.stdout + config.stderr
+
+
+def test_promtool_unit_tests_every_alert_both_ways(generated: Path):
+    promtool = require_binary("promtool", "prometheus")
+    result = run([promtool, "test", "rules", "privacy-rules.test.yml"], generated)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for alert in ALERTS:
+        assert any(case.fires for case in alert.cases), f"{alert.name} never shown firing"
+        assert any(not case.fires for case in alert.cases), f"{alert.name} never shown quiet"
+
+
+def test_promtool_unit_tests_catch_a_changed_threshold(tmp_path: Path):
+    promtool = require_binary("promtool", "prometheus")
+    (tmp_path / "rules.yml").write_text(rule_file(RuleOptions(budget_low_ratio=0.9)))
+    (tmp_path / "tests.yml").write_text(rule_tests("rules.yml"))
+    result = run([promtool, "test", "rules", "tests.yml"], tmp_path)
+    assert result.returncode != 0
+    assert "PrivacyBudgetLow: most of the budget spent" in result.stdout + result.stderr
+
+
+def test_configurable_budget_low_ratio_is_proven_too(tmp_path: Path):
+    promtool = require_binary("promtool", "prometheus")
+    options = RuleOptions(budget_low_ratio=0.85, runbook_url="https://runbooks.example/privacy")
+    (tmp_path / "rules.yml").write_text(rule_file(options))
+    (tmp_path / "tests.yml").write_text(rule_tests("rules.yml", options))
+    result = run([promtool, "test", "rules", "tests.yml"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alerts_have_the_labels_and_annotations_routing_needs():
+    names = [a.name for a in ALERTS]
+    assert names == ["PrivacyBudgetExhausted", "PrivacyBudgetLow", "PrivacyAttackDetected",
+                     "PrivacyComplianceViolation", "NoiseGenerationFailure",
+                     "HighPrivacyOverhead", "PrivacyAccountingErrors", "PrivacyExporterStalled",
+                     "PrivacyMetricsStale"]
+    severities = {a.name: a.severity for a in ALERTS}
+    assert {n for n, s in severities.items() if s == "critical"} == {
+        "PrivacyBudgetExhausted", "PrivacyAttackDetected", "PrivacyComplianceViolation",
+        "NoiseGenerationFailure"}
+    assert {a.category for a in ALERTS} == set(CATEGORIES)
+    for alert in ALERTS:
+        rule = alert.rule(None)
+        assert "$labels" in rule["annotations"]["summary"], alert.name
+
+
+def test_rules_and_dashboards_name_metrics_only_through_the_catalog(monkeypatch):
+    monkeypatch.delitem(catalog._BY_NAME, "privacy_epsilon_target")
+    with pytest.raises(KeyError, match="privacy_epsilon_target"):
+        rule_file()
+    with pytest.raises(KeyError, match="privacy_epsilon_target"):
+        dashboards()
+
+
+def test_not_yet_fed_metrics_are_marked():
+    attack = next(a for a in ALERTS if a.name == "PrivacyAttackDetected")
+    assert attack.needs == ("membership_inference_risk_score",)
+    assert next(a for a in ALERTS if a.name == "PrivacyBudgetLow").needs == ()
+    for _, (_, ps) in panels().items():
+        for panel in ps:
+            used = [m for expr, _ in panel.targets for m in panel_metrics(expr)]
+            assert used, f"panel {panel.title!r} names no catalog metric"
+            assert panel.needs == [m for m in used if catalog.by_name(m).attr is None
+                                   and m != "privacy_export_dropped_total"]
+
+
+def test_dashboards_take_the_datasource_as_a_variable(generated: Path):
+    for uid in ("privacy-budget", "privacy-performance", "privacy-security"):
+        board = json.loads((generated / "dashboards" / f"{uid}.json").read_text())
+        variables = {v["name"]: v for v in board["templating"]["list"]}
+        assert variables["datasource"]["type"] == "datasource"
+        assert variables["datasource"]["query"] == "prometheus"
+        assert board["panels"], uid
+        for panel in board["panels"]:
+            assert panel["datasource"] == DATASOURCE
+            assert all(t["datasource"] == DATASOURCE for t in panel["targets"])
+            if "needs" in panel:
+                assert "arrives with a later release" in panel["description"]
+
+
+def test_amtool_checks_the_alertmanager_config(generated: Path):
+    amtool = require_binary("amtool", "prometheus-alertmanager")
+    check = run([amtool, "check-config", "alertmanager.yml"], generated)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"{len(RECEIVERS)} receivers" in check.stdout
+
+
+ROUTES = [
+    ({"alertname": "PrivacyBudgetExhausted", "severity": "critical",
+      "category": "privacy_violation"}, "privacy-pager,privacy-chat"),
+    ({"alertname": "NoiseGenerationFailure", "severity": "critical",
+      "category": "privacy_violation"}, "privacy-pager,privacy-chat"),
+    ({"alertname": "PrivacyComplianceViolation", "severity": "critical",
+      "category": "regulatory"}, "compliance"),
+    ({"alertname": "PrivacyAttackDetected", "severity": "critical", "category": "security"},
+     "soc"),
+    ({"alertname": "PrivacyBudgetLow", "severity": "warning", "category": "privacy_violation"},
+     "warnings-business-hours,warnings-after-hours"),
+    ({"alertname": "HighPrivacyOverhead", "severity": "warning", "category": "performance"},
+     "warnings-business-hours,warnings-after-hours"),
+    ({"alertname": "SomethingElse"}, "privacy-chat"),
+]
+
+
+@pytest.mark.parametrize("labels,receivers", ROUTES, ids=[r[0]["alertname"] for r in ROUTES])
+def test_amtool_proves_each_route(generated: Path, labels: dict[str, str], receivers: str):
+    amtool = require_binary("amtool", "prometheus-alertmanager")
+    result = run([amtool, "config", "routes", "test", "--config.file=alertmanager.yml",
+                  f"--verify.receivers={receivers}", *(f"{k}={v}" for k, v in labels.items())],
+                 generated)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == receivers
+
+
+def test_every_alert_routes_as_its_labels_say():
+    by_label = {(r[0].get("severity"), r[0].get("category")): r[1] for r in ROUTES}
+    for alert in ALERTS:
+        assert (alert.severity, alert.category) in by_label, alert.name
+
+
+def test_receivers_from_env_and_file_keep_secrets_out_of_repr_and_errors(tmp_path: Path):
+    env = {"PRIVACY_ALERTS_PAGER": "pagerduty:SECRET-KEY",
+           "PRIVACY_ALERTS_CHAT": "slack:https://hooks.slack.com/services/SECRET"}
+    receivers = Receivers.from_env(env)
+    assert "SECRET" not in repr(receivers)
+    config = alertmanager_config(receivers)
+    assert "routing_key: SECRET-KEY" in config
+    assert "api_url: https://hooks.slack.com/services/SECRET" in config
+    (tmp_path / "receivers.yml").write_text("soc: https://soc.example/hook\n"
+                                            "privacy-pager: pagerduty:FROM-FILE\n")
+    merged = Receivers.from_file(tmp_path / "receivers.yml", env)
+    assert merged.values["privacy-pager"] == "pagerduty:SECRET-KEY"
+    assert merged.values["soc"] == "https://soc.example/hook"
+    assert set(merged.unset) == set(RECEIVERS) - {"privacy-pager", "privacy-chat", "soc"}
+    with pytest.raises(ValueError, match="'compliance'") as info:
+        Receivers({"compliance": "ftp://SECRET"})
+    assert "SECRET" not in str(info.value)
+
+
+def test_bad_rule_options_name_the_value():
+    with pytest.raises(ValueError, match="budget_low_ratio: 1.2"):
+        RuleOptions(budget_low_ratio=1.2)
+    with pytest.raises(ValueError, match="stall_minutes: 0"):
+        RuleOptions(stall_minutes=0)
+
+
+def test_stack_names_the_debian_packages_of_missing_binaries(tmp_path: Path):
+    result = subprocess.run(
+        [sys.executable, "-m", "privacy_callbacks", "stack", "--dir", str(tmp_path / "s")],
+        cwd=ROOT, env={"PATH": str(tmp_path), "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    for package in ("prometheus", "prometheus-alertmanager", "prometheus-pushgateway",
+                    "victoria-metrics"):
+        assert f"install the Debian package `{package}`" in result.stderr

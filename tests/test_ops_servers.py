@@ -1,0 +1,214 @@
+"""Alerts, dashboards and the local stack against real servers and a real DP fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+
+from dp_models import DPModel
+from privacy_callbacks import PrivacyMonitor, PrometheusExporter
+from privacy_callbacks.ops import Receivers, alertmanager_config, prometheus_config, rule_file
+from privacy_callbacks.ops.dashboards import dashboards
+from servers import alertmanager, free_port, http_get, prometheus, prometheus_query, wait_for
+
+pytestmark = pytest.mark.servers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fit(monitor: PrivacyMonitor, at_end, extra: tuple[pl.Callback, ...] = ()) -> DPModel:
+    """A one-epoch real DP fit; ``at_end(trainer, model)`` runs while the exporter serves."""
+
+    class AtEnd(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            monitor.flush()
+            at_end(trainer, pl_module)
+
+    model = DPModel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(max_epochs=1, callbacks=[monitor, *extra, AtEnd()], logger=False,
+                   enable_progress_bar=False, enable_checkpointing=False,
+                   enable_model_summary=False).fit(model)
+    return model
+
+
+def substitute(expr: str, session: str) -> str:
+    """What Grafana sends for the dashboards' template variables."""
+    return expr.replace("$session", session).replace("$__rate_interval", "1m")
+
+
+def test_every_dashboard_query_returns_data_from_a_real_fit():
+    port = free_port()
+    server = prometheus(prometheus_config([f"127.0.0.1:{port}"], interval="1s")).start()
+    results: dict[str, list] = {}
+    try:
+        monitor = PrivacyMonitor(delta=1e-5, target_epsilon=50.0,
+                                 exporters=[PrometheusExporter(port=port)],
+                                 session_id="dash", model_name="mlp")
+
+        def query_panels(trainer, model):
+            steps = f'training_steps_with_privacy_total{{session_id="dash"}}'
+            wait_for(lambda: [r for r in prometheus_query(server, steps)
+                              if float(r["value"][1]) == trainer.global_step],
+                     60, what="Prometheus to scrape the last step")
+            # Rates need two samples of the final value in their window.
+            time.sleep(2.5)
+            sessions = json.loads(http_get(
+                f"{server.url}/api/v1/label/session_id/values?"
+                + urllib.parse.urlencode({"match[]": "privacy_epsilon_consumed"}))[1])["data"]
+            results["session variable"] = sessions
+            for board in dashboards().values():
+                for panel in board["panels"]:
+                    for target in panel["targets"]:
+                        key = f"{board['title']} / {panel['title']} / {target['refId']}"
+                        results[key] = (panel.get("needs"), prometheus_query(
+                            server, substitute(target["expr"], "dash")))
+
+        fit(monitor, query_panels)
+    finally:
+        server.stop()
+    assert "dash" in results.pop("session variable")
+    empty = [key for key, (needs, rows) in results.items() if not needs and not rows]
+    assert not empty, f"panels without data: {empty}"
+    marked = sorted(key for key, (needs, _) in results.items() if needs)
+    # What a user sees today: everything but the later metrics' panels shows data.
+    assert len(marked) < len(results) / 2, marked
+    by_title = {key: rows for key, (_, rows) in results.items()}
+    used = float(by_title["Privacy Budget / Budget used / A"][0]["value"][1])
+    eps = float(by_title["Privacy Budget / ε spent / A"][0]["value"][1])
+    assert used == pytest.approx(eps / 50.0)
+    assert float(by_title["Privacy Security & Compliance / Accounting errors / A"][0]
+                 ["value"][1]) == 0
+
+
+class Webhook:
+    """An HTTP server on 127.0.0.1 collecting Alertmanager's webhook payloads."""
+
+    def __init__(self) -> None:
+        self.payloads: list[tuple[float, dict]] = []
+        payloads = self.payloads
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                payloads.append((time.monotonic(), json.loads(body)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       name="privacy-test-webhook")
+        self.thread.start()
+
+    def alerts(self, name: str) -> list[tuple[float, str, dict]]:
+        return [(t, p["receiver"], a) for t, p in list(self.payloads) for a in p["alerts"]
+                if a["labels"].get("alertname") == name and a["status"] == "firing"]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def test_budget_exhausted_alert_reaches_the_webhook_with_the_session():
+    port = free_port()
+    hook = Webhook()
+    am = prom = None
+    try:
+        am = alertmanager(alertmanager_config(
+            Receivers({"privacy-pager": hook.url + "/pager", "privacy-chat": hook.url + "/chat"}),
+            group_wait="1s", group_interval="1s")).start()
+        prom = prometheus(prometheus_config(
+            [f"127.0.0.1:{port}"], rule_files=("privacy-rules.yml",),
+            alertmanager=f"127.0.0.1:{am.port}", interval="1s"),
+            {"privacy-rules.yml": rule_file()}).start()
+        target = 0.5
+        monitor = PrivacyMonitor(delta=1e-5, target_epsilon=target,
+                                 exporters=[PrometheusExporter(port=port)],
+                                 session_id="e2e-tiny-budget", model_name="mlp")
+        times: dict[str, float] = {}
+
+        class FirstPass(pl.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                snap = monitor.last_snapshot
+                if "passed" not in times and snap is not None and snap.epsilon >= target:
+                    times["passed"] = time.monotonic()
+
+        def wait_for_alert(trainer, model):
+            wait_for(lambda: {r for _, r, _ in hook.alerts("PrivacyBudgetExhausted")}
+                     >= {"privacy-pager", "privacy-chat"},
+                     120, what="PrivacyBudgetExhausted at the pager and chat webhooks")
+
+        fit(monitor, wait_for_alert, extra=(FirstPass(),))
+    finally:
+        for server in (prom, am):
+            if server is not None:
+                server.stop()
+        hook.close()
+    received, receiver, alert = hook.alerts("PrivacyBudgetExhausted")[0]
+    assert alert["labels"]["session_id"] == "e2e-tiny-budget"
+    assert alert["labels"]["severity"] == "critical"
+    assert alert["labels"]["category"] == "privacy_violation"
+    assert "session e2e-tiny-budget" in alert["annotations"]["summary"]
+    assert "for a target of 0.50" in alert["annotations"]["description"]
+    print(f"ε passed the target -> webhook: {received - times['passed']:.1f} s")
+
+
+def test_stack_serves_and_stops_every_server_on_sigint(tmp_path: Path):
+    out = tmp_path / "stack.out"
+    with open(out, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "privacy_callbacks", "stack", "--dir", str(tmp_path / "s"),
+             "--interval", "1s", "--prometheus-port", "0", "--alertmanager-port", "0",
+             "--pushgateway-port", "0", "--victoria-metrics-port", "0"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    pids: dict[str, int] = {}
+    try:
+        text = wait_for(lambda: proc.poll() is None and "Ctrl-C stops" in out.read_text()
+                        and out.read_text(), 120, what="the stack to print its URLs")
+        urls = {}
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 4 and parts[2] == "pid":
+                urls[parts[0]], pids[parts[0]] = parts[1], int(parts[3])
+        assert set(urls) == {"prometheus", "alertmanager", "pushgateway", "victoria-metrics"}
+        for name, url in urls.items():
+            path = "/health" if name == "victoria-metrics" else "/-/ready"
+            assert http_get(url + path)[0] == 200, name
+        rules = json.loads(http_get(urls["prometheus"] + "/api/v1/rules")[1])
+        assert len(rules["data"]["groups"][0]["rules"]) == 9
+        wait_for(lambda: json.loads(http_get(urls["prometheus"] + "/api/v1/alertmanagers")[1])
+                 ["data"]["activeAlertmanagers"], 60, what="Prometheus to find the Alertmanager")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    alive = []
+    for name, pid in pids.items():
+        try:
+            os.kill(pid, 0)
+            alive.append(name)
+        except ProcessLookupError:
+            pass
+    assert not alive, f"still running after the stack exited: {alive}"
+    assert "stack stopped" in out.read_text()
