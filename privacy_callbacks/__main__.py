@@ -9,8 +9,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import catalog
+
+if TYPE_CHECKING:
+    from .ops import Receivers, RuleOptions
 
 
 _MARKERS = re.compile(r"(<!-- metrics:start -->\n).*?(\n<!-- metrics:end -->)", re.S)
@@ -30,7 +34,7 @@ def _metrics(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rule_options(args: argparse.Namespace):
+def _rule_options(args: argparse.Namespace) -> "RuleOptions":
     from .ops import RuleOptions
 
     return RuleOptions(budget_low_ratio=args.budget_low_ratio,
@@ -39,7 +43,7 @@ def _rule_options(args: argparse.Namespace):
                        runbook_url=args.runbook_url)
 
 
-def _receivers(args: argparse.Namespace):
+def _receivers(args: argparse.Namespace) -> "Receivers":
     from .ops import Receivers
 
     receivers = Receivers.from_file(args.receivers) if args.receivers else Receivers.from_env()

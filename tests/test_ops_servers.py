@@ -60,12 +60,14 @@ def test_every_dashboard_query_returns_data_from_a_real_fit():
                                  session_id="dash", model_name="mlp")
 
         def query_panels(trainer, model):
-            steps = f'training_steps_with_privacy_total{{session_id="dash"}}'
+            steps = 'training_steps_with_privacy_total{session_id="dash"}'
             wait_for(lambda: [r for r in prometheus_query(server, steps)
                               if float(r["value"][1]) == trainer.global_step],
                      60, what="Prometheus to scrape the last step")
-            # Rates need two samples of the final value in their window.
-            time.sleep(2.5)
+            # Rate panels need two scrapes in their window; a fast fit may end within one.
+            wait_for(lambda: [r for r in prometheus_query(server, f"count_over_time({steps}[1m])")
+                              if float(r["value"][1]) >= 2],
+                     60, what="a second scrape of the run")
             sessions = json.loads(http_get(
                 f"{server.url}/api/v1/label/session_id/values?"
                 + urllib.parse.urlencode({"match[]": "privacy_epsilon_consumed"}))[1])["data"]
