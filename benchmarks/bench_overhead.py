@@ -27,6 +27,7 @@ import copy
 import datetime
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -138,12 +139,21 @@ def run_block(model: DPTextClassifier, row: str, accelerator: str, warmup: int, 
     return timer.seconds / steps
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+    except OSError:
+        names = []
+    name = names[0] if names else (platform.processor() or platform.machine())
+    return f"{name} ({os.cpu_count()} cores)"
+
+
 def environment(accelerator: str) -> dict[str, Any]:
     import transformers
     cuda = accelerator == "gpu"
     return {
-        "device": torch.cuda.get_device_name(0) if cuda else (platform.processor()
-                                                               or platform.machine()),
+        "device": torch.cuda.get_device_name(0) if cuda else _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__,
         "cuda": torch.version.cuda if cuda else None, "opacus": opacus.__version__,
