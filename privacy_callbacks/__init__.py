@@ -4,6 +4,8 @@ from .exporters.base import Exporter
 from .exporters.prometheus import PrometheusExporter
 from .monitor import PrivacyMonitor
 from .snapshot import PrivacySnapshot
+from .wiring import DifferentialPrivacy
 
-__all__ = ["Exporter", "PrivacyMonitor", "PrivacySnapshot", "PrometheusExporter"]
+__all__ = ["DifferentialPrivacy", "Exporter", "PrivacyMonitor", "PrivacySnapshot",
+           "PrometheusExporter"]
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ from .accounting import Accounting, make_accounting
 from .exporters.base import Exporter, RunInfo
 from .publisher import Publisher
 from .snapshot import PrivacySnapshot
+from .wiring import DifferentialPrivacy
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,16 @@ def _batch_len(batch: Any) -> int:
             batch = next(iter(batch.values()))
         else:
             return 0
+
+
+def _rank_only(snapshot: PrivacySnapshot) -> PrivacySnapshot:
+    """What a rank other than 0 exports: its own throughput and step time, no privacy values."""
+    return PrivacySnapshot(
+        step=snapshot.step, timestamp_ns=snapshot.timestamp_ns, accountant=snapshot.accountant,
+        delta=None, epsilon=None, epsilon_step=snapshot.epsilon_step, steps=None,
+        noise_multiplier=None, max_grad_norm=None, sample_rate=None, noise_std=None,
+        throughput=snapshot.throughput, step_seconds=snapshot.step_seconds,
+        accounting_errors=None, rank=snapshot.rank)
 
 
 class PrivacyMonitor(Callback):
@@ -58,6 +69,10 @@ class PrivacyMonitor(Callback):
         model_name: Label naming the model; the LightningModule's class name by default.
         progress_bar: Show epsilon in the progress bar.
         max_pending: Snapshots the publisher holds while exporters lag before dropping the oldest.
+
+    Under DDP every rank runs the exporters: privacy metrics come from global rank 0 only (every
+    rank holds the same accountant); throughput and step time come from every rank with its
+    ``rank`` label. A ``PrometheusExporter`` serves on its port plus the local rank.
 
     Exported metrics: see :mod:`privacy_callbacks.catalog` and the README's metrics table.
     """
@@ -122,19 +137,22 @@ class PrivacyMonitor(Callback):
             return
         self._rank = trainer.global_rank
         self._exporting = trainer.is_global_zero
-        if self._exporting:
-            started: list[Exporter] = []
-            try:
-                for exporter in self.exporters:
-                    exporter.start()
-                    started.append(exporter)
-            except BaseException:
-                for exporter in started:
-                    exporter.close(timeout=1.0)
-                raise
-            self._started = True
+        started: list[Exporter] = []
+        try:
+            for exporter in self.exporters:
+                exporter.rank, exporter.local_rank = trainer.global_rank, trainer.local_rank
+                exporter.start()
+                started.append(exporter)
+        except BaseException:
+            for exporter in started:
+                exporter.close(timeout=1.0)
+            raise
+        self._started = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for callback in trainer.callbacks:
+            if isinstance(callback, DifferentialPrivacy):  # in whatever order they were given
+                callback.make_private(trainer, pl_module)
         self._optimizers = probe.find_dp_optimizers(trainer)
         accountant = probe.find_accountant(trainer, pl_module, self.accountant)
         if not any(getattr(opt, "step_hook", None) for opt in self._optimizers):
@@ -148,7 +166,7 @@ class PrivacyMonitor(Callback):
         self._last_step = trainer.global_step
         self._samples = 0
         self._t_last = None
-        if self._exporting:
+        if self._started:
             self._publisher = Publisher(self.exporters, max_pending=self.max_pending)
             info = RunInfo(
                 session_id=self.session_id, model_name=self.model_name,
@@ -157,6 +175,7 @@ class PrivacyMonitor(Callback):
                 target_epsilon=self.target_epsilon, exporters=(*self.exporters, self._publisher))
             for exporter in self.exporters:
                 exporter.open(info)
+        if self._exporting:
             urls = [u for u in (getattr(e, "url", None) for e in self.exporters) if u]
             logger.info("Privacy monitor: session %s, %s accountant, delta=%g%s", self.session_id,
                         self.accounting.mechanism, self.delta,
@@ -184,7 +203,7 @@ class PrivacyMonitor(Callback):
         snapshot = self._snapshot(step)
         self.last_snapshot = snapshot
         if self._publisher is not None:
-            self._publisher.publish(snapshot)
+            self._publisher.publish(snapshot if self._exporting else _rank_only(snapshot))
         if self.progress_bar and snapshot.epsilon is not None and (
                 batch_idx == 0 or step % max(1, trainer.log_every_n_steps) == 0):
             pl_module.log("epsilon", torch.tensor(snapshot.epsilon), prog_bar=True, logger=False,
@@ -255,7 +274,7 @@ class PrivacyMonitor(Callback):
         if stage != "fit":
             return
         if self._publisher is not None:
-            if self.accounting is not None and self.last_snapshot is not None:
+            if self._exporting and self.accounting is not None and self.last_snapshot is not None:
                 self.accounting.settle(timeout=10.0)
                 self._publish_final()
             self._publisher.close(timeout=10.0)

@@ -12,7 +12,7 @@ class PrivacySnapshot:
 
     Built on the training thread from host-side values only (no device reads); exporters get it
     on the publisher's thread. ``None`` means "not known for this run" (no target set, say) and is
-    not exported.
+    not exported; under DDP, ranks other than 0 export only ``throughput`` and ``step_seconds``.
 
     Attributes:
         step: The trainer's global step after this optimizer step.
@@ -27,17 +27,17 @@ class PrivacySnapshot:
     step: int
     timestamp_ns: int
     accountant: str
-    delta: float
+    delta: float | None
     epsilon: float | None
     epsilon_step: int
-    steps: int
-    noise_multiplier: float
-    max_grad_norm: float
+    steps: int | None
+    noise_multiplier: float | None
+    max_grad_norm: float | None
     sample_rate: float | None
-    noise_std: float
+    noise_std: float | None
     throughput: float | None
     step_seconds: float | None
-    accounting_errors: int
+    accounting_errors: int | None
     target_epsilon: float | None = None
     budget_remaining: float | None = None
     epsilon_forecast: float | None = None

@@ -153,3 +153,13 @@ def alertmanager(config: str) -> Server:
     return Server("alertmanager", alertmanager_argv(binary, workdir, port,
                                                     workdir / "alertmanager.yml"),
                   port, workdir, ready_path="/-/ready")
+
+
+def pushgateway() -> Server:
+    """A Prometheus Pushgateway persisting to a file in its temp dir."""
+    binary = require_binary("prometheus-pushgateway", "prometheus-pushgateway")
+    workdir = new_workdir("pushgateway")
+    port = free_port()
+    argv = [binary, f"--web.listen-address=127.0.0.1:{port}",
+            f"--persistence.file={workdir / 'metrics.store'}"]
+    return Server("pushgateway", argv, port, workdir, ready_path="/-/ready")

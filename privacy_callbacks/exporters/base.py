@@ -47,15 +47,22 @@ class Exporter:
        training thread;
     4. :meth:`close` at teardown, bounded by ``timeout`` seconds.
 
+    Under DDP every rank runs its own copy; ranks other than 0 get snapshots holding only their
+    throughput and step time.
+
     Attributes:
         name: Value of the ``exporter`` label in ``privacy_export_dropped_total``.
         dropped: Snapshots or points this exporter has dropped so far.
+        rank: Global rank of this process, set by the monitor before :meth:`start`.
+        local_rank: Rank on this machine (e.g. to pick a port), set before :meth:`start`.
     """
 
     name: str = "exporter"
 
     def __init__(self) -> None:
         self.dropped = 0
+        self.rank = 0
+        self.local_rank = 0
 
     def start(self) -> None:
         """Acquire resources (ports, connections). Called once per fit on the exporting rank."""

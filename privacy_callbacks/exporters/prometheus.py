@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import http.client
 import logging
+import socket
 import threading
-from typing import TYPE_CHECKING, Any
+import time
+import urllib.parse
+from typing import TYPE_CHECKING, Any, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, delete_from_gateway,
+                               push_to_gateway, start_http_server)
 
 from .. import catalog
 from .base import Exporter, RunInfo
@@ -32,11 +37,101 @@ class _Bound:
         self.last = 0.0
 
 
-class PrometheusExporter(Exporter):
-    """Serves every catalog metric for Prometheus to scrape.
+class _Pusher:
+    """Pushes a registry to a Pushgateway from its own thread; every request can be aborted.
 
-    The endpoint runs on the global-rank-0 process from ``setup`` to ``teardown``. Each snapshot
-    only sets label-bound children (one locked float each), on the publisher's thread.
+    ``push_to_gateway`` blocks its caller for its whole timeout when the gateway does not answer,
+    so it never runs on the training thread, and :meth:`close` shuts the socket of a request in
+    flight once its time is up: a silent gateway cannot hold the process at exit.
+    """
+
+    def __init__(self, exporter: "PrometheusExporter", grouping_key: dict[str, str]) -> None:
+        self.exporter = exporter
+        self.grouping_key = grouping_key
+        self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._aborted = False
+        self._warned = False
+        self._thread = threading.Thread(target=self._run, name="privacy-pushgateway", daemon=True)
+        self._thread.start()
+
+    def _handler(self, url: str, method: str, timeout: float | None, headers: list,
+                 data: bytes) -> Callable[[], None]:
+        def handle() -> None:
+            parts = urllib.parse.urlsplit(url)
+            cls = (http.client.HTTPSConnection if parts.scheme == "https"
+                   else http.client.HTTPConnection)
+            conn = cls(parts.netloc, timeout=timeout)
+            with self._lock:
+                if self._aborted:
+                    raise ConnectionAbortedError("push aborted at close")
+                self._conn = conn
+            try:
+                path = parts.path + (f"?{parts.query}" if parts.query else "")
+                conn.request(method, path, body=data, headers=dict(headers))
+                resp = conn.getresponse()
+                body = resp.read()
+                if resp.status >= 400:
+                    raise OSError(f"Pushgateway answered {resp.status}: {body[:200]!r}")
+            finally:
+                with self._lock:
+                    self._conn = None
+                conn.close()
+        return handle
+
+    def _call(self, fn: Callable[..., None], timeout: float, **kwargs: Any) -> None:
+        exporter = self.exporter
+        try:
+            fn(exporter.pushgateway, job=exporter.job, grouping_key=self.grouping_key,
+               timeout=timeout, handler=self._handler, **kwargs)
+        except Exception as exc:
+            exporter.dropped += 1
+            if not self._warned:
+                self._warned = True
+                logger.warning("Pushing privacy metrics to %s failed (%s); training continues, "
+                               "further failures are counted in privacy_export_dropped_total",
+                               exporter.pushgateway, exc)
+
+    def _run(self) -> None:
+        exporter = self.exporter
+        while not self._stop.wait(exporter.push_interval):
+            self._call(push_to_gateway, exporter.push_timeout, registry=exporter.registry)
+        self._call(push_to_gateway, exporter.push_timeout, registry=exporter.registry)
+        if exporter.delete_on_close:
+            self._call(delete_from_gateway, exporter.push_timeout)
+
+    def close(self, timeout: float) -> None:
+        """Final push (and delete, if asked) within ``timeout`` seconds, then stop."""
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._lock:
+                self._aborted = True
+                conn = self._conn
+            if conn is not None and conn.sock is not None:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._thread.join(1.0)
+            logger.warning("Pushgateway %s did not answer within %.1f s at close; last metrics "
+                           "not pushed", self.exporter.pushgateway, timeout)
+
+
+class PrometheusExporter(Exporter):
+    """Serves every catalog metric for Prometheus to scrape, or pushes it to a Pushgateway.
+
+    The endpoint runs from ``setup`` to ``teardown``. Under DDP each rank serves on ``port`` plus
+    its local rank (rank 0 has the privacy metrics; every rank its throughput and step time).
+    Each snapshot only sets label-bound children (one locked float each), on the publisher's
+    thread.
+
+    For batch jobs, ``pushgateway="host:9091"`` pushes the registry from a background thread
+    every ``push_interval`` seconds and once more at the end of the fit, each request bounded by
+    ``push_timeout``, to the group ``job``/``session_id``/``rank``. A gateway that does not
+    answer costs the training thread nothing and the exit at most the close timeout; failed
+    pushes are counted in ``privacy_export_dropped_total{exporter="prometheus"}``.
 
     Args:
         port: TCP port of the ``/metrics`` endpoint; ``0`` picks a free one (see :attr:`url`).
@@ -44,8 +139,14 @@ class PrometheusExporter(Exporter):
             a deliberate choice.
         registry: Registry to register the metrics in. By default the exporter owns a new one,
             never the global ``REGISTRY``, so building it twice (notebooks, tests) is safe.
-        serve: ``False`` registers and updates the metrics without an HTTP endpoint (to serve
-            ``registry`` yourself).
+        serve: Serve ``/metrics``. By default only without ``pushgateway``; ``False`` registers
+            and updates the metrics without an endpoint (to serve ``registry`` yourself).
+        pushgateway: ``host:port`` (or URL) of a Prometheus Pushgateway to push to.
+        job: The Pushgateway ``job`` label.
+        push_interval: Seconds between pushes.
+        push_timeout: Seconds one push may take.
+        delete_on_close: Delete this run's group from the gateway at the end of the fit (after the
+            final push), so finished runs do not linger.
 
     Exported metrics: every entry of :data:`privacy_callbacks.catalog.METRICS`
     (the README's metrics table is generated from it).
@@ -54,15 +155,32 @@ class PrometheusExporter(Exporter):
     name = "prometheus"
 
     def __init__(self, port: int = 9108, host: str = "127.0.0.1",
-                 registry: CollectorRegistry | None = None, *, serve: bool = True) -> None:
+                 registry: CollectorRegistry | None = None, *, serve: bool | None = None,
+                 pushgateway: str | None = None, job: str = "privacy_callbacks",
+                 push_interval: float = 10.0, push_timeout: float = 3.0,
+                 delete_on_close: bool = False) -> None:
         super().__init__()
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"Unexpected value for port: {port!r}; use 0-65535 (0 = any free port)")
         if not host:
             raise ValueError(f"Unexpected value for host: {host!r}; use e.g. '127.0.0.1'")
+        if pushgateway is not None and (not isinstance(pushgateway, str) or not pushgateway):
+            raise ValueError(f"Unexpected value for pushgateway: {pushgateway!r}; use "
+                             "'host:port', e.g. '127.0.0.1:9091'")
+        if not isinstance(job, str) or not job:
+            raise ValueError(f"Unexpected value for job: {job!r}; use a non-empty string")
+        for name, value in (("push_interval", push_interval), ("push_timeout", push_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"Unexpected value for {name}: {value!r}; use seconds > 0")
         self.port = port
         self.host = host
-        self.serve = serve
+        self.serve = pushgateway is None if serve is None else serve
+        self.pushgateway = pushgateway
+        self.job = job
+        self.push_interval = float(push_interval)
+        self.push_timeout = float(push_timeout)
+        self.delete_on_close = delete_on_close
+        self._pusher: _Pusher | None = None
         self.registry = registry if registry is not None else CollectorRegistry()
         self.families: dict[str, Any] = {}
         for metric in catalog.METRICS:
@@ -88,12 +206,14 @@ class PrometheusExporter(Exporter):
     def start(self) -> None:
         if not self.serve or self._server is not None:
             return
+        # One endpoint per process under DDP: the port plus the local rank.
+        port = self.port + self.local_rank if self.port else 0
         try:
-            self._server, self._thread = start_http_server(self.port, addr=self.host,
+            self._server, self._thread = start_http_server(port, addr=self.host,
                                                            registry=self.registry)
         except OSError as exc:
             raise OSError(
-                f"PrometheusExporter cannot listen on {self.host}:{self.port} ({exc.strerror or exc})."
+                f"PrometheusExporter cannot listen on {self.host}:{port} ({exc.strerror or exc})."
                 f" Choose a free port, or port=0 to pick one (its address is in .url).") from exc
         logger.info("Privacy metrics at %s", self.url)
 
@@ -113,6 +233,8 @@ class PrometheusExporter(Exporter):
         self._health = [(source, dropped.labels(**base, exporter=source.name))
                         for source in info.exporters]
         self._health_last = [0.0] * len(self._health)
+        if self.pushgateway is not None and self._pusher is None:
+            self._pusher = _Pusher(self, {"session_id": info.session_id, "rank": str(info.rank)})
 
     def export(self, snapshot: "PrivacySnapshot") -> None:
         for bound in self._gauges:
@@ -139,6 +261,11 @@ class PrometheusExporter(Exporter):
                 self._health_last[i] = value
 
     def close(self, timeout: float = 10.0) -> None:
+        start = time.monotonic()
+        pusher, self._pusher = self._pusher, None
+        if pusher is not None:
+            pusher.close(timeout)
+        timeout = max(0.0, timeout - (time.monotonic() - start))
         server, thread = self._server, self._thread
         self._server = self._thread = None
         if server is not None:

@@ -1,0 +1,355 @@
+"""DifferentialPrivacy: makes an unmodified LightningModule private with Opacus, DDP included."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Iterator
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from opacus import PrivacyEngine
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
+from opacus.grad_sample import GradSampleHooks
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DifferentialPrivacy"]
+
+_ACCOUNTANTS = ("rdp", "prv", "gdp")
+
+
+class _PoissonBatchSampler(Sampler[list[int]]):
+    """Poisson sampling of the whole dataset, identical on every rank, cut into physical batches.
+
+    Every rank draws the same inclusion mask (its generator is seeded with a seed broadcast from
+    rank 0), so the global batch holds each sample independently with probability
+    ``logical_rate`` -- exactly the batch of a one-process run -- and no sample lands on two
+    ranks. Rank ``r`` takes every ``world_size``-th selected index and cuts its share into
+    ``accumulate`` physical batches, one per backward pass of a gradient-accumulation window.
+    Empty batches are yielded, never skipped: every rank must take the same number of steps.
+    """
+
+    def __init__(self, *, num_samples: int, logical_rate: float, steps: int, accumulate: int,
+                 rank: int, world_size: int, seed: int) -> None:
+        self.num_samples = num_samples
+        self.logical_rate = logical_rate
+        self.steps = steps
+        self.accumulate = accumulate
+        self.rank = rank
+        self.world_size = world_size
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.steps * self.accumulate
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            mask = torch.rand(self.num_samples, generator=self._generator) < self.logical_rate
+            local = mask.nonzero().flatten()[self.rank::self.world_size]
+            for chunk in torch.tensor_split(local, self.accumulate):
+                yield chunk.tolist()
+
+
+def _positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"Unexpected value for {name}: {value!r}; use a positive finite number")
+    return float(value)
+
+
+def _unsupported_modules(module: torch.nn.Module) -> list[str]:
+    """``name (Type): reason`` for the innermost submodules Opacus cannot handle."""
+    failing: dict[str, str] = {}
+    for name, sub in module.named_modules():
+        errors = ModuleValidator.validate(sub, strict=False)
+        if errors:
+            failing[name] = f"{name or '<root>'} ({type(sub).__name__}): {str(errors[0])[:160]}"
+    innermost = [n for n in failing
+                 if not any(o != n and o.startswith(f"{n}." if n else "") for o in failing)]
+    return [failing[n] for n in innermost]
+
+
+class DifferentialPrivacy(Callback):
+    """Trains any LightningModule with DP-SGD (Opacus), on one process or under DDP.
+
+    Without changing the module it attaches Opacus' per-sample gradient hooks (no wrapper
+    module), wraps every configured optimizer in an Opacus DP optimizer (LR schedulers keep
+    working: they share the optimizer's ``param_groups``), replaces the train dataloader by a
+    Poisson-sampling one and accounts every step in :attr:`privacy_engine`'s accountant, which
+    :class:`~privacy_callbacks.PrivacyMonitor` finds by itself.
+
+    Under DDP (any number of processes) the mechanism is the one-process mechanism on the global
+    batch: every rank draws the same Poisson mask over the whole dataset and takes its share;
+    the sample rate and the expected batch size are the global ones; the Gaussian noise is added
+    once (on global rank 0) before the gradients are averaged (Opacus' ``DistributedDPOptimizer``),
+    so the noise on the averaged gradient is ``sigma * C / global_batch`` and epsilon equals a
+    one-process run with the same global batch. DDP's own gradient all-reduce is replaced by a
+    no-op hook because the DP optimizer reduces the noised gradients itself.
+
+    The sample rate is ``1 / len(train dataloader)`` as Lightning prepares it (under DDP the
+    default ``use_distributed_sampler=True`` shards it, so a per-device ``batch_size`` of ``b``
+    gives a global expected batch of ``b * world_size``). With ``accumulate_grad_batches=k`` one
+    Poisson batch of rate ``k / len`` is cut into ``k`` physical batches, accounted once per
+    optimizer step at that rate, as Opacus' accountant hook does.
+
+    Args:
+        noise_multiplier: Noise multiplier sigma. Give this or ``target_epsilon``.
+        max_grad_norm: Per-sample clipping norm C.
+        target_epsilon: Calibrate sigma so that training ends at this epsilon (with ``delta``),
+            as Opacus' ``make_private_with_epsilon`` does, for the planned steps: ``epochs``, else
+            the trainer's ``max_epochs``/``max_steps``.
+        delta: Delta for ``target_epsilon``.
+        epochs: Epochs to calibrate sigma for; the trainer's plan by default.
+        accountant: Opacus accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``.
+        poisson_sampling: Replace the train dataloader by Poisson sampling (what the privacy
+            analysis assumes). ``False`` keeps the dataloader and accounts as Opacus does then.
+        epsilon_tolerance: Tolerance of the sigma calibration.
+        seed: Seed of the Poisson sampling. By default rank 0 draws one from torch's RNG (so
+            ``seed_everything`` makes a run reproducible) and broadcasts it to every rank.
+
+    Attributes:
+        privacy_engine: The Opacus ``PrivacyEngine`` whose accountant records every step; it
+            lives as long as the callback, so fitting twice accumulates the privacy spent.
+        noise_multiplier: Sigma in use (calibrated once the train dataloader is known).
+        sample_rate: Sample rate of one physical batch, once the train dataloader is known.
+    """
+
+    def __init__(
+        self,
+        *,
+        noise_multiplier: float | None = None,
+        max_grad_norm: float = 1.0,
+        target_epsilon: float | None = None,
+        delta: float | None = None,
+        epochs: int | None = None,
+        accountant: str = "rdp",
+        poisson_sampling: bool = True,
+        epsilon_tolerance: float = 0.01,
+        seed: int | None = None,
+    ) -> None:
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ValueError(
+                f"Unexpected combination noise_multiplier={noise_multiplier!r}, target_epsilon="
+                f"{target_epsilon!r}: pass exactly one, e.g. DifferentialPrivacy(noise_multiplier="
+                "1.1, max_grad_norm=1.0) or DifferentialPrivacy(target_epsilon=8.0, delta=1e-5)")
+        if noise_multiplier is not None:
+            _positive("noise_multiplier", noise_multiplier, allow_zero=True)
+        if target_epsilon is not None:
+            _positive("target_epsilon", target_epsilon)
+            if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+                raise ValueError(f"Unexpected value for delta: {delta!r}; target_epsilon needs a "
+                                 "delta in (0, 1), typically below 1/(training set size)")
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int)
+                                   or epochs < 1):
+            raise ValueError(f"Unexpected value for epochs: {epochs!r}; use a positive integer "
+                             "or None for the trainer's max_epochs/max_steps")
+        if accountant not in _ACCOUNTANTS:
+            raise ValueError(f"Unexpected value for accountant: {accountant!r}; use one of "
+                             f"{', '.join(_ACCOUNTANTS)}")
+        self.max_grad_norm = _positive("max_grad_norm", max_grad_norm)
+        self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
+        self.delta = None if delta is None else float(delta)
+        self.epochs = epochs
+        self.poisson_sampling = poisson_sampling
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"Unexpected value for seed: {seed!r}; use an integer or None")
+        self.seed = seed
+        self.epsilon_tolerance = _positive("epsilon_tolerance", epsilon_tolerance)
+        self.noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
+        self.sample_rate: float | None = None
+        self.privacy_engine = PrivacyEngine(accountant=accountant)
+        self._expected_batch_size: float | None = None
+        self._optimizers: list[DPOptimizer] = []
+        self._hooks: GradSampleHooks | None = None
+        self._strategy: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        original = strategy.process_dataloader
+
+        def process_dataloader(dataloader: object) -> object:
+            dataloader = original(dataloader)
+            return self._private_dataloader(trainer, dataloader) if trainer.training else dataloader
+
+        # The strategy's process_dataloader sees the train dataloader after Lightning prepared it
+        # (distributed sampler included) from any source: module hook, datamodule or fit().
+        strategy.process_dataloader = process_dataloader
+        self._strategy = strategy
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.make_private(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.sample_rate is None:
+            raise RuntimeError(
+                "DifferentialPrivacy did not see a training DataLoader (found "
+                f"{type(trainer.train_dataloader).__name__}): Poisson sampling and accounting need "
+                "a torch DataLoader over a map-style dataset from train_dataloader().")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self._strategy is not None:
+            vars(self._strategy).pop("process_dataloader", None)
+            self._strategy = None
+        if self._hooks is not None:
+            self._hooks.remove_hooks()
+            self._hooks = None
+        self._optimizers = []
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def make_private(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Hook the module and wrap the optimizers; idempotent within one fit.
+
+        Called from ``on_fit_start``; :class:`~privacy_callbacks.PrivacyMonitor` calls it too,
+        so the two callbacks work in either order.
+        """
+        if self._hooks is not None:
+            return
+        optimizers = list(trainer.strategy.optimizers)
+        if any(isinstance(opt, DPOptimizer) for opt in optimizers):
+            raise ValueError(
+                f"{type(pl_module).__name__} already returns an Opacus DPOptimizer from "
+                "configure_optimizers: remove its make_private(...) call or the "
+                "DifferentialPrivacy callback, not both")
+        unsupported = _unsupported_modules(pl_module)
+        if unsupported:
+            raise ValueError(
+                f"Opacus cannot compute per-sample gradients for {type(pl_module).__name__}; "
+                "unsupported modules:\n  " + "\n  ".join(unsupported) + "\nReplace them before "
+                "fitting, e.g. `model = ModuleValidator.fix(model)` "
+                "(from opacus.validators import ModuleValidator).")
+        self._hooks = GradSampleHooks(pl_module, batch_first=True, loss_reduction="mean",
+                                      strict=True)
+        distributed = trainer.world_size > 1 and torch.distributed.is_initialized()
+        cls = DistributedDPOptimizer if distributed else DPOptimizer
+        wrapped = []
+        for opt in optimizers:
+            dp = cls(opt, noise_multiplier=self.noise_multiplier or 0.0,
+                     max_grad_norm=self.max_grad_norm,
+                     expected_batch_size=self._expected_batch_size or 1.0,
+                     loss_reduction="mean", generator=None, secure_mode=False)
+            dp.attach_step_hook(self._account)
+            wrapped.append(dp)
+        # Schedulers keep pointing at the original optimizers: a DPOptimizer's param_groups ARE
+        # the original's, and the original's step (called by the DPOptimizer) is the one the
+        # scheduler counts.
+        trainer.strategy.optimizers = wrapped
+        self._optimizers = wrapped
+        self._configure()
+        if distributed:
+            self._disable_ddp_allreduce(trainer)
+
+    def _disable_ddp_allreduce(self, trainer: pl.Trainer) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = trainer.strategy.model
+        if isinstance(model, DistributedDataParallel):
+            try:
+                model.register_comm_hook(state=None, hook=noop_hook)
+            except RuntimeError:  # the user registered a communication hook already
+                logger.info("DDP communication hook kept; gradients are reduced twice")
+
+    def _account(self, optimizer: DPOptimizer) -> None:
+        # Opacus' accountant hook: the rate of one physical batch times the batches accumulated.
+        self.privacy_engine.accountant.step(
+            noise_multiplier=optimizer.noise_multiplier,
+            sample_rate=self.sample_rate * optimizer.accumulated_iterations)
+
+    def _configure(self) -> None:
+        if self.noise_multiplier is None or self._expected_batch_size is None:
+            return
+        for opt in self._optimizers:
+            opt.noise_multiplier = self.noise_multiplier
+            opt.expected_batch_size = self._expected_batch_size
+
+    def _private_dataloader(self, trainer: pl.Trainer, dataloader: object) -> object:
+        if not isinstance(dataloader, DataLoader) or isinstance(dataloader.dataset,
+                                                                IterableDataset):
+            raise ValueError(
+                f"Unexpected train dataloader {type(dataloader).__name__}: DifferentialPrivacy "
+                "needs a torch DataLoader over a map-style dataset (Poisson sampling picks "
+                "samples by index)")
+        batches = len(dataloader)
+        dataset_size = len(dataloader.dataset)
+        world = trainer.world_size
+        accumulate = max(1, min(int(trainer.accumulate_grad_batches), batches))
+        self.sample_rate = 1.0 / batches
+        # Opacus' expected batch size is the global one; each rank averages over its share and
+        # the DP optimizer's all-reduce averages the ranks.
+        self._expected_batch_size = max(1, int(dataset_size * self.sample_rate)) / world
+        steps_per_epoch = batches // accumulate
+        if self.target_epsilon is not None:
+            self.noise_multiplier = self._calibrate(trainer, steps_per_epoch, accumulate)
+        self._configure()
+        if not self.poisson_sampling:
+            return dataloader
+        # Every rank must draw the same masks: rank 0's seed is broadcast.
+        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)))
+        seed = trainer.strategy.broadcast(seed, src=0)
+        sampler = _PoissonBatchSampler(
+            num_samples=dataset_size, logical_rate=min(1.0, self.sample_rate * accumulate),
+            steps=steps_per_epoch, accumulate=accumulate, rank=trainer.global_rank,
+            world_size=world, seed=seed)
+        sample = dataloader.dataset[0]
+        fields = sample if isinstance(sample, (tuple, list)) else None
+        collate = wrap_collate_with_empty(
+            collate_fn=dataloader.collate_fn,
+            sample_empty_shapes=None if fields is None else [(0, *shape_safe(x)) for x in fields],
+            dtypes=None if fields is None else [dtype_safe(x) for x in fields])
+        extra = {"prefetch_factor": dataloader.prefetch_factor,
+                 "persistent_workers": dataloader.persistent_workers} if dataloader.num_workers else {}
+        return DataLoader(dataloader.dataset, batch_sampler=sampler, collate_fn=collate,
+                          num_workers=dataloader.num_workers, pin_memory=dataloader.pin_memory,
+                          timeout=dataloader.timeout, worker_init_fn=dataloader.worker_init_fn,
+                          multiprocessing_context=dataloader.multiprocessing_context, **extra)
+
+    def _calibrate(self, trainer: pl.Trainer, steps_per_epoch: int, accumulate: int) -> float:
+        if self.epochs is not None:
+            steps = self.epochs * steps_per_epoch
+        else:
+            limits = []
+            if trainer.max_steps is not None and trainer.max_steps > 0:
+                limits.append(trainer.max_steps)
+            if trainer.max_epochs is not None and trainer.max_epochs > 0:
+                limits.append(trainer.max_epochs * steps_per_epoch)
+            if not limits:
+                raise ValueError("DifferentialPrivacy(target_epsilon=...) needs a planned length: "
+                                 "set the Trainer's max_epochs or max_steps, or pass epochs=")
+            steps = min(limits)
+        assert self.delta is not None and self.sample_rate is not None
+        sigma = get_noise_multiplier(
+            target_epsilon=self.target_epsilon, target_delta=self.delta,
+            sample_rate=min(1.0, self.sample_rate * accumulate), steps=steps,
+            accountant=self.privacy_engine.accountant.mechanism(),
+            epsilon_tolerance=self.epsilon_tolerance)
+        logger.info("DifferentialPrivacy: noise multiplier %.4g for epsilon %g at delta %g "
+                    "after %d steps", sigma, self.target_epsilon, self.delta, steps)
+        return float(sigma)
+
+    # -- checkpoint state -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        accountant = self.privacy_engine.accountant
+        return {"accountant": accountant.mechanism(),
+                "history": [list(seg) for seg in accountant.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        accountant = self.privacy_engine.accountant
+        if state_dict.get("accountant") != accountant.mechanism():
+            raise ValueError(f"Unexpected accountant {state_dict.get('accountant')!r} in the "
+                             f"checkpoint; this callback uses {accountant.mechanism()!r}")
+        # Resuming must not forget the privacy already spent.
+        accountant.history = [tuple(seg) for seg in state_dict["history"]]

@@ -1,0 +1,139 @@
+"""A DP fit that runs on one process or, as a script, under Lightning DDP on CPU (gloo).
+
+Lightning's DDP launcher re-executes ``sys.argv`` for every rank, so DDP runs only as
+``python tests/ddp_fit.py OUT_DIR --devices 2 ...`` in its own process, never inside pytest. Each
+rank writes ``rank<N>.json``: the accountant's history and epsilon, the noise measured on the
+averaged gradient, the sample indices of every step, a parameter checksum and what its
+``/metrics`` endpoint served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from privacy_callbacks import DifferentialPrivacy, PrivacyMonitor, PrometheusExporter  # noqa: E402
+
+N, FEATURES = 256, 100
+SIGMA, CLIP, SEED = 1.0, 1.0, 7
+DELTA = 1e-5
+
+
+class ZeroGradModel(pl.LightningModule):
+    """Every per-sample gradient is exactly zero: an SGD step with lr=1 moves the weights by the
+    DP noise on the averaged gradient, nothing else."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        self.net = nn.Linear(FEATURES, FEATURES)
+        self.batch_size = batch_size
+        gen = torch.Generator().manual_seed(0)
+        self.dataset = TensorDataset(torch.randn(N, FEATURES, generator=gen), torch.arange(N))
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        return (self.net(x) * 0.0).sum()
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=self.batch_size)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+class Record(pl.Callback):
+    """Measures the noise of every step and the samples each rank trained on."""
+
+    def __init__(self, monitor: PrivacyMonitor, exporter: PrometheusExporter | None) -> None:
+        self.monitor, self.exporter = monitor, exporter
+        self.sq, self.count, self.batches = 0.0, 0, []
+        self.served: str | None = None
+        self.url: str | None = None
+        self.expected_batch_size: float | None = None
+        self._before: torch.Tensor | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = pl_module.net.weight.detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        delta = pl_module.net.weight.detach() - self._before
+        self.sq += float((delta ** 2).sum())
+        self.count += delta.numel()
+        self.batches.append(sorted(int(i) for i in batch[1]))
+
+    def on_train_end(self, trainer, pl_module):
+        self.expected_batch_size = trainer.optimizers[0].expected_batch_size
+        if self.exporter is not None and self.exporter.url:
+            self.url = self.exporter.url
+            import urllib.request
+            self.monitor.flush()
+            with urllib.request.urlopen(self.exporter.url, timeout=10) as resp:
+                self.served = resp.read().decode()
+
+
+def run(*, devices: int, batch_size: int, max_epochs: int = 1, port: int | None = None,
+        pushgateway: str | None = None, session_id: str = "ddp") -> dict:
+    pl.seed_everything(0, verbose=False)
+    exporters = []
+    exporter = None
+    if port is not None or pushgateway is not None:
+        exporter = PrometheusExporter(port=port or 0, serve=port is not None,
+                                      pushgateway=pushgateway, job="dp_training",
+                                      push_interval=0.5)
+        exporters.append(exporter)
+    dp = DifferentialPrivacy(noise_multiplier=SIGMA, max_grad_norm=CLIP, seed=SEED)
+    monitor = PrivacyMonitor(delta=DELTA, exporters=exporters, session_id=session_id,
+                             model_name="zero")
+    record = Record(monitor, exporter)
+    kwargs = {"strategy": "ddp", "accelerator": "cpu", "devices": devices} if devices > 1 else \
+        {"accelerator": "cpu", "devices": 1}
+    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=[monitor, dp, record], logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False,
+                         enable_model_summary=False, **kwargs)
+    model = ZeroGradModel(batch_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+    accountant = dp.privacy_engine.accountant
+    return {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "history": [list(seg) for seg in accountant.history],
+        "epsilon": accountant.get_epsilon(DELTA),
+        "monitor_epsilon": monitor.last_snapshot.epsilon if trainer.is_global_zero else None,
+        "noise_std": (record.sq / record.count) ** 0.5,
+        "batches": record.batches,
+        "expected_batch_size": record.expected_batch_size,
+        "checksum": float(model.net.weight.detach().double().sum()),
+        "url": record.url,
+        "served": record.served,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--pushgateway")
+    parser.add_argument("--session-id", default="ddp")
+    args = parser.parse_args()
+    result = run(devices=args.devices, batch_size=args.batch_size, port=args.port,
+                 pushgateway=args.pushgateway, session_id=args.session_id)
+    with open(os.path.join(args.out, f"rank{result['rank']}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""DifferentialPrivacy and PrivacyMonitor under Lightning DDP (2 CPU processes, gloo).
+
+The DDP fit runs once, as a script in its own process group (Lightning's launcher re-executes
+``sys.argv``, which must not be pytest), under a wall-clock timeout so a hang fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+import ddp_fit
+from servers import free_port, prometheus, prometheus_query, pushgateway, wait_for
+
+pytestmark = pytest.mark.servers
+
+SCRIPT = Path(__file__).with_name("ddp_fit.py")
+WORLD = 2
+
+
+def gateway_scrape_config(port: int) -> str:
+    return f"""
+global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: pushgateway
+    honor_labels: true
+    static_configs:
+      - targets: ["127.0.0.1:{port}"]
+"""
+
+
+@pytest.fixture(scope="module")
+def ddp_run():
+    """Fits on 2 processes (global batch 2 x 16) and on 1 process (batch 32), same seed."""
+    gateway = pushgateway().start()
+    prom = prometheus(gateway_scrape_config(gateway.port)).start()
+    try:
+        out = Path(tempfile.mkdtemp(prefix="pc-ddp-"))
+        port = free_port()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(SCRIPT.parent.parent), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(out), "--devices", str(WORLD), "--batch-size", "16",
+             "--port", str(port), "--pushgateway", f"127.0.0.1:{gateway.port}",
+             "--session-id", "ddp"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            log, _ = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            log, _ = proc.communicate()
+            pytest.fail(f"DDP fit hung (killed after 600 s): {log.decode()[-3000:]}")
+        assert proc.returncode == 0, log.decode()[-3000:]
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+        single = ddp_fit.run(devices=1, batch_size=32)
+        yield {"ranks": ranks, "single": single, "port": port, "prometheus": prom,
+               "gateway": gateway}
+    finally:
+        prom.stop()
+        gateway.stop()
+
+
+def test_epsilon_equals_one_process_run(ddp_run):
+    single = ddp_run["single"]
+    planned = RDPAccountant()
+    planned.history = [(ddp_fit.SIGMA, 1 / 8, 8)]
+    assert single["history"] == [[ddp_fit.SIGMA, 1 / 8, 8]]
+    for rank in ddp_run["ranks"]:
+        assert rank["world_size"] == WORLD
+        assert rank["history"] == single["history"]  # global sample rate, one step per batch
+        assert rank["epsilon"] == single["epsilon"] == planned.get_epsilon(ddp_fit.DELTA)
+    assert ddp_run["ranks"][0]["monitor_epsilon"] == single["epsilon"]
+
+
+def test_noise_added_once_for_the_global_batch(ddp_run):
+    expected = ddp_fit.SIGMA * ddp_fit.CLIP / 32  # sigma * C / global expected batch
+    single = ddp_run["single"]
+    assert single["noise_std"] == pytest.approx(expected, rel=0.05)
+    for rank in ddp_run["ranks"]:
+        # Noise on every rank would give sqrt(2) times this; no reduction, 2 times.
+        assert rank["noise_std"] == pytest.approx(expected, rel=0.05)
+        assert rank["expected_batch_size"] == 32 / WORLD
+    checksums = {rank["checksum"] for rank in ddp_run["ranks"]}
+    assert len(checksums) == 1, "ranks diverged: the noised gradient was not shared"
+
+
+def test_ranks_split_the_one_process_poisson_batch(ddp_run):
+    single = ddp_run["single"]["batches"]
+    local = [rank["batches"] for rank in ddp_run["ranks"]]
+    assert all(len(batches) == len(single) == 8 for batches in local)
+    for step, batch in enumerate(single):
+        parts = [set(batches[step]) for batches in local]
+        assert not parts[0] & parts[1]
+        assert sorted(parts[0] | parts[1]) == batch
+        assert abs(len(parts[0]) - len(parts[1])) <= 1
+
+
+def test_one_endpoint_per_rank_privacy_only_on_rank_zero(ddp_run):
+    port = ddp_run["port"]
+    for rank in ddp_run["ranks"]:
+        r = rank["rank"]
+        assert rank["url"] == f"http://127.0.0.1:{port + r}/metrics"
+        assert f'training_throughput_private{{model_name="zero",rank="{r}",session_id="ddp"}}' \
+            in rank["served"]
+        assert ("privacy_epsilon_consumed{" in rank["served"]) == (r == 0)
+
+
+def test_pushgateway_groups_per_rank_reach_prometheus(ddp_run):
+    prom = ddp_run["prometheus"]
+
+    def throughput_ranks():
+        result = prometheus_query(
+            prom, 'training_throughput_private{job="dp_training",session_id="ddp"}')
+        return len(result) == WORLD and result
+
+    result = wait_for(throughput_ranks, 60, what="per-rank throughput in Prometheus")
+    assert sorted(s["metric"]["rank"] for s in result) == ["0", "1"]
+    eps = prometheus_query(prom, 'privacy_epsilon_consumed{job="dp_training",session_id="ddp"}')
+    assert [s["metric"]["rank"] for s in eps] == ["0"]
+    assert float(eps[0]["value"][1]) == ddp_run["single"]["epsilon"]
