@@ -84,7 +84,8 @@ def test_group_deleted_at_fit_end_when_asked():
         fit(DPModel(), PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="gone"),
             WaitForPush())
         assert seen == [True]
-        assert not gateway_has(gateway, "gone")
+        # The gateway applies a DELETE asynchronously (202 Accepted).
+        wait_for(lambda: not gateway_has(gateway, "gone"), 60, what="the group to be deleted")
         assert exporter.dropped == 0
     finally:
         gateway.stop()
