@@ -13,11 +13,18 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["BASE_LABELS", "METRICS", "Metric", "by_field", "by_name", "markdown_table"]
+__all__ = ["BASE_LABELS", "INFLUX_MEASUREMENT", "INFLUX_STEP_FIELD", "INFLUX_TAGS", "METRICS",
+           "Metric", "by_field", "by_name", "markdown_table"]
 
 Kind = Literal["gauge", "counter", "histogram"]
 
 BASE_LABELS: tuple[str, ...] = ("session_id", "model_name")
+
+# The per-step InfluxDB point: one measurement, these tags, the metrics' ``field`` values and the
+# step number as an integer field.
+INFLUX_MEASUREMENT = "privacy_training"
+INFLUX_TAGS: tuple[str, ...] = BASE_LABELS + ("rank", "accountant")
+INFLUX_STEP_FIELD = "step"
 
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 
@@ -151,6 +158,8 @@ _BY_NAME = {m.name: m for m in METRICS}
 _BY_FIELD = {m.field: m for m in METRICS if m.field}
 if len(_BY_NAME) != len(METRICS) or len(_BY_FIELD) != sum(1 for m in METRICS if m.field):
     raise RuntimeError("Duplicate metric name or field in the catalog")
+if INFLUX_STEP_FIELD in _BY_FIELD:
+    raise RuntimeError(f"Field {INFLUX_STEP_FIELD!r} is reserved for the step number")
 
 
 def by_name(name: str) -> Metric:

@@ -163,3 +163,84 @@ def pushgateway() -> Server:
     argv = [binary, f"--web.listen-address=127.0.0.1:{port}",
             f"--persistence.file={workdir / 'metrics.store'}"]
     return Server("pushgateway", argv, port, workdir, ready_path="/-/ready")
+
+
+def victoria_metrics() -> Server:
+    """A VictoriaMetrics single node; it accepts InfluxDB line protocol at ``/api/v2/write``."""
+    binary = require_binary("victoria-metrics", "victoria-metrics")
+    workdir = new_workdir("victoria-metrics")
+    port = free_port()
+    argv = [binary, f"-httpListenAddr=127.0.0.1:{port}",
+            f"-storageDataPath={workdir / 'data'}", "-retentionPeriod=100y"]
+    return Server("victoria-metrics", argv, port, workdir, ready_path="/health")
+
+
+def victoria_metrics_export(server: Server, match: str) -> list[dict]:
+    """Every raw sample of the series matching ``match``, as ``/api/v1/export`` lines."""
+    import json
+    import urllib.parse
+    status, body = http_get(f"{server.url}/internal/force_flush")
+    if status != 200:
+        raise AssertionError(f"force_flush failed: {status} {body[:300]!r}")
+    status, body = http_get(f"{server.url}/api/v1/export?"
+                            + urllib.parse.urlencode({"match[]": match}))
+    if status != 200:
+        raise AssertionError(f"export {match!r} failed: {status} {body[:300]!r}")
+    return [json.loads(line) for line in body.splitlines() if line.strip()]
+
+
+def influxdb1() -> Server:
+    """An InfluxDB 1.x (``influxd``): only the 1.x API (``/write``, ``/query``), no ``/api/v2``."""
+    binary = require_binary("influxd", "influxdb")
+    workdir = new_workdir("influxdb")
+    port, rpc_port = free_port(), free_port()
+    # Every listener but HTTP off, the RPC port on loopback, no usage reporting.
+    (workdir / "influxdb.conf").write_text(f"""
+reporting-disabled = true
+bind-address = "127.0.0.1:{rpc_port}"
+
+[meta]
+  dir = "{workdir / 'meta'}"
+
+[data]
+  dir = "{workdir / 'data'}"
+  wal-dir = "{workdir / 'wal'}"
+  query-log-enabled = false
+
+[monitor]
+  store-enabled = false
+
+[subscriber]
+  enabled = false
+
+[http]
+  enabled = true
+  bind-address = "127.0.0.1:{port}"
+  log-enabled = false
+  pprof-enabled = false
+
+[ifql]
+  enabled = false
+
+[continuous_queries]
+  enabled = false
+""")
+    argv = [binary, "-config", str(workdir / "influxdb.conf")]
+    return Server("influxd", argv, port, workdir, ready_path="/ping")
+
+
+def influxdb1_query(server: Server, database: str, query: str) -> list[dict]:
+    """Run an InfluxQL query (POST: ``CREATE DATABASE`` too); its first result's ``series``."""
+    import json
+    import urllib.parse
+    form = urllib.parse.urlencode({"db": database, "q": query}).encode()
+    request = urllib.request.Request(f"{server.url}/query", data=form, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    data = json.loads(body)
+    if status != 200 or "error" in data["results"][0]:
+        raise AssertionError(f"Query {query!r} failed: {status} {body[:300]!r}")
+    return data["results"][0].get("series", [])
