@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import catalog
+from . import audit, catalog
 
 if TYPE_CHECKING:
     from .ops import Receivers, RuleOptions
@@ -132,6 +132,16 @@ def _add_ops_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runbook-url", help="base URL of your runbook (adds runbook_url)")
 
 
+def _audit_verify(args: argparse.Namespace) -> int:
+    try:
+        result = audit.verify(args.file, key_env=args.key_env, require_hmac=args.require_hmac)
+    except (OSError, ValueError) as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.file}: {result}", file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="privacy-callbacks", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--group-wait", default="30s",
                        help="Alertmanager's wait before the first notification of a group")
     stack.set_defaults(func=_stack)
+
+    audit_cmd = commands.add_parser("audit", help="work with a privacy audit trail")
+    audit_commands = audit_cmd.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser(
+        "verify", help="check the hash chain (and HMACs); name the first broken record")
+    verify.add_argument("file", metavar="FILE", help="the JSON-lines audit trail")
+    verify.add_argument("--key-env", default=audit.DEFAULT_KEY_ENV, metavar="VAR",
+                        help="environment variable holding the HMAC key (default: %(default)s);"
+                             " HMACs are checked when it is set")
+    verify.add_argument("--require-hmac", action="store_true",
+                        help="fail when the key variable is not set")
+    verify.set_defaults(func=_audit_verify)
     return parser
 
 

@@ -159,6 +159,17 @@ class Accounting:
     def update(self) -> None:
         raise NotImplementedError
 
+    @property
+    def orders(self) -> np.ndarray:
+        """The RDP orders of :meth:`rdp_after`."""
+        return self._rdp.orders
+
+    def rdp_after(self, extra_steps: int, noise_multiplier: float,
+                  sample_rate: float) -> np.ndarray | int:
+        """RDP over :attr:`orders` after ``extra_steps`` more steps at (sigma, q); 0 if none."""
+        return self._rdp.total(self.accountant.history,
+                               (noise_multiplier, sample_rate, extra_steps))[0]
+
     def epsilon_after(self, extra_steps: int, noise_multiplier: float, sample_rate: float) -> float:
         """Epsilon (RDP bound) after ``extra_steps`` more steps at (sigma, q)."""
         rdp, _ = self._rdp.total(self.accountant.history,

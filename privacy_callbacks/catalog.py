@@ -144,11 +144,14 @@ METRICS: tuple[Metric, ...] = (
     # Security and compliance.
     Metric("membership_inference_risk_score", "gauge",
            "Largest membership-inference advantage (TPR - FPR) any attack can have at the current "
-           "(epsilon, delta)."),
+           "(epsilon, delta).",
+           attr="membership_inference_risk", field="mia_risk_score"),
     Metric("membership_inference_empirical_auc", "gauge",
-           "AUC of a loss-threshold membership-inference attack on training vs held-out samples."),
+           "AUC of a loss-threshold membership-inference attack on training vs held-out samples.",
+           attr="membership_inference_auc", field="mia_empirical_auc"),
     Metric("membership_inference_empirical_advantage", "gauge",
-           "Best TPR - FPR of the loss-threshold membership-inference attack."),
+           "Best TPR - FPR of the loss-threshold membership-inference attack.",
+           attr="membership_inference_advantage", field="mia_empirical_advantage"),
     Metric("privacy_compliance_violations_total", "counter",
            "Violations of the configured DP policy.",
            labels=("policy", "violation_type")),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 import uuid
 from typing import Any, Sequence
@@ -15,8 +16,13 @@ from lightning.pytorch.callbacks import Callback
 
 from . import probe
 from .accounting import Accounting, make_accounting
+from .audit import AuditTrail
+from .compliance import DPPolicy, check_start
 from .exporters.base import Exporter, RunInfo
+from .oversight import DEFAULT_THRESHOLDS, Oversight
+from .pii import check_label, protect_loggers
 from .publisher import Publisher
+from .security import MembershipInferenceProbe, RiskBound
 from .snapshot import PrivacySnapshot
 from .wiring import DifferentialPrivacy
 
@@ -69,6 +75,18 @@ class PrivacyMonitor(Callback):
         model_name: Label naming the model; the LightningModule's class name by default.
         progress_bar: Show epsilon in the progress bar.
         max_pending: Snapshots the publisher holds while exporters lag before dropping the oldest.
+        audit: An :class:`~privacy_callbacks.audit.AuditTrail` (or a file path for one) that
+            receives fit start (full DP configuration), budget thresholds, policy violations,
+            resume, the first accounting error and fit end.
+        audit_thresholds: Fractions of ``target_epsilon`` whose crossing is audited.
+        policy: A :class:`~privacy_callbacks.compliance.DPPolicy`, a preset name
+            (``"default"``, ``"strict"``) or a JSON/TOML policy file; violations are counted in
+            ``privacy_compliance_violations_total``, logged and audited.
+
+    ``session_id`` and ``model_name`` become metric labels: they are checked (at most 128 of
+    ``A-Z a-z 0-9 _ . : / -``), and a value that looks like personal data (an e-mail address, a
+    phone number, …) is refused, or replaced by a keyed hash when ``PRIVACY_LABEL_HMAC_KEY`` is
+    set (see :func:`privacy_callbacks.pii.check_label`).
 
     Under DDP every rank runs the exporters: privacy metrics come from global rank 0 only (every
     rank holds the same accountant); throughput and step time come from every rank with its
@@ -88,6 +106,9 @@ class PrivacyMonitor(Callback):
         model_name: str | None = None,
         progress_bar: bool = True,
         max_pending: int = 10_000,
+        audit: AuditTrail | str | os.PathLike[str] | None = None,
+        audit_thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+        policy: DPPolicy | str | os.PathLike[str] | None = None,
     ) -> None:
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
             raise ValueError(f"Unexpected value for delta: {delta!r}; use a number in (0, 1), "
@@ -102,9 +123,24 @@ class PrivacyMonitor(Callback):
             if not isinstance(exporter, Exporter):
                 raise ValueError(f"Unexpected exporter {exporter!r}: use PrometheusExporter, "
                                  "InfluxDBExporter or a subclass of privacy_callbacks.Exporter")
-        for name, value in (("session_id", session_id), ("model_name", model_name)):
-            if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f"Unexpected value for {name}: {value!r}; use a non-empty string")
+        protect_loggers()
+        if session_id is not None:
+            session_id = check_label("session_id", session_id)
+        if model_name is not None:
+            model_name = check_label("model_name", model_name)
+        thresholds = tuple(audit_thresholds)
+        if any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 10
+               for t in thresholds):
+            raise ValueError(f"Unexpected value for audit_thresholds: {audit_thresholds!r}; use "
+                             "fractions of the target such as (0.5, 0.8, 1.0)")
+        if audit is not None and not isinstance(audit, AuditTrail):
+            audit = AuditTrail(audit)
+        if isinstance(policy, (str, os.PathLike)):
+            policy = (DPPolicy.preset(policy) if policy in ("default", "strict")
+                      else DPPolicy.from_file(policy))
+        elif policy is not None and not isinstance(policy, DPPolicy):
+            raise ValueError(f"Unexpected value for policy: {policy!r}; use a DPPolicy, a preset "
+                             "name ('default', 'strict') or a JSON/TOML policy file")
         if accountant is not None:
             probe.find_accountant(None, None, accountant)  # raises, naming the value
         self.delta = float(delta)
@@ -115,6 +151,11 @@ class PrivacyMonitor(Callback):
         self.model_name = model_name
         self.progress_bar = progress_bar
         self.max_pending = max_pending
+        self.audit = audit
+        self.policy = policy
+        self._oversight = Oversight(audit, policy, thresholds, self.target_epsilon)
+        self._risk: RiskBound | None = None
+        self._mia: MembershipInferenceProbe | None = None
 
         self.accounting: Accounting | None = None
         self.last_snapshot: PrivacySnapshot | None = None
@@ -159,7 +200,10 @@ class PrivacyMonitor(Callback):
             logger.warning("No DPOptimizer has an accountant hook attached: Opacus will account "
                            "no steps and epsilon stays 0. Use PrivacyEngine.make_private.")
         self.accounting = make_accounting(accountant, self.delta)
-        self.model_name = self.model_name or type(pl_module).__name__
+        self._risk = RiskBound(self.accounting, self.delta)
+        self._mia = next((cb for cb in trainer.callbacks
+                          if isinstance(cb, MembershipInferenceProbe)), None)
+        self.model_name = self.model_name or check_label("model_name", type(pl_module).__name__)
         self._accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
         planned = trainer.estimated_stepping_batches
         self._planned_steps = int(planned) if math.isfinite(planned) else None
@@ -180,6 +224,36 @@ class PrivacyMonitor(Callback):
             logger.info("Privacy monitor: session %s, %s accountant, delta=%g%s", self.session_id,
                         self.accounting.mechanism, self.delta,
                         f", metrics at {', '.join(urls)}" if urls else "")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        oversight = self._oversight
+        if not oversight.active or not self._exporting or self.accounting is None:
+            return
+        size, poisson = probe.training_data_facts(trainer)
+        secure = probe.secure_mode(self._optimizers)
+        violations = [] if self.policy is None else check_start(
+            self.policy, delta=self.delta, dataset_size=size, poisson=poisson,
+            secure_mode=secure, target_epsilon=self.target_epsilon)
+        oversight.fit_start({
+            "session_id": self.session_id, "model_name": self.model_name,
+            "accountant": self.accounting.mechanism, "delta": self.delta,
+            "target_epsilon": self.target_epsilon, "dataset_size": size,
+            "poisson_sampling": poisson, "dp": probe.dp_config(self._optimizers),
+            "planned_steps": self._planned_steps, "world_size": trainer.world_size,
+            "global_step": trainer.global_step, "steps_accounted": self.accounting.steps,
+        }, violations)
+        if self._loaded_state is not None:
+            self.audit_event("resume", global_step=trainer.global_step,
+                             steps_accounted=self.accounting.steps,
+                             session_id=self._loaded_state.get("session_id"))
+
+    def audit_event(self, event: str, **data: Any) -> None:
+        """Append ``event`` to the audit trail (if any) from the exporting rank; never raises.
+
+        For rare events only (the budget guard stopping training, say): it writes to disk now.
+        """
+        if self._exporting:
+            self._oversight.event(event, session_id=self.session_id, **data)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t_last = None
@@ -241,6 +315,13 @@ class PrivacyMonitor(Callback):
                 exhaustion = accounting.exhaustion_steps(target, sigma, q)
         if target is not None and eps is not None:
             remaining = target - eps
+        oversight = self._oversight
+        if eps is not None and eps >= oversight.watch and self._exporting:
+            oversight.crossed(eps, step)
+        if accounting.errors and accounting.errors != oversight.errors_seen and self._exporting:
+            oversight.accounting_errors(accounting.errors, step)
+        assert self._risk is not None
+        mia = self._mia
         return PrivacySnapshot(
             step=step, timestamp_ns=time.time_ns(), accountant=accounting.mechanism,
             delta=self.delta, epsilon=eps, epsilon_step=accounting.epsilon_step,
@@ -248,7 +329,11 @@ class PrivacyMonitor(Callback):
             noise_std=noise_std, throughput=throughput, step_seconds=seconds,
             accounting_errors=accounting.errors,
             target_epsilon=target, budget_remaining=remaining, epsilon_forecast=forecast,
-            budget_exhaustion_steps=exhaustion, rank=self._rank)
+            budget_exhaustion_steps=exhaustion, rank=self._rank,
+            membership_inference_risk=self._risk.score(eps, sigma, q),
+            membership_inference_auc=None if mia is None else mia.auc,
+            membership_inference_advantage=None if mia is None else mia.advantage,
+            compliance_violations=oversight.violations)
 
     def _log_to_loggers(self, trainer: pl.Trainer, snapshot: PrivacySnapshot) -> None:
         metrics = {"privacy/epsilon": snapshot.epsilon,
@@ -265,6 +350,17 @@ class PrivacyMonitor(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         snap = self.last_snapshot
+        if snap is not None and self._exporting and self._oversight.active:
+            if self.accounting is not None:
+                self.accounting.settle(timeout=10.0)
+            accounting = self.accounting
+            self.audit_event(
+                "fit_end", epsilon=accounting.epsilon if accounting else snap.epsilon,
+                delta=snap.delta, steps_accounted=accounting.steps if accounting else snap.steps,
+                global_step=trainer.global_step, accountant=snap.accountant,
+                accounting_errors=accounting.errors if accounting else snap.accounting_errors,
+                membership_inference_risk=snap.membership_inference_risk,
+                violations=[list(v) for v in self._oversight.violations])
         if snap is not None and self._exporting:
             logger.info("Privacy spent: epsilon=%.4g at delta=%g after %d steps (%s)",
                         snap.epsilon if snap.epsilon is not None else float("nan"), snap.delta,
@@ -290,17 +386,23 @@ class PrivacyMonitor(Callback):
             self.accounting.close()
 
     def _publish_final(self) -> None:
-        """A background accountant may have finished after the last step: export its value."""
+        """Export what arrived after the last step: a background epsilon, a validation's attack."""
         accounting, last = self.accounting, self.last_snapshot
         assert accounting is not None and last is not None and self._publisher is not None
-        if accounting.epsilon_step == last.epsilon_step and accounting.errors == last.accounting_errors:
-            return
+        mia = self._mia
+        auc, advantage = (None, None) if mia is None else (mia.auc, mia.advantage)
+        if (accounting.epsilon_step == last.epsilon_step
+                and accounting.errors == last.accounting_errors
+                and auc == last.membership_inference_auc
+                and advantage == last.membership_inference_advantage):
+            return  # nothing new since the last step (a validation may have run after it)
         eps = accounting.epsilon
         remaining = None if self.target_epsilon is None or eps is None else self.target_epsilon - eps
         final = dataclasses.replace(last, epsilon=eps, epsilon_step=accounting.epsilon_step,
                                     budget_remaining=remaining,
                                     accounting_errors=accounting.errors, throughput=None,
-                                    step_seconds=None)
+                                    step_seconds=None, membership_inference_auc=auc,
+                                    membership_inference_advantage=advantage)
         self.last_snapshot = final
         self._publisher.publish(final)
 

@@ -12,8 +12,11 @@ from typing import Any
 from opacus import PrivacyEngine
 from opacus.accountants.accountant import IAccountant
 from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import (DistributedUniformWithReplacementSampler,
+                                          UniformWithReplacementSampler)
 
-__all__ = ["HOW_TO_WIRE", "find_accountant", "find_dp_optimizers"]
+__all__ = ["HOW_TO_WIRE", "dp_config", "find_accountant", "find_dp_optimizers", "secure_mode",
+           "training_data_facts"]
 
 HOW_TO_WIRE = (
     "Wire Opacus as its Lightning example does: create `self.privacy_engine = PrivacyEngine()` in "
@@ -61,3 +64,50 @@ def find_accountant(trainer: Any, pl_module: Any, explicit: Any = None) -> IAcco
     raise RuntimeError(
         f"PrivacyMonitor found no Opacus PrivacyEngine on {type(pl_module).__name__} or the "
         f"trainer's callbacks. {HOW_TO_WIRE} Or pass it: PrivacyMonitor(accountant=engine).")
+
+
+def _loaders(obj: Any) -> list[Any]:
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _loaders(v)]
+    if isinstance(obj, (list, tuple)):
+        return [x for v in obj for x in _loaders(v)]
+    return [obj] if obj is not None else []
+
+
+def training_data_facts(trainer: Any) -> tuple[int | None, bool | None]:
+    """(training set size, whether every train loader samples as Poisson), ``None`` if unknown.
+
+    Opacus' accountants assume Poisson subsampling, which its ``DPDataLoader``
+    (``make_private(poisson_sampling=True)``) implements with a ``UniformWithReplacementSampler``.
+    Call once the trainer has loaded its train dataloaders (``on_train_start``).
+    """
+    loaders = _loaders(getattr(trainer, "train_dataloader", None))
+    if not loaders:
+        return None, None
+    size = 0
+    for loader in loaders:
+        try:
+            size += len(loader.dataset)
+        except (AttributeError, TypeError):
+            size = None
+            break
+    poisson = all(isinstance(getattr(loader, "batch_sampler", None),
+                             (UniformWithReplacementSampler, DistributedUniformWithReplacementSampler))
+                  for loader in loaders)
+    return size, poisson
+
+
+def secure_mode(optimizers: list[DPOptimizer]) -> bool:
+    """Whether every DP optimizer draws its noise from a cryptographically secure generator."""
+    return bool(optimizers) and all(getattr(opt, "secure_mode", False) for opt in optimizers)
+
+
+def dp_config(optimizers: list[DPOptimizer]) -> dict[str, Any]:
+    """The mechanism's settings for the audit trail: plain values read from host attributes."""
+    opt = optimizers[0]
+    return {"noise_multiplier": float(opt.noise_multiplier),
+            "max_grad_norm": float(opt.max_grad_norm),
+            "expected_batch_size": getattr(opt, "expected_batch_size", None),
+            "loss_reduction": getattr(opt, "loss_reduction", None),
+            "secure_mode": secure_mode(optimizers),
+            "optimizer": type(opt).__name__, "optimizers": len(optimizers)}

@@ -21,6 +21,12 @@ class PrivacySnapshot:
         epsilon_step: The accounted step count ``epsilon`` belongs to. Equal to ``steps`` for RDP;
             may trail it for accountants computed in the background (PRV, GDP).
         steps: Optimizer steps the accountant has accounted so far.
+        membership_inference_risk: Largest membership advantage any attack can have at this
+            step's privacy loss (:class:`~privacy_callbacks.security.RiskBound`).
+        membership_inference_auc: Latest AUC of the empirical attack
+            (:class:`~privacy_callbacks.MembershipInferenceProbe`), if one runs.
+        membership_inference_advantage: Latest advantage of that attack.
+        compliance_violations: ``((policy, violation_type, count), ...)`` so far.
         device_stats: Handle on device-side statistics, resolved by the publisher.
     """
 
@@ -43,4 +49,8 @@ class PrivacySnapshot:
     epsilon_forecast: float | None = None
     budget_exhaustion_steps: int | None = None
     rank: int = 0
+    membership_inference_risk: float | None = None
+    membership_inference_auc: float | None = None
+    membership_inference_advantage: float | None = None
+    compliance_violations: tuple[tuple[str, str, int], ...] = ()
     device_stats: Any = field(default=None, compare=False, repr=False)

@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
-packages="prometheus prometheus-alertmanager prometheus-pushgateway victoria-metrics influxdb"
-binaries="prometheus promtool prometheus-alertmanager amtool prometheus-pushgateway victoria-metrics influxd"
+packages="prometheus prometheus-alertmanager prometheus-pushgateway victoria-metrics influxdb openssl"
+binaries="prometheus promtool prometheus-alertmanager amtool prometheus-pushgateway victoria-metrics influxd openssl"
 missing=0
 for b in $binaries; do command -v "$b" >/dev/null || missing=1; done
 if [ "$missing" = 1 ]; then

@@ -244,3 +244,23 @@ def influxdb1_query(server: Server, database: str, query: str) -> list[dict]:
     if status != 200 or "error" in data["results"][0]:
         raise AssertionError(f"Query {query!r} failed: {status} {body[:300]!r}")
     return data["results"][0].get("series", [])
+
+
+def tls_files(workdir: Path) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+    openssl = require_binary("openssl", "openssl")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=workdir, check=True, capture_output=True, timeout=120)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+                      ("client", "extendedKeyUsage=clientAuth")):
+        (workdir / f"{name}.ext").write_text(ext + "\n")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+    return {name: workdir / name for name in
+            ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}

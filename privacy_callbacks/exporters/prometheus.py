@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import http.client
+import ipaddress
 import logging
+import os
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Any, Callable
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, delete_from_gateway,
-                               push_to_gateway, start_http_server)
+                               make_wsgi_app, push_to_gateway, start_http_server)
 
 from .. import catalog
 from .base import Exporter, RunInfo
@@ -35,6 +43,47 @@ class _Bound:
         self.attr, self.family, self.labels = attr, family, labels
         self.child: Any = None
         self.last = 0.0
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = 10.0  # a client that stalls (or never finishes TLS) cannot hold a thread for long
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Access lines would go to stderr on every scrape."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], family: int) -> None:
+        self.address_family = family
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Failed handshakes and dropped connections are the client's problem; no tracebacks.
+        logger.debug("Metrics request from %s failed", client_address, exc_info=True)
+
+
+def _guarded(app: Callable[..., Iterable[bytes]], digest: bytes) -> Callable[..., Iterable[bytes]]:
+    """``app`` behind HTTP basic auth; only a SHA-256 of the expected credentials is kept."""
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        scheme, _, credentials = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        given = hashlib.sha256(credentials.strip().encode()).digest()
+        if scheme.lower() == "basic" and hmac.compare_digest(given, digest):
+            return app(environ, start_response)
+        start_response("401 Unauthorized", [("WWW-Authenticate", 'Basic realm="metrics"'),
+                                            ("Content-Type", "text/plain; charset=utf-8")])
+        return [b"Unauthorized\n"]
+
+    return guarded
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class _Pusher:
@@ -147,6 +196,13 @@ class PrometheusExporter(Exporter):
         push_timeout: Seconds one push may take.
         delete_on_close: Delete this run's group from the gateway at the end of the fit (after the
             final push), so finished runs do not linger.
+        tls_certfile: PEM certificate (chain) to serve ``/metrics`` over HTTPS.
+        tls_keyfile: PEM private key of ``tls_certfile``.
+        tls_client_cafile: PEM CA bundle; when given, a scraper must present a client
+            certificate signed by it (mutual TLS).
+        basic_auth: ``(username, password)`` a scraper must send (HTTP basic auth); other
+            requests get 401. Only a SHA-256 of the credentials is kept: the password is never
+            stored, logged or shown in ``repr`` or errors. Use it with TLS off loopback.
 
     Exported metrics: every entry of :data:`privacy_callbacks.catalog.METRICS`
     (the README's metrics table is generated from it).
@@ -158,8 +214,37 @@ class PrometheusExporter(Exporter):
                  registry: CollectorRegistry | None = None, *, serve: bool | None = None,
                  pushgateway: str | None = None, job: str = "privacy_callbacks",
                  push_interval: float = 10.0, push_timeout: float = 3.0,
-                 delete_on_close: bool = False) -> None:
+                 delete_on_close: bool = False,
+                 tls_certfile: str | os.PathLike[str] | None = None,
+                 tls_keyfile: str | os.PathLike[str] | None = None,
+                 tls_client_cafile: str | os.PathLike[str] | None = None,
+                 basic_auth: tuple[str, str] | None = None) -> None:
         super().__init__()
+        if (tls_certfile is None) != (tls_keyfile is None):
+            raise ValueError("Pass both tls_certfile and tls_keyfile (PEM files) to serve HTTPS, "
+                             "or neither")
+        if tls_client_cafile is not None and tls_certfile is None:
+            raise ValueError("tls_client_cafile needs tls_certfile and tls_keyfile: client "
+                             "certificates are checked during the TLS handshake")
+        for name, path in (("tls_certfile", tls_certfile), ("tls_keyfile", tls_keyfile),
+                           ("tls_client_cafile", tls_client_cafile)):
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"Unexpected value for {name}: {os.fspath(path)!r} is not a file")
+        self._auth_digest: bytes | None = None
+        self.basic_auth_user: str | None = None
+        if basic_auth is not None:
+            if (not isinstance(basic_auth, tuple) or len(basic_auth) != 2
+                    or not all(isinstance(v, str) and v for v in basic_auth)
+                    or ":" in basic_auth[0]):
+                # The value itself holds a password: describe it, never echo it.
+                raise ValueError("Unexpected value for basic_auth: use a (username, password) "
+                                 "tuple of non-empty strings, without ':' in the username")
+            token = base64.b64encode(f"{basic_auth[0]}:{basic_auth[1]}".encode()).decode()
+            self._auth_digest = hashlib.sha256(token.encode()).digest()
+            self.basic_auth_user = basic_auth[0]
+        self.tls_certfile = tls_certfile
+        self.tls_keyfile = tls_keyfile
+        self.tls_client_cafile = tls_client_cafile
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"Unexpected value for port: {port!r}; use 0-65535 (0 = any free port)")
         if not host:
@@ -195,22 +280,68 @@ class PrometheusExporter(Exporter):
         self._counters: list[_Bound] = []
         self._health: list[tuple[Any, Any]] = []
         self._health_last: list[float] = []
+        self._base: dict[str, str] = {}
+        self._violations: tuple[tuple[str, str, int], ...] = ()
+        self._violation_children: dict[tuple[str, str], tuple[Any, list[int]]] = {}
+
+    def __repr__(self) -> str:
+        auth = f"({self.basic_auth_user!r}, '***')" if self.basic_auth_user else None
+        return (f"PrometheusExporter(host={self.host!r}, port={self.port!r}, "
+                f"pushgateway={self.pushgateway!r}, tls={self.tls_certfile is not None}, "
+                f"basic_auth={auth})")
 
     @property
     def url(self) -> str | None:
-        """``http://host:port/metrics`` once started, else ``None``."""
+        """``http(s)://host:port/metrics`` once started, else ``None``."""
         if self._server is None:
             return None
-        return f"http://{self.host}:{self._server.server_port}/metrics"
+        scheme = "https" if self.tls_certfile is not None else "http"
+        return f"{scheme}://{self.host}:{self._server.server_port}/metrics"
+
+    def _serve_hardened(self, port: int) -> tuple[Any, threading.Thread]:
+        """``/metrics`` behind TLS and/or basic auth, on a small threaded WSGI server."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        server = _Server((self.host, port), family)
+        app = make_wsgi_app(self.registry)
+        server.set_app(_guarded(app, self._auth_digest) if self._auth_digest else app)
+        if self.tls_certfile is not None:
+            try:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                context.minimum_version = ssl.TLSVersion.TLSv1_2
+                context.load_cert_chain(self.tls_certfile, self.tls_keyfile)
+                if self.tls_client_cafile is not None:
+                    context.load_verify_locations(self.tls_client_cafile)
+                    context.verify_mode = ssl.CERT_REQUIRED
+                # The handshake happens in the request's thread, not in the accept loop.
+                server.socket = context.wrap_socket(server.socket, server_side=True,
+                                                    do_handshake_on_connect=False)
+            except BaseException:
+                server.server_close()
+                raise
+        thread = threading.Thread(target=server.serve_forever, name="privacy-metrics-http",
+                                  daemon=True)
+        thread.start()
+        return server, thread
 
     def start(self) -> None:
         if not self.serve or self._server is not None:
             return
+        if self._auth_digest is not None and self.tls_certfile is None and not _is_loopback(
+                self.host):
+            logger.warning("Basic auth without TLS on %s sends the credentials in clear text: "
+                           "pass tls_certfile and tls_keyfile", self.host)
         # One endpoint per process under DDP: the port plus the local rank.
         port = self.port + self.local_rank if self.port else 0
         try:
-            self._server, self._thread = start_http_server(port, addr=self.host,
-                                                           registry=self.registry)
+            if self._auth_digest is not None or self.tls_certfile is not None:
+                self._server, self._thread = self._serve_hardened(port)
+            else:
+                self._server, self._thread = start_http_server(port, addr=self.host,
+                                                               registry=self.registry)
+        except ssl.SSLError as exc:
+            raise ValueError(f"PrometheusExporter cannot use the TLS files "
+                             f"({os.fspath(self.tls_certfile)!r}, {os.fspath(self.tls_keyfile)!r}"
+                             f"): {exc.reason or exc}. Pass a PEM certificate and its key") from None
         except OSError as exc:
             raise OSError(
                 f"PrometheusExporter cannot listen on {self.host}:{port} ({exc.strerror or exc})."
@@ -235,6 +366,9 @@ class PrometheusExporter(Exporter):
         self._health_last = [0.0] * len(self._health)
         if self.pushgateway is not None and self._pusher is None:
             self._pusher = _Pusher(self, {"session_id": info.session_id, "rank": str(info.rank)})
+        self._base = base
+        self._violations = ()
+        self._violation_children = {}
 
     def export(self, snapshot: "PrivacySnapshot") -> None:
         for bound in self._gauges:
@@ -254,11 +388,27 @@ class PrometheusExporter(Exporter):
                 child = bound.child = bound.family.labels(**bound.labels)
             child.inc(value - bound.last)
             bound.last = value
+        if snapshot.compliance_violations is not self._violations:
+            self._count_violations(snapshot.compliance_violations)
         for i, (source, child) in enumerate(self._health):
             value = source.dropped
             if value > self._health_last[i]:
                 child.inc(value - self._health_last[i])
                 self._health_last[i] = value
+
+    def _count_violations(self, violations: tuple[tuple[str, str, int], ...]) -> None:
+        """Rare: the monitor replaces the tuple only when a policy violation is counted."""
+        self._violations = violations
+        family = self.families["privacy_compliance_violations_total"]
+        for policy, kind, count in violations:
+            entry = self._violation_children.get((policy, kind))
+            if entry is None:
+                entry = (family.labels(**self._base, policy=policy, violation_type=kind), [0])
+                self._violation_children[(policy, kind)] = entry
+            child, last = entry
+            if count > last[0]:
+                child.inc(count - last[0])
+                last[0] = count
 
     def close(self, timeout: float = 10.0) -> None:
         start = time.monotonic()
