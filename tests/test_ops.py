@@ -100,14 +100,17 @@ def test_rules_and_dashboards_name_metrics_only_through_the_catalog(monkeypatch)
 
 def test_not_yet_fed_metrics_are_marked():
     attack = next(a for a in ALERTS if a.name == "PrivacyAttackDetected")
-    assert attack.needs == ("membership_inference_risk_score",)
+    assert attack.needs == ()  # the monitor publishes the risk score on every step
+    noise = next(a for a in ALERTS if a.name == "NoiseGenerationFailure")
+    assert "privacy_noise_magnitude" in noise.needs
     assert next(a for a in ALERTS if a.name == "PrivacyBudgetLow").needs == ()
     for _, (_, ps) in panels().items():
         for panel in ps:
             used = [m for expr, _ in panel.targets for m in panel_metrics(expr)]
             assert used, f"panel {panel.title!r} names no catalog metric"
             assert panel.needs == [m for m in used if catalog.by_name(m).attr is None
-                                   and m != "privacy_export_dropped_total"]
+                                   and m not in ("privacy_export_dropped_total",
+                                                 "privacy_compliance_violations_total")]
 
 
 def test_dashboards_take_the_datasource_as_a_variable(generated: Path):

@@ -17,8 +17,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
-from dp_models import DPModel
-from privacy_callbacks import PrivacyMonitor, PrometheusExporter
+from torch.utils.data import DataLoader
+
+from dp_models import DPModel, make_data
+from privacy_callbacks import MembershipInferenceProbe, PrivacyMonitor, PrometheusExporter
 from privacy_callbacks.ops import Receivers, alertmanager_config, prometheus_config, rule_file
 from privacy_callbacks.ops.dashboards import dashboards
 from servers import alertmanager, free_port, http_get, prometheus, prometheus_query, wait_for
@@ -28,7 +30,8 @@ pytestmark = pytest.mark.servers
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fit(monitor: PrivacyMonitor, at_end, extra: tuple[pl.Callback, ...] = ()) -> DPModel:
+def fit(monitor: PrivacyMonitor, at_end, extra: tuple[pl.Callback, ...] = (),
+        model: DPModel | None = None, **trainer_kwargs) -> DPModel:
     """A one-epoch real DP fit; ``at_end(trainer, model)`` runs while the exporter serves."""
 
     class AtEnd(pl.Callback):
@@ -36,13 +39,25 @@ def fit(monitor: PrivacyMonitor, at_end, extra: tuple[pl.Callback, ...] = ()) ->
             monitor.flush()
             at_end(trainer, pl_module)
 
-    model = DPModel()
+    model = model if model is not None else DPModel()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pl.Trainer(max_epochs=1, callbacks=[monitor, *extra, AtEnd()], logger=False,
                    enable_progress_bar=False, enable_checkpointing=False,
-                   enable_model_summary=False).fit(model)
+                   enable_model_summary=False, **trainer_kwargs).fit(model)
     return model
+
+
+class ValidatedDPModel(DPModel):
+    """DPModel with a held-out set, for the membership-inference probe."""
+
+    holdout = make_data(64, seed=1)
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.holdout, batch_size=64)
 
 
 def substitute(expr: str, session: str) -> str:
@@ -55,9 +70,12 @@ def test_every_dashboard_query_returns_data_from_a_real_fit():
     server = prometheus(prometheus_config([f"127.0.0.1:{port}"], interval="1s")).start()
     results: dict[str, list] = {}
     try:
+        # The default policy flags DPModel's non-Poisson loader: the violations panel has a row.
         monitor = PrivacyMonitor(delta=1e-5, target_epsilon=50.0,
                                  exporters=[PrometheusExporter(port=port)],
-                                 session_id="dash", model_name="mlp")
+                                 session_id="dash", model_name="mlp", policy="default")
+        model = ValidatedDPModel()
+        probe = MembershipInferenceProbe(model.dataset, model.holdout, samples=32)
 
         def query_panels(trainer, model):
             steps = 'training_steps_with_privacy_total{session_id="dash"}'
@@ -79,7 +97,9 @@ def test_every_dashboard_query_returns_data_from_a_real_fit():
                         results[key] = (panel.get("needs"), prometheus_query(
                             server, substitute(target["expr"], "dash")))
 
-        fit(monitor, query_panels)
+        # Validation mid-epoch, so later steps carry the probe's values.
+        fit(monitor, query_panels, (probe,), model, val_check_interval=4,
+            num_sanity_val_steps=0)
     finally:
         server.stop()
     assert "dash" in results.pop("session variable")

@@ -146,7 +146,8 @@ class Alert:
 
 
 # Fed by every exporter's drop count rather than by a snapshot attribute.
-_FED_WITHOUT_SNAPSHOT = frozenset({metric("privacy_export_dropped_total")})
+_FED_WITHOUT_SNAPSHOT = frozenset({metric("privacy_export_dropped_total"),
+                                   metric("privacy_compliance_violations_total")})
 
 
 def fed(name: str) -> bool:
