@@ -6,7 +6,8 @@
 Rows, all on the same model (same initial weights), the same batches and the same loop:
 
 - ``plain``: no DP.
-- ``dp``: Opacus DP-SGD (``make_private`` in ``configure_optimizers``), nothing else.
+- ``dp``: Opacus DP-SGD through the ``DifferentialPrivacy`` callback (fixed batches, no Poisson
+  sampling, so every row does the same work), nothing else.
 - ``dp+naive``: what people write by hand: ``privacy_engine.get_epsilon(delta)`` and
   ``loss.item()`` after every step.
 - ``dp+monitor``: ``PrivacyMonitor`` with its defaults plus a target epsilon (every metric, every
@@ -47,7 +48,7 @@ from torch.utils.data import TensorDataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from finetune_dp import DPTextClassifier, freeze_for_dp  # noqa: E402
-from privacy_callbacks import PrivacyMonitor, PrometheusExporter  # noqa: E402
+from privacy_callbacks import DifferentialPrivacy, PrivacyMonitor, PrometheusExporter  # noqa: E402
 
 ROWS = ("plain", "dp", "dp+naive", "dp+monitor")
 DELTA = 1e-5
@@ -63,12 +64,12 @@ MODES = {"cpu": ("tiny",), "gpu": ("minilm-b32", "minilm-b128", "bert-base-b32")
 class NaiveEpsilon(pl.Callback):
     """The hand-written way: ask Opacus for epsilon and read the loss on every step."""
 
-    def __init__(self, delta: float) -> None:
-        self.delta = delta
+    def __init__(self, delta: float, engine: Any) -> None:
+        self.delta, self.engine = delta, engine
         self.last: tuple[float, float] | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        epsilon = pl_module.privacy_engine.get_epsilon(self.delta)
+        epsilon = self.engine.get_epsilon(self.delta)
         self.last = (epsilon, outputs["loss"].item())
 
 
@@ -92,7 +93,7 @@ class BlockTimer(pl.Callback):
             self.seconds = self._now() - self._t0
 
 
-def build_models(cfg: dict[str, int], accountant: str, seed: int) -> dict[str, DPTextClassifier]:
+def build_models(cfg: dict[str, int], seed: int) -> dict[str, DPTextClassifier]:
     """One model per row, all with the same initial weights and the same data."""
     from transformers import BertConfig, BertModel
     torch.manual_seed(seed)
@@ -102,8 +103,7 @@ def build_models(cfg: dict[str, int], accountant: str, seed: int) -> dict[str, D
     encoder = BertModel(config, add_pooling_layer=False)
     freeze_for_dp(encoder, cfg["layers"])
     return {row: DPTextClassifier(copy.deepcopy(encoder), _data(cfg, seed), None, 2,
-                                  private=row != "plain", batch_size=cfg["batch"],
-                                  accountant=accountant)
+                                  batch_size=cfg["batch"])
             for row in ROWS}
 
 
@@ -117,11 +117,16 @@ def _data(cfg: dict[str, int], seed: int) -> TensorDataset:
 
 
 def run_block(model: DPTextClassifier, row: str, accelerator: str, warmup: int, steps: int,
-              cuda: bool) -> float:
+              cuda: bool, accountant: str) -> float:
     """Fit ``row`` for ``warmup + steps`` steps; the mean seconds per timed step."""
     callbacks: list[pl.Callback] = []
+    if row != "plain":
+        # Fixed batches (no Poisson sampling) so every row times the same work.
+        private = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0,
+                                      accountant=accountant, poisson_sampling=False)
+        callbacks.append(private)
     if row == "dp+naive":
-        callbacks.append(NaiveEpsilon(DELTA))
+        callbacks.append(NaiveEpsilon(DELTA, private.privacy_engine))
     elif row == "dp+monitor":
         callbacks.append(PrivacyMonitor(delta=DELTA, target_epsilon=8.0,
                                         exporters=[PrometheusExporter(port=0)],
@@ -228,14 +233,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                file=sys.stderr, dynamic_ncols=True)
     for config in configs:
         cfg = dict(CONFIGS[config], batches=args.warmup + args.steps)
-        models = build_models(cfg, args.accountant, args.seed)
+        models = build_models(cfg, args.seed)
         times: dict[str, list[float]] = {row: [] for row in ROWS}
         for rep in range(args.reps):
             for i in range(len(ROWS)):
                 row = ROWS[(rep + i) % len(ROWS)]
                 bar.set_postfix_str(f"{config} {row}")
                 times[row].append(run_block(models[row], row, accelerator, args.warmup,
-                                            args.steps, accelerator == "gpu"))
+                                            args.steps, accelerator == "gpu", args.accountant))
                 bar.update()
         report["results"].extend(summarise(config, cfg, times))
         del models

@@ -9,8 +9,10 @@ loaded with transformers, offline) for intent classification with DP-SGD, and re
 accuracy next to the epsilon spent. ``--model-dir`` points it at any BERT-style checkpoint in
 Hugging Face format.
 
-Privacy: Opacus, wired the way its Lightning example does (a ``PrivacyEngine`` on the module,
-``make_private`` in ``configure_optimizers``). The embedding tables stay frozen (a per-sample
+Privacy: Opacus through the ``DifferentialPrivacy`` callback: the LightningModule below is a plain
+model with no privacy code; the callback attaches per-sample gradient hooks, wraps the optimizer,
+replaces the train dataloader by Poisson sampling and accounts every step. The embedding tables
+stay frozen (a per-sample
 gradient of a 30522 x 384 table is ~47 MB per sample) and so do the lower encoder layers
 (``--train-layers``): fewer trained parameters means less noise for the same epsilon, as in Opacus'
 own BERT tutorial. Every trained layer (Linear, LayerNorm) has an Opacus per-sample gradient.
@@ -43,11 +45,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything this example loads is
 
 import lightning.pytorch as pl
 import torch
-from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from privacy_callbacks import PrivacyMonitor, PrometheusExporter
+from privacy_callbacks import (DifferentialPrivacy, InfluxDBExporter, PrivacyMonitor,
+                               PrometheusExporter)
 
 logger = logging.getLogger("finetune_dp")
 
@@ -195,35 +197,27 @@ def freeze_for_dp(encoder: nn.Module, train_layers: int) -> None:
 
 
 class DPTextClassifier(pl.LightningModule):
-    """Mean-pooled encoder + linear head; DP-SGD through Opacus when ``private``.
+    """Mean-pooled encoder + linear head: a plain LightningModule (privacy comes from a callback).
 
     Args:
         encoder: A Hugging Face encoder (``BertModel``-like), frozen as :func:`freeze_for_dp` says.
         train_set: Training ``TensorDataset`` of (input_ids, attention_mask, label).
         val_set: Held-out ``TensorDataset`` of the same shape, or None.
         num_classes: Number of labels.
-        private: Make the optimizer private with Opacus; False trains without DP.
-        noise_multiplier: Sigma of DP-SGD.
-        max_grad_norm: Per-sample clipping norm C.
-        batch_size: Training batch size.
+        batch_size: Training batch size (the expected batch size under Poisson sampling).
         lr: Learning rate (Adam).
-        accountant: Opacus accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``.
     """
 
     def __init__(self, encoder: nn.Module, train_set: TensorDataset,
-                 val_set: TensorDataset | None, num_classes: int, *, private: bool = True,
-                 noise_multiplier: float = 1.0, max_grad_norm: float = 1.0,
-                 batch_size: int = 32, lr: float = 5e-4, accountant: str = "rdp") -> None:
+                 val_set: TensorDataset | None, num_classes: int, *, batch_size: int = 32,
+                 lr: float = 5e-4) -> None:
         super().__init__()
         # from_pretrained returns eval mode and Lightning keeps submodule modes: Opacus only
         # records activations of modules in training mode.
         self.encoder = encoder.train()
         self.head = nn.Linear(encoder.config.hidden_size, num_classes)
         self.train_set, self.val_set = train_set, val_set
-        self.private = private
-        self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
         self.batch_size, self.lr = batch_size, lr
-        self.privacy_engine = PrivacyEngine(accountant=accountant) if private else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -248,18 +242,7 @@ class DPTextClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         trainable = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(trainable, lr=self.lr)
-        if not self.private:
-            return optimizer
-        if hasattr(self, "dp"):
-            self.dp["module"].remove_hooks()
-        # A dict, not an attribute: the wrapper would become a submodule of itself.
-        dp_module, optimizer, _ = self.privacy_engine.make_private(
-            module=self, optimizer=optimizer, data_loader=self.train_dataloader(),
-            noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-            poisson_sampling=False)
-        self.dp = {"module": dp_module}
-        return optimizer
+        return torch.optim.Adam(trainable, lr=self.lr)
 
 
 # -- monitoring and reporting -----------------------------------------------------------------
@@ -320,12 +303,6 @@ class EpochReport(pl.Callback):
 def _exporters(args: argparse.Namespace) -> list[Any]:
     exporters: list[Any] = [PrometheusExporter(port=args.port)]
     if args.influx_url:
-        try:
-            from privacy_callbacks import InfluxDBExporter
-        except ImportError:
-            raise SystemExit("--influx-url needs privacy_callbacks.InfluxDBExporter, which this "
-                             "installation does not have; upgrade privacy_callbacks or drop "
-                             "--influx-url") from None
         token = os.environ.get(args.influx_token_env, "")
         exporters.append(InfluxDBExporter(url=args.influx_url, org=args.influx_org,
                                           bucket=args.influx_bucket, token=token))
@@ -393,10 +370,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    args.max_length)
     test = encode(tokenizer, *make_dataset(args.n_test, split="test", seed=args.seed),
                   args.max_length)
-    model = DPTextClassifier(encoder, train, test, len(CLASSES),
-                             noise_multiplier=args.noise_multiplier,
-                             max_grad_norm=args.max_grad_norm, batch_size=args.batch_size,
-                             lr=args.lr, accountant=args.accountant)
+    model = DPTextClassifier(encoder, train, test, len(CLASSES), batch_size=args.batch_size,
+                             lr=args.lr)
+    private = DifferentialPrivacy(noise_multiplier=args.noise_multiplier,
+                                  max_grad_norm=args.max_grad_norm, accountant=args.accountant)
     exporters = _exporters(args)
     monitor = TimedPrivacyMonitor(delta=args.delta, target_epsilon=args.target_epsilon,
                                   exporters=exporters, session_id="finetune-dp",
@@ -406,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     epoch_len = min(batches, args.max_steps) if args.max_steps > 0 else batches
     trainer = pl.Trainer(accelerator=args.accelerator, devices=1, max_epochs=args.epochs,
                          max_steps=args.max_steps, limit_train_batches=epoch_len,
-                         callbacks=[monitor, report], logger=False, enable_checkpointing=False,
+                         callbacks=[private, monitor, report], logger=False, enable_checkpointing=False,
                          enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
                          log_every_n_steps=10)
     t0 = time.perf_counter()
@@ -422,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_layers": args.train_layers, "n_train": args.n_train, "n_test": args.n_test,
         "steps": snap.steps if snap else 0, "accountant": args.accountant,
         "epsilon": snap.epsilon if snap else None, "delta": args.delta,
-        "opacus_epsilon": model.privacy_engine.get_epsilon(args.delta),
+        "opacus_epsilon": private.privacy_engine.get_epsilon(args.delta),
         "accuracy": accuracy, "chance": 1 / len(CLASSES), "wall_s": wall,
         "monitor_us_per_step": (1e6 * statistics.median(monitor.monitor_times)
                                 if monitor.monitor_times else None),
