@@ -366,6 +366,11 @@ class PrivacyMonitor(Callback):
                         snap.epsilon if snap.epsilon is not None else float("nan"), snap.delta,
                         snap.steps, snap.accountant)
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        # Lightning skips the teardown hook when a fit raises: release threads and ports here.
+        self.teardown(trainer, pl_module, "fit")
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return

@@ -196,6 +196,11 @@ class DifferentialPrivacy(Callback):
                 f"{type(trainer.train_dataloader).__name__}): Poisson sampling and accounting need "
                 "a torch DataLoader over a map-style dataset from train_dataloader().")
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        # Lightning skips the teardown hook when a fit raises: unhook the module here.
+        self.teardown(trainer, pl_module, "fit")
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return

@@ -203,3 +203,22 @@ def test_state_dict_is_plain_and_holds_the_history():
     assert state["accountant"] == "rdp"
     assert state["history"] == [[1.0, 0.125, 8]]
     torch.save(state, "/dev/null")
+
+
+def test_a_fit_that_raises_releases_threads_and_the_port():
+    """The zombie-thread fixture fails this test if the publisher or endpoint survives."""
+    from servers import http_get
+    exporter = PrometheusExporter(port=0)
+    urls = []
+
+    class Boom(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            urls.append(exporter.url)
+            if batch_idx == 2:
+                raise RuntimeError("user code failed")
+
+    with pytest.raises(RuntimeError, match="user code failed"):
+        fit(DPModel(), PrivacyMonitor(delta=1e-5, exporters=[exporter]), Boom())
+    assert exporter.url is None
+    with pytest.raises(OSError):
+        http_get(urls[0], timeout=2)
