@@ -140,7 +140,7 @@ METRICS: tuple[Metric, ...] = (
     # Budget guard.
     Metric("privacy_budget_exhausted", "gauge",
            "1 once the budget guard found that one more step would pass the target, else 0.",
-           labels=_ACC),
+           labels=_ACC, attr="budget_exhausted", field="budget_exhausted"),
     # Security and compliance.
     Metric("membership_inference_risk_score", "gauge",
            "Largest membership-inference advantage (TPR - FPR) any attack can have at the current "

@@ -63,6 +63,15 @@ class PrivacyMonitor(Callback):
     background publisher that feeds the exporters. Epsilon also goes to the progress bar and the
     trainer's loggers at the trainer's ``log_every_n_steps`` cadence.
 
+    Budget guard: with ``target_epsilon`` set, after each optimizer step the monitor computes
+    epsilon for one more step at the noise multiplier and sample rate Opacus will account next,
+    and stops the fit (on every rank together) if that step would pass the target. Epsilon after
+    the fit is at most the target. For PRV and GDP accountants the guard uses the RDP bound on the
+    same history, which is never below their epsilon: it may stop a little early, never late.
+
+    Resume: the accountant's history is saved in Lightning checkpoints and put back into the
+    Opacus accountant on ``trainer.fit(ckpt_path=...)``, so epsilon continues where it stopped.
+
     Args:
         delta: The delta to report epsilon for, in (0, 1).
         target_epsilon: The epsilon budget; enables the budget metrics.
@@ -82,6 +91,12 @@ class PrivacyMonitor(Callback):
         policy: A :class:`~privacy_callbacks.compliance.DPPolicy`, a preset name
             (``"default"``, ``"strict"``) or a JSON/TOML policy file; violations are counted in
             ``privacy_compliance_violations_total``, logged and audited.
+        stop_at_target: With ``target_epsilon`` set, stop training before any step that would
+            take epsilon past it. ``False`` only reports (the budget goes negative).
+        allow_privacy_reset: Accept resuming from a checkpoint that has no privacy state (epsilon
+            restarts from what the accountant holds, 0 for a fresh one) or whose delta or
+            accountant differ (the saved history is carried over). Off by default: silently
+            restarting epsilon would under-report the privacy spent.
 
     ``session_id`` and ``model_name`` become metric labels: they are checked (at most 128 of
     ``A-Z a-z 0-9 _ . : / -``), and a value that looks like personal data (an e-mail address, a
@@ -109,6 +124,8 @@ class PrivacyMonitor(Callback):
         audit: AuditTrail | str | os.PathLike[str] | None = None,
         audit_thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
         policy: DPPolicy | str | os.PathLike[str] | None = None,
+        stop_at_target: bool = True,
+        allow_privacy_reset: bool = False,
     ) -> None:
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
             raise ValueError(f"Unexpected value for delta: {delta!r}; use a number in (0, 1), "
@@ -143,6 +160,10 @@ class PrivacyMonitor(Callback):
                              "name ('default', 'strict') or a JSON/TOML policy file")
         if accountant is not None:
             probe.find_accountant(None, None, accountant)  # raises, naming the value
+        for name, value in (("stop_at_target", stop_at_target),
+                            ("allow_privacy_reset", allow_privacy_reset)):
+            if not isinstance(value, bool):
+                raise ValueError(f"Unexpected value for {name}: {value!r}; use True or False")
         self.delta = float(delta)
         self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
         self.exporters = exporters
@@ -156,6 +177,9 @@ class PrivacyMonitor(Callback):
         self._oversight = Oversight(audit, policy, thresholds, self.target_epsilon)
         self._risk: RiskBound | None = None
         self._mia: MembershipInferenceProbe | None = None
+        self.stop_at_target = stop_at_target
+        self.allow_privacy_reset = allow_privacy_reset
+        self._session_id_given = session_id is not None
 
         self.accounting: Accounting | None = None
         self.last_snapshot: PrivacySnapshot | None = None
@@ -170,6 +194,9 @@ class PrivacyMonitor(Callback):
         self._samples = 0
         self._t_last: float | None = None
         self._loaded_state: dict[str, Any] | None = None
+        self._exhausted = False
+        # (sigma, q) for which one more step is known to stay within the target.
+        self._cleared: tuple[float, float] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -210,6 +237,8 @@ class PrivacyMonitor(Callback):
         self._last_step = trainer.global_step
         self._samples = 0
         self._t_last = None
+        self._exhausted = False
+        self._cleared = None
         if self._started:
             self._publisher = Publisher(self.exporters, max_pending=self.max_pending)
             info = RunInfo(
@@ -226,6 +255,15 @@ class PrivacyMonitor(Callback):
                         f", metrics at {', '.join(urls)}" if urls else "")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning restores callback state before or after on_fit_start depending on the
+        # strategy; by on_train_start it has always happened, and no step has run yet.
+        resumed = self._loaded_state
+        self._restore_privacy(trainer)
+        self._last_step = trainer.global_step
+        self._check_plan(trainer)
+        self._audit_fit_start(trainer, resumed)
+
+    def _audit_fit_start(self, trainer: pl.Trainer, resumed: dict[str, Any] | None) -> None:
         oversight = self._oversight
         if not oversight.active or not self._exporting or self.accounting is None:
             return
@@ -242,10 +280,10 @@ class PrivacyMonitor(Callback):
             "planned_steps": self._planned_steps, "world_size": trainer.world_size,
             "global_step": trainer.global_step, "steps_accounted": self.accounting.steps,
         }, violations)
-        if self._loaded_state is not None:
+        if resumed is not None:
             self.audit_event("resume", global_step=trainer.global_step,
                              steps_accounted=self.accounting.steps,
-                             session_id=self._loaded_state.get("session_id"))
+                             session_id=resumed.get("session_id"))
 
     def audit_event(self, event: str, **data: Any) -> None:
         """Append ``event`` to the audit trail (if any) from the exporting rank; never raises.
@@ -274,7 +312,7 @@ class PrivacyMonitor(Callback):
         if step == self._last_step or self.accounting is None:
             return  # no optimizer step in this batch (gradient accumulation)
         self._last_step = step
-        snapshot = self._snapshot(step)
+        snapshot = self._snapshot(trainer, step)
         self.last_snapshot = snapshot
         if self._publisher is not None:
             self._publisher.publish(snapshot if self._exporting else _rank_only(snapshot))
@@ -285,7 +323,7 @@ class PrivacyMonitor(Callback):
         if trainer.loggers and self._exporting and step % max(1, trainer.log_every_n_steps) == 0:
             self._log_to_loggers(trainer, snapshot)
 
-    def _snapshot(self, step: int) -> PrivacySnapshot:
+    def _snapshot(self, trainer: pl.Trainer, step: int) -> PrivacySnapshot:
         now = time.perf_counter()
         throughput = seconds = None
         if self._t_last is not None and now > self._t_last:
@@ -307,14 +345,16 @@ class PrivacyMonitor(Callback):
 
         eps = accounting.epsilon
         target = self.target_epsilon
-        forecast = exhaustion = remaining = None
+        forecast = exhaustion = remaining = exhausted = None
         if q is not None:
             if self._planned_steps is not None:
                 forecast = accounting.forecast(max(0, self._planned_steps - step), sigma, q)
             if target is not None:
                 exhaustion = accounting.exhaustion_steps(target, sigma, q)
-        if target is not None and eps is not None:
-            remaining = target - eps
+        if target is not None:
+            if eps is not None:
+                remaining = target - eps
+            exhausted = int(self._guard(trainer, step, exhaustion == 0, sigma, q))
         oversight = self._oversight
         if eps is not None and eps >= oversight.watch and self._exporting:
             oversight.crossed(eps, step)
@@ -329,11 +369,102 @@ class PrivacyMonitor(Callback):
             noise_std=noise_std, throughput=throughput, step_seconds=seconds,
             accounting_errors=accounting.errors,
             target_epsilon=target, budget_remaining=remaining, epsilon_forecast=forecast,
-            budget_exhaustion_steps=exhaustion, rank=self._rank,
+            budget_exhaustion_steps=exhaustion, budget_exhausted=exhausted, rank=self._rank,
             membership_inference_risk=self._risk.score(eps, sigma, q),
             membership_inference_auc=None if mia is None else mia.auc,
             membership_inference_advantage=None if mia is None else mia.advantage,
             compliance_violations=oversight.violations)
+
+    # -- budget guard -------------------------------------------------------------------------
+
+    def _guard(self, trainer: pl.Trainer, step: int, would_pass: bool, sigma: float,
+               q: float | None) -> bool:
+        """After a step: stop now if one more step at (sigma, q) would pass the target."""
+        if not self.stop_at_target:
+            self._exhausted = self._exhausted or would_pass
+            return self._exhausted
+        if self._exhausted:
+            return True
+        # Every rank takes part on every optimizer step (their accountants hold the same
+        # history), so all of them stop on the same step and none waits in a collective.
+        would_pass = trainer.strategy.reduce_boolean_decision(would_pass, all=False)
+        if would_pass:
+            self._stop(trainer, step, sigma, q, skipped=False)
+        elif q is not None:
+            self._cleared = (sigma, q)
+        return self._exhausted
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Any) -> None:
+        # The check after the last step used the sigma and q of that moment; a noise scheduler,
+        # a partial accumulation at the end of an epoch or a fit that must go on (min_epochs)
+        # can change what this step accounts. Re-check the exact step Opacus is about to account
+        # (microseconds, and only when sigma or q differ) and skip it if it would pass.
+        target = self.target_epsilon
+        if (target is None or not self.stop_at_target or self.accounting is None
+                or optimizer not in self._optimizers):
+            return
+        sigma = float(optimizer.noise_multiplier)
+        q = probe.accounted_sample_rate(optimizer)
+        if q is None:
+            history = self.accounting.accountant.history
+            if not history:
+                return
+            q = float(history[-1][1])
+        if (sigma, q) == self._cleared:
+            return
+        if self.accounting.epsilon_after(1, sigma, q) <= target:
+            self._cleared = (sigma, q)
+            return
+        probe.skip_next_step(optimizer)
+        self._stop(trainer, trainer.global_step, sigma, q, skipped=True)
+
+    def _stop(self, trainer: pl.Trainer, step: int, sigma: float, q: float | None,
+              *, skipped: bool) -> None:
+        already = self._exhausted
+        trainer.should_stop = True
+        self._exhausted = True
+        self._cleared = None
+        if already or not trainer.is_global_zero:
+            return
+        accounting = self.accounting
+        assert accounting is not None
+        eps = accounting.epsilon_after(0, sigma, q) if q is not None else 0.0
+        nxt = accounting.epsilon_after(1, sigma, q) if q is not None else math.inf
+        bound = "" if accounting.mechanism == "rdp" else " (RDP bound)"
+        logger.warning(
+            "Privacy budget guard: stopping training at step %d%s: epsilon=%.4g%s at delta=%g; "
+            "one more step (noise_multiplier=%g, sample_rate=%g) would reach %.4g, past "
+            "target_epsilon=%g.", step, ", the step about to run was skipped" if skipped else "",
+            eps, bound, self.delta, sigma, q if q is not None else float("nan"), nxt,
+            self.target_epsilon)
+        self.audit_event("budget_guard_stop", step=step, epsilon=eps, next_epsilon=nxt,
+                         target_epsilon=self.target_epsilon, skipped=skipped)
+
+    def _check_plan(self, trainer: pl.Trainer) -> None:
+        """Warn once if the planned training would pass the target."""
+        target, accounting = self.target_epsilon, self.accounting
+        if target is None or accounting is None or self._planned_steps is None:
+            return
+        opt = self._optimizers[0]
+        history = accounting.accountant.history
+        q = float(history[-1][1]) if history else probe.accounted_sample_rate(
+            opt, self._accumulate)
+        if q is None:
+            return
+        sigma = float(opt.noise_multiplier)
+        left = max(0, self._planned_steps - trainer.global_step)
+        forecast = accounting.epsilon_after(left, sigma, q)
+        if forecast <= target or not trainer.is_global_zero:
+            return
+        fit = accounting.steps_until(target, sigma, q)
+        then = ("the budget guard will stop training there" if self.stop_at_target
+                else "training will go on past the target (stop_at_target=False)")
+        logger.warning(
+            "The planned training (%d more optimizer steps at noise_multiplier=%g, "
+            "sample_rate=%g) would reach epsilon=%.4g at delta=%g, past target_epsilon=%g: only "
+            "%s more steps fit in the budget; %s.", left, sigma, q, forecast, self.delta, target,
+            fit, then)
 
     def _log_to_loggers(self, trainer: pl.Trainer, snapshot: PrivacySnapshot) -> None:
         metrics = {"privacy/epsilon": snapshot.epsilon,
@@ -425,3 +556,60 @@ class PrivacyMonitor(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = dict(state_dict)
+        saved_id = state_dict.get("session_id")
+        if not self._session_id_given and isinstance(saved_id, str) and saved_id:
+            self.session_id = saved_id  # one series across restarts
+
+    def _restore_privacy(self, trainer: pl.Trainer) -> None:
+        """Put the checkpoint's accountant history back into the Opacus accountant."""
+        state, self._loaded_state = self._loaded_state, None
+        accounting = self.accounting
+        if accounting is None or (state is None and trainer.ckpt_path is None):
+            return
+        accountant = accounting.accountant
+        current = [tuple(seg) for seg in accountant.history]
+        opt_in = "pass PrivacyMonitor(..., allow_privacy_reset=True) to accept it"
+        if state is None:
+            if current:
+                logger.info("Resuming with the accountant's own history (%d steps), as restored "
+                            "by PrivacyEngine.load_checkpoint", sum(s for _, _, s in current))
+                return
+            if not self.allow_privacy_reset:
+                raise RuntimeError(
+                    f"The checkpoint {trainer.ckpt_path} holds no privacy accounting state, so "
+                    "epsilon would restart at 0 although the model may already have been trained "
+                    "on private data. Resume from a checkpoint saved with PrivacyMonitor, restore "
+                    f"the accountant with PrivacyEngine.load_checkpoint, or {opt_in} "
+                    "(epsilon then counts only the steps from here).")
+            logger.warning("Resuming from %s without privacy state: epsilon restarts at 0 "
+                           "(allow_privacy_reset=True)", trainer.ckpt_path)
+            return
+        saved = [(float(sigma), float(q), int(steps)) for sigma, q, steps in state["history"]]
+        problems = []
+        if state.get("delta") != self.delta:
+            problems.append(f"delta {state.get('delta')!r} in the checkpoint, {self.delta!r} now")
+        mechanism = state.get("accountant")
+        if mechanism is not None and mechanism != accounting.mechanism:
+            problems.append(f"accountant {mechanism!r} in the checkpoint, "
+                            f"{accounting.mechanism!r} now")
+        if current and current != saved:
+            problems.append(f"the accountant already holds {sum(s for _, _, s in current)} "
+                            f"steps that differ from the checkpoint's {sum(s for _, _, s in saved)}")
+        if problems and not self.allow_privacy_reset:
+            raise RuntimeError(
+                f"Resuming from {trainer.ckpt_path}: the privacy state does not match "
+                f"({'; '.join(problems)}). Resume with the same delta and accountant, or "
+                f"{opt_in} (the saved history is carried over).")
+        if problems:
+            logger.warning("Resuming despite %s (allow_privacy_reset=True)", "; ".join(problems))
+        if current and current != saved:
+            return  # opted in: keep what the accountant was given explicitly
+        target = state.get("target_epsilon")
+        if target != self.target_epsilon and trainer.is_global_zero:
+            logger.warning("target_epsilon was %r in the checkpoint and is %r now", target,
+                           self.target_epsilon)
+        accountant.history = saved
+        accounting.update()
+        if trainer.is_global_zero:
+            logger.info("Restored privacy accounting: %d steps from the checkpoint, epsilon "
+                        "continues from there", sum(s for _, _, s in saved))

@@ -15,8 +15,8 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import (DistributedUniformWithReplacementSampler,
                                           UniformWithReplacementSampler)
 
-__all__ = ["HOW_TO_WIRE", "dp_config", "find_accountant", "find_dp_optimizers", "secure_mode",
-           "training_data_facts"]
+__all__ = ["HOW_TO_WIRE", "accounted_sample_rate", "dp_config", "find_accountant",
+           "find_dp_optimizers", "secure_mode", "skip_next_step", "training_data_facts"]
 
 HOW_TO_WIRE = (
     "Wire Opacus as its Lightning example does: create `self.privacy_engine = PrivacyEngine()` in "
@@ -111,3 +111,46 @@ def dp_config(optimizers: list[DPOptimizer]) -> dict[str, Any]:
             "loss_reduction": getattr(opt, "loss_reduction", None),
             "secure_mode": secure_mode(optimizers),
             "optimizer": type(opt).__name__, "optimizers": len(optimizers)}
+
+
+def _hook_sample_rate(optimizer: DPOptimizer) -> float | None:
+    """The per-batch sample rate Opacus' accountant hook multiplies by the accumulated batches.
+
+    ``IAccountant.get_optimizer_hook_fn`` closes over ``sample_rate``; reading it from the
+    closure gives the exact float the hook uses, so a predicted step merges with Opacus' own.
+    """
+    hook = getattr(optimizer, "step_hook", None)
+    code = getattr(hook, "__code__", None)
+    cells = getattr(hook, "__closure__", None)
+    if code is None or not cells:
+        return None
+    for name, cell in zip(code.co_freevars, cells):
+        if name == "sample_rate":
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                return None
+            return float(value) if isinstance(value, (int, float)) else None
+    return None
+
+
+def accounted_sample_rate(optimizer: DPOptimizer, accumulated: int | None = None) -> float | None:
+    """The sample rate Opacus will account for the optimizer's next step, if it can be known.
+
+    Args:
+        optimizer: The DP optimizer about to step.
+        accumulated: Batches accumulated into that step; by default the optimizer's own count
+            (only valid once the step's backward passes ran).
+    """
+    rate = _hook_sample_rate(optimizer)
+    if rate is None:
+        return None
+    if accumulated is None:
+        accumulated = optimizer.accumulated_iterations
+    # Same operands and order as the hook: sample_rate * accumulated_iterations.
+    return rate * accumulated
+
+
+def skip_next_step(optimizer: DPOptimizer) -> None:
+    """Make the optimizer's next step add no noise, update nothing and account nothing."""
+    optimizer.signal_skip_step(do_skip=True)

@@ -27,6 +27,8 @@ class PrivacySnapshot:
             (:class:`~privacy_callbacks.MembershipInferenceProbe`), if one runs.
         membership_inference_advantage: Latest advantage of that attack.
         compliance_violations: ``((policy, violation_type, count), ...)`` so far.
+        budget_exhausted: 1 once the budget guard found that one more step would pass the
+            target, else 0; ``None`` without a target.
         device_stats: Handle on device-side statistics, resolved by the publisher.
     """
 
@@ -48,6 +50,7 @@ class PrivacySnapshot:
     budget_remaining: float | None = None
     epsilon_forecast: float | None = None
     budget_exhaustion_steps: int | None = None
+    budget_exhausted: int | None = None
     rank: int = 0
     membership_inference_risk: float | None = None
     membership_inference_auc: float | None = None

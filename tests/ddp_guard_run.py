@@ -1,0 +1,39 @@
+"""A 2-process DDP fit on CPU (gloo) where only rank 1 reaches its budget.
+
+Run as a script (Lightning's DDP launcher re-executes it for rank 1); each rank writes
+``rank<N>.json`` into the directory given as the first argument.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+
+import lightning.pytorch as pl
+
+from dp_models import DPModel
+from privacy_callbacks import PrivacyMonitor
+
+
+def main(out_dir: str) -> None:
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    monitor = PrivacyMonitor(delta=1e-5, target_epsilon=100.0 if rank == 0 else 3.6,
+                             session_id="ddp")
+    model = DPModel()
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=3,
+                         callbacks=[monitor], enable_progress_bar=False, logger=False,
+                         enable_checkpointing=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+    result = {"global_step": trainer.global_step,
+              "history": [list(seg) for seg in model.privacy_engine.accountant.history],
+              "exhausted": monitor.last_snapshot.budget_exhausted}
+    with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as fh:
+        json.dump(result, fh)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
