@@ -15,14 +15,14 @@ from dp_models import DPModel
 from privacy_callbacks import PrivacyMonitor, PrometheusExporter
 
 
-def fit(model, *callbacks, **trainer_kwargs):
+def fit(model, *callbacks, ckpt_path=None, **trainer_kwargs):
     kwargs = dict(max_epochs=1, enable_progress_bar=False, logger=False,
                   enable_checkpointing=False, enable_model_summary=False)
     kwargs.update(trainer_kwargs)
     trainer = pl.Trainer(callbacks=list(callbacks), **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(model)
+        trainer.fit(model, ckpt_path=ckpt_path)
     return trainer
 
 
