@@ -162,7 +162,8 @@ def test_budget_exhausted_alert_reaches_the_webhook_with_the_session():
             alertmanager=f"127.0.0.1:{am.port}", interval="1s"),
             {"privacy-rules.yml": rule_file()}).start()
         target = 0.5
-        monitor = PrivacyMonitor(delta=1e-5, target_epsilon=target,
+        # Report only: this run must actually pass the target (the guard would stop before).
+        monitor = PrivacyMonitor(delta=1e-5, target_epsilon=target, stop_at_target=False,
                                  exporters=[PrometheusExporter(port=port)],
                                  session_id="e2e-tiny-budget", model_name="mlp")
         times: dict[str, float] = {}
