@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import subprocess
 import sys
-import json
 
 import lightning.pytorch as pl
 import pytest
@@ -156,13 +157,17 @@ def test_ddp_ranks_stop_together(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo")
     env.pop("LOCAL_RANK", None)
+    # Its own session, so a hung run is killed with every rank it launched.
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ddp_guard_run.py"),
+                             str(tmp_path)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        proc = subprocess.run([sys.executable, os.path.join(HERE, "ddp_guard_run.py"),
-                               str(tmp_path)], env=env, cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"DDP fit did not finish in time (a rank hung?):\n{exc.stderr}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+        log, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"DDP fit did not finish in 300 s (a rank hung?):\n{log[-3000:]}")
+    assert proc.returncode == 0, log[-3000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["global_step"] for r in results] == [6, 6]  # 4 steps an epoch: mid-epoch 2
     for r in results:
