@@ -44,10 +44,10 @@ def assert_stopped_at_the_edge(history, target: float, sigma: float, q: float) -
     assert opacus_epsilon(one_more_step(history, sigma, q)) > target
 
 
-def test_stops_mid_epoch_one_step_before_the_target(caplog):
+def test_stops_mid_epoch_one_step_before_the_target(caplog, tmp_path):
     exporter = PrometheusExporter(port=0)
     monitor = PrivacyMonitor(delta=DELTA, target_epsilon=4.0, exporters=[exporter],
-                             session_id="t")
+                             session_id="t", audit=tmp_path / "audit.jsonl")
     model = DPModel()
     seen = []
 
@@ -70,6 +70,10 @@ def test_stops_mid_epoch_one_step_before_the_target(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any("planned training" in m and "only 9 more steps fit" in m for m in messages)
     assert any("budget guard: stopping training at step 9" in m for m in messages)
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    stop = next(r["data"] for r in audit if r["event"] == "budget_guard_stop")
+    assert stop["step"] == 9 and stop["epsilon"] == opacus_epsilon(history)
+    assert stop["next_epsilon"] == opacus_epsilon(one_more_step(history, 1.0, 0.125)) > 4.0
 
 
 def test_report_only_goes_past_the_target():
