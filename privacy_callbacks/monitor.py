@@ -521,11 +521,6 @@ class PrivacyMonitor(Callback):
         if self.accounting is not None:
             self.accounting.close()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                     exception: BaseException) -> None:
-        # Lightning skips the teardown hooks when the fit raises: stop our threads here.
-        self.teardown(trainer, pl_module, "fit")
-
     def _publish_final(self) -> None:
         """Export what arrived after the last step: a background epsilon, a validation's attack."""
         accounting, last = self.accounting, self.last_snapshot
