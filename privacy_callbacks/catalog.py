@@ -71,6 +71,15 @@ class Metric:
 
 _ACC = ("accountant",)
 
+
+def _decades(low: float, high: float) -> tuple[float, ...]:
+    """Bucket bounds 1, 2, 5 per decade from ``low`` to ``high`` (both powers of ten)."""
+    bounds, scale = [], low
+    while scale <= high * (1 + 1e-9):
+        bounds += [float(f"{m * scale:.3g}") for m in (1, 2, 5)]
+        scale *= 10
+    return tuple(b for b in bounds if b <= high * (1 + 1e-9))
+
 METRICS: tuple[Metric, ...] = (
     Metric("privacy_epsilon_consumed", "gauge",
            "Privacy loss epsilon spent so far, from the privacy accountant's own history.",
@@ -123,20 +132,29 @@ METRICS: tuple[Metric, ...] = (
            unit="s", labels=("rank",), attr="step_seconds", field="step_seconds"),
     # Mechanism metrics, read from the device without synchronising the training thread.
     Metric("privacy_clipped_fraction", "gauge",
-           "Fraction of per-sample gradients whose norm exceeded the clipping norm C this step."),
+           "Fraction of per-sample gradients whose norm exceeded the clipping norm C this step.",
+           attr="clipped_fraction", field="clipped_fraction"),
+    # A histogram, not p50/p90/max gauges: buckets add up across steps, ranks and runs, any
+    # quantile is chosen at query time (histogram_quantile over rate()), and the training side
+    # never sorts. 1-2-5 buckets cover norms far below and far above any usual C.
     Metric("privacy_per_sample_grad_norm", "histogram",
            "Per-sample gradient L2 norms before clipping.",
-           buckets=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)),
+           attr="per_sample_grad_norms", buckets=_decades(1e-3, 1e3)),
+    # One observation per step. The noise norm concentrates at sigma*C*sqrt(d) (d = parameters),
+    # so the buckets reach 1e6 (sigma*C = 1 up to d = 1e12).
     Metric("privacy_noise_magnitude", "histogram",
            "L2 norm of the Gaussian noise added to the summed gradient this step.",
-           buckets=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)),
+           attr="noise_magnitude", field="noise_magnitude", buckets=_decades(1e-3, 1e6)),
     Metric("privacy_signal_magnitude", "gauge",
-           "L2 norm of the summed clipped per-sample gradients (the signal) this step."),
+           "L2 norm of the summed clipped per-sample gradients (the signal) this step.",
+           attr="signal_magnitude", field="signal_magnitude"),
     Metric("privacy_signal_to_noise_ratio", "gauge",
-           "Signal magnitude divided by noise magnitude this step."),
+           "Signal magnitude divided by noise magnitude this step.",
+           attr="signal_to_noise_ratio", field="signal_to_noise_ratio"),
+    # The snapshot attribute is a mapping {operation: ratio}; its keys are the label values.
     Metric("privacy_overhead_ratio", "gauge",
            "Time of a DP step part relative to the same step without DP (total: DP step / plain step).",
-           labels=("operation",)),
+           labels=("operation",), attr="overhead"),
     # Budget guard.
     Metric("privacy_budget_exhausted", "gauge",
            "1 once the budget guard found that one more step would pass the target, else 0.",

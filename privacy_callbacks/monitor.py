@@ -18,6 +18,7 @@ from . import probe
 from .accounting import Accounting, make_accounting
 from .audit import AuditTrail
 from .compliance import DPPolicy, check_start
+from .device import DeviceStats
 from .exporters.base import Exporter, RunInfo
 from .oversight import DEFAULT_THRESHOLDS, Oversight
 from .pii import check_label, protect_loggers
@@ -97,6 +98,11 @@ class PrivacyMonitor(Callback):
             restarts from what the accountant holds, 0 for a fresh one) or whose delta or
             accountant differ (the saved history is carried over). Off by default: silently
             restarting epsilon would under-report the privacy spent.
+        mechanism: Measure clipping, noise, signal and DP overhead on the device each step
+            (see the README's "Mechanism metrics"); ``False`` leaves the optimizer untouched.
+        overhead_every: Time one plain forward/backward pass (per-sample hooks off, nothing
+            kept) every this many optimizer steps to compute ``privacy_overhead_ratio``;
+            ``None`` turns the overhead ratios off.
 
     ``session_id`` and ``model_name`` become metric labels: they are checked (at most 128 of
     ``A-Z a-z 0-9 _ . : / -``), and a value that looks like personal data (an e-mail address, a
@@ -126,6 +132,8 @@ class PrivacyMonitor(Callback):
         policy: DPPolicy | str | os.PathLike[str] | None = None,
         stop_at_target: bool = True,
         allow_privacy_reset: bool = False,
+        mechanism: bool = True,
+        overhead_every: int | None = 200,
     ) -> None:
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
             raise ValueError(f"Unexpected value for delta: {delta!r}; use a number in (0, 1), "
@@ -164,6 +172,10 @@ class PrivacyMonitor(Callback):
                             ("allow_privacy_reset", allow_privacy_reset)):
             if not isinstance(value, bool):
                 raise ValueError(f"Unexpected value for {name}: {value!r}; use True or False")
+        if overhead_every is not None and (isinstance(overhead_every, bool) or not isinstance(
+                overhead_every, int) or overhead_every < 1):
+            raise ValueError(f"Unexpected value for overhead_every: {overhead_every!r}; use a "
+                             "number of optimizer steps >= 1, or None for no overhead ratios")
         self.delta = float(delta)
         self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
         self.exporters = exporters
@@ -180,10 +192,13 @@ class PrivacyMonitor(Callback):
         self.stop_at_target = stop_at_target
         self.allow_privacy_reset = allow_privacy_reset
         self._session_id_given = session_id is not None
+        self.mechanism = mechanism
+        self.overhead_every = overhead_every
 
         self.accounting: Accounting | None = None
         self.last_snapshot: PrivacySnapshot | None = None
         self._publisher: Publisher | None = None
+        self._probe: probe.MechanismProbe | None = None
         self._optimizers: list[Any] = []
         self._accumulate = 1
         self._planned_steps: int | None = None
@@ -239,6 +254,9 @@ class PrivacyMonitor(Callback):
         self._t_last = None
         self._exhausted = False
         self._cleared = None
+        if self._exporting and self.mechanism:
+            self._probe = probe.MechanismProbe(trainer, pl_module, self._optimizers[0],
+                                               overhead_every=self.overhead_every)
         if self._started:
             self._publisher = Publisher(self.exporters, max_pending=self.max_pending)
             info = RunInfo(
@@ -301,6 +319,8 @@ class PrivacyMonitor(Callback):
                              batch: Any, batch_idx: int) -> None:
         if self._t_last is None:
             self._t_last = time.perf_counter()
+        if self._probe is not None:
+            self._probe.batch_start(batch, batch_idx)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t_last = None  # validation time is not training throughput
@@ -312,7 +332,8 @@ class PrivacyMonitor(Callback):
         if step == self._last_step or self.accounting is None:
             return  # no optimizer step in this batch (gradient accumulation)
         self._last_step = step
-        snapshot = self._snapshot(trainer, step)
+        stats = self._probe.step_end() if self._probe is not None else None
+        snapshot = self._snapshot(trainer, step, stats)
         self.last_snapshot = snapshot
         if self._publisher is not None:
             self._publisher.publish(snapshot if self._exporting else _rank_only(snapshot))
@@ -323,7 +344,8 @@ class PrivacyMonitor(Callback):
         if trainer.loggers and self._exporting and step % max(1, trainer.log_every_n_steps) == 0:
             self._log_to_loggers(trainer, snapshot)
 
-    def _snapshot(self, trainer: pl.Trainer, step: int) -> PrivacySnapshot:
+    def _snapshot(self, trainer: pl.Trainer, step: int,
+                  stats: DeviceStats | None = None) -> PrivacySnapshot:
         now = time.perf_counter()
         throughput = seconds = None
         if self._t_last is not None and now > self._t_last:
@@ -333,7 +355,10 @@ class PrivacyMonitor(Callback):
 
         accounting = self.accounting
         assert accounting is not None
+        t_accounting = time.perf_counter()
         accounting.update()
+        if stats is not None:
+            stats.accounting_seconds = time.perf_counter() - t_accounting
         opt = self._optimizers[0]
         sigma = float(opt.noise_multiplier)
         clip = float(opt.max_grad_norm)
@@ -373,7 +398,7 @@ class PrivacyMonitor(Callback):
             membership_inference_risk=self._risk.score(eps, sigma, q),
             membership_inference_auc=None if mia is None else mia.auc,
             membership_inference_advantage=None if mia is None else mia.advantage,
-            compliance_violations=oversight.violations)
+            compliance_violations=oversight.violations, device_stats=stats)
 
     # -- budget guard -------------------------------------------------------------------------
 
@@ -505,6 +530,9 @@ class PrivacyMonitor(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
         if self._publisher is not None:
             if self._exporting and self.accounting is not None and self.last_snapshot is not None:
                 self.accounting.settle(timeout=10.0)
@@ -538,7 +566,7 @@ class PrivacyMonitor(Callback):
                                     budget_remaining=remaining,
                                     accounting_errors=accounting.errors, throughput=None,
                                     step_seconds=None, membership_inference_auc=auc,
-                                    membership_inference_advantage=advantage)
+                                    membership_inference_advantage=advantage, device_stats=None)
         self.last_snapshot = final
         self._publisher.publish(final)
 

@@ -3,20 +3,42 @@
 It finds the privacy accountant and the DP optimizers, and reads the mechanism's configuration
 (sigma, C, expected batch size) from host-side attributes each step: noise schedulers and adaptive
 clipping change them, and reading a Python attribute never touches the device.
+
+:class:`MechanismProbe` measures the mechanism itself (clipping, noise, signal, overhead). It
+reuses what Opacus computes: the per-sample norms of hooks mode exist only inside
+``clip_and_accumulate``, where the one expression that touches them is ``max_grad_norm /
+(per_sample_norms + 1e-6)``; for the length of that call ``max_grad_norm`` is a look-alike of the
+same value (a ``float`` subclass or a tensor view) that keeps the divisor and lets the division
+run unchanged. Ghost clipping keeps its norms on the module (``per_sample_gradient_norms``). The
+accountant's step hook is never touched.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any
 
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from opacus import PrivacyEngine
 from opacus.accountants.accountant import IAccountant
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample import GradSampleHooks
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
+    GradSampleHooksFastGradientClipping,
+)
+from opacus.optimizers import (
+    AdaClipDPOptimizer,
+    DistributedDPOptimizer,
+    DPOptimizer,
+    DPOptimizerFastGradientClipping,
+)
 from opacus.utils.uniform_sampler import (DistributedUniformWithReplacementSampler,
                                           UniformWithReplacementSampler)
 
-__all__ = ["HOW_TO_WIRE", "accounted_sample_rate", "dp_config", "find_accountant",
-           "find_dp_optimizers", "secure_mode", "skip_next_step", "training_data_facts"]
+__all__ = ["HOW_TO_WIRE", "MechanismProbe", "accounted_sample_rate", "dp_config",
+           "find_accountant", "find_dp_optimizers", "secure_mode", "skip_next_step",
+           "training_data_facts"]
 
 HOW_TO_WIRE = (
     "Wire Opacus as its Lightning example does: create `self.privacy_engine = PrivacyEngine()` in "
@@ -154,3 +176,339 @@ def accounted_sample_rate(optimizer: DPOptimizer, accumulated: int | None = None
 def skip_next_step(optimizer: DPOptimizer) -> None:
     """Make the optimizer's next step add no noise, update nothing and account nothing."""
     optimizer.signal_skip_step(do_skip=True)
+
+
+# Opacus implementations whose clipping divides max_grad_norm by the per-sample norms once.
+_TAPPABLE_CLIP = {DPOptimizer.clip_and_accumulate, AdaClipDPOptimizer.clip_and_accumulate}
+# add_noise implementations that leave p.summed_grad (signal) and p.grad = signal + noise.
+_KNOWN_NOISE = {DPOptimizer.add_noise, DistributedDPOptimizer.add_noise,
+                AdaClipDPOptimizer.add_noise, DPOptimizerFastGradientClipping.add_noise}
+_DIVISIONS = {torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.true_divide, torch.div,
+              torch.true_divide}
+_EPS = 1e-6  # Opacus adds it to the norm before dividing: a sample is clipped iff norm+eps > C
+
+MECHANISM_METRICS = ("privacy_clipped_fraction", "privacy_per_sample_grad_norm",
+                     "privacy_noise_magnitude", "privacy_signal_magnitude",
+                     "privacy_signal_to_noise_ratio", "privacy_overhead_ratio")
+
+
+class _FloatTap(float):
+    """``max_grad_norm`` as a float: records a tensor divisor, then divides exactly as a float.
+
+    Returning ``NotImplemented`` hands the division to ``Tensor.__rtruediv__`` with this float, the
+    very path ``float / tensor`` takes, so the result is bit-identical.
+    """
+
+    sink: list[torch.Tensor]
+
+    def __truediv__(self, other: Any) -> Any:
+        if isinstance(other, torch.Tensor):
+            self.sink.append(other)
+        return NotImplemented
+
+
+class _TensorTap(torch.Tensor):
+    """``max_grad_norm`` as a tensor (adaptive clipping): records the divisor of a division."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in _DIVISIONS and len(args) == 2 and isinstance(args[0], _TensorTap):
+            args[0].sink.append(args[1])  # type: ignore[attr-defined]
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+def _tap(value: Any, sink: list[torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        tap: Any = value.as_subclass(_TensorTap)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        tap = _FloatTap(value)
+    else:
+        return None
+    tap.sink = sink
+    return tap
+
+
+def _nested(obj: Any) -> list[Any]:
+    """Attribute values of ``obj``, one level into dicts, lists and tuples."""
+    found = []
+    for value in vars(obj).values():
+        found.append(value)
+        if isinstance(value, Mapping):
+            found.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            found.extend(value)
+    return found
+
+
+def find_grad_sample_hooks(trainer: Any, pl_module: Any,
+                           params: list[torch.Tensor]) -> GradSampleHooks | None:
+    """The Opacus per-sample-gradient hooks attached to ``params``.
+
+    Opacus' Lightning example keeps the wrapper in a dict on the module (``self.dp["model"]``),
+    since as an attribute it would become a submodule of itself; a wrapped submodule or a
+    callback attribute is found too.
+    """
+    ids = {id(p) for p in params}
+    candidates = _nested(pl_module) + list(pl_module.modules())
+    for callback in getattr(trainer, "callbacks", []) or []:
+        candidates += _nested(callback)
+    for obj in candidates:
+        if isinstance(obj, GradSampleHooks) and any(
+                id(p) in ids for p in obj._module.parameters()):
+            return obj
+    return None
+
+
+class MechanismProbe:
+    """Measures clipping, noise, signal and DP overhead of one DP optimizer, without syncs.
+
+    Per step, on the training thread, everything is queued on the device: the clipped count
+    (norms against the C of that step), the L2 norms of the summed clipped gradients and of the
+    noise (``p.grad - p.summed_grad`` after ``add_noise``, reduced with ``torch._foreach_norm``),
+    the per-sample norms, an asynchronous copy into a pinned buffer and timing events. The
+    publisher's thread resolves the :class:`~privacy_callbacks.device.DeviceStats` handle.
+
+    Args:
+        trainer: The Lightning trainer.
+        pl_module: The LightningModule.
+        optimizer: The DP optimizer to instrument.
+        overhead_every: Run the plain-step calibration every this many optimizer steps (the
+            first at the third step, after warm-up); ``None`` turns overhead ratios off.
+    """
+
+    WARMUP_STEPS = 2
+
+    def __init__(self, trainer: Any, pl_module: Any, optimizer: DPOptimizer, *,
+                 overhead_every: int | None) -> None:
+        self.optimizer = optimizer
+        self.overhead_every = overhead_every
+        self.missing: dict[str, str] = {}
+        params = list(optimizer.params)
+        device = params[0].device if params else torch.device("cpu")
+        self.pool = SlotPool(device)
+        self._params = params
+        self._pl_module = pl_module
+        self._trainer = trainer
+        self._slot: Any = None
+        self._micro_batches = 0
+        self._steps = 0
+        self._divisors: list[torch.Tensor] = []
+        self._clip_value: Any = None
+        self._handle: DeviceStats | None = None
+        self._reducing = True
+        self._installed: list[str] = []
+        self._model = OverheadModel()
+        self._hooks = find_grad_sample_hooks(trainer, pl_module, params)
+        self._ghost = isinstance(optimizer, DPOptimizerFastGradientClipping)
+
+        kind = type(optimizer)
+        noise_ok = kind.add_noise in _KNOWN_NOISE
+        if self._ghost:
+            norms_ok = isinstance(self._hooks, GradSampleHooksFastGradientClipping)
+            why = "the ghost-clipping module holding per_sample_gradient_norms was not found"
+        else:
+            norms_ok = kind.clip_and_accumulate in _TAPPABLE_CLIP
+            why = f"{kind.__name__} clips in a way this version cannot read"
+        if not norms_ok:
+            for name in MECHANISM_METRICS[:2]:
+                self.missing[name] = why
+        if not noise_ok:
+            for name in MECHANISM_METRICS[2:5]:
+                self.missing[name] = f"{kind.__name__} adds noise in a way this version cannot read"
+        self._timing = overhead_every is not None and self._calibration_problem() is None
+        if overhead_every is not None and not self._timing:
+            self.missing["privacy_overhead_ratio"] = str(self._calibration_problem())
+        if noise_ok:
+            self._install("add_noise", self._wrap_noise(optimizer.add_noise))
+        if norms_ok:
+            name = "accumulate" if self._ghost else "clip_and_accumulate"
+            self._install(name, self._wrap_clip(getattr(optimizer, name)))
+        if self.missing:
+            rank_zero_warn(
+                "PrivacyMonitor cannot measure "
+                + "; ".join(f"{m} ({why})" for m, why in self.missing.items())
+                + ". Every other metric is reported.")
+
+    def _calibration_problem(self) -> str | None:
+        if self._ghost:
+            return "ghost clipping clips inside backward, so there is no plain pass to time"
+        if not isinstance(self._hooks, GradSampleHooks):
+            return ("the Opacus GradSampleModule was not found on the LightningModule (keep it "
+                    "as an attribute or in a dict attribute, as Opacus' Lightning example does)")
+        if not getattr(self._pl_module, "automatic_optimization", True):
+            return "manual optimization: the plain pass needs automatic optimization"
+        if getattr(self._trainer, "world_size", 1) > 1:
+            return "a plain pass would run the distributed gradient hooks"
+        return None
+
+    def _install(self, name: str, fn: Any) -> None:
+        # An instance attribute shadows the class method; deleting it restores Opacus' own.
+        setattr(self.optimizer, name, fn)
+        self._installed.append(name)
+
+    def close(self) -> None:
+        """Restore the optimizer's own methods."""
+        for name in self._installed:
+            self.optimizer.__dict__.pop(name, None)
+        self._installed = []
+        self._slot = self._handle = None
+
+    # -- training-thread hooks -------------------------------------------------------------
+
+    def batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Start timing the optimizer step this batch belongs to (calibrating when due)."""
+        if self._slot is None:
+            slot = self._slot = self.pool.acquire()
+            self._micro_batches = 0
+            if slot is None:
+                return
+            every = self.overhead_every
+            if self._timing and every is not None and self._steps >= self.WARMUP_STEPS and (
+                    self._steps - self.WARMUP_STEPS) % every == 0:
+                try:
+                    self._calibrate(slot, batch, batch_idx)
+                except Exception:  # the user's training_step raised outside its real step
+                    self._timing = False
+                    logger.exception("The overhead calibration pass failed; "
+                                     "privacy_overhead_ratio is off for this fit")
+            slot.mark(Marks.START)
+        self._micro_batches += 1
+
+    def step_end(self) -> DeviceStats | None:
+        """Close the step that just ran; the handle the snapshot carries, if any."""
+        slot, self._slot = self._slot, None
+        self._steps += 1
+        handle, self._handle = self._handle, None
+        if slot is None:
+            return None
+        slot.mark(Marks.END)
+        if handle is None:
+            self.pool.release(slot)
+        return handle
+
+    def _wrap_clip(self, original: Any) -> Any:
+        optimizer, divisors = self.optimizer, self._divisors
+        ghost, hooks = self._ghost, self._hooks
+
+        def clip(*args: Any, **kwargs: Any) -> Any:
+            slot = self._slot
+            if slot is not None:
+                slot.mark(Marks.CLIP_START)
+            value = optimizer.max_grad_norm
+            self._clip_value = value
+            if ghost:
+                norms = getattr(hooks, "per_sample_gradient_norms", None)
+                if isinstance(norms, torch.Tensor):
+                    divisors.append(norms + _EPS)
+                result = original(*args, **kwargs)
+            else:
+                tap = _tap(value, divisors)
+                if tap is not None:
+                    optimizer.max_grad_norm = tap
+                try:
+                    result = original(*args, **kwargs)
+                finally:
+                    if optimizer.max_grad_norm is tap:
+                        optimizer.max_grad_norm = value
+            if slot is not None:
+                slot.mark(Marks.CLIP_END)
+            return result
+
+        return clip
+
+    def _wrap_noise(self, original: Any) -> Any:
+        def add_noise(*args: Any, **kwargs: Any) -> Any:
+            slot = self._slot
+            if slot is not None:
+                slot.mark(Marks.NOISE_START)
+            result = original(*args, **kwargs)
+            if slot is not None and self._reducing:
+                slot.mark(Marks.NOISE_END)
+                try:
+                    self._reduce(slot)
+                except Exception:  # monitoring never breaks the training step
+                    self._reducing = False
+                    logger.exception("Mechanism metrics failed; they are off for this fit")
+                slot.mark(Marks.STATS_END)
+            self._divisors.clear()
+            return result
+
+        return add_noise
+
+    def _reduce(self, slot: Any) -> None:
+        """Queue this step's statistics on the device and their copy to the host."""
+        summed, grads = [], []
+        for p in self._params:
+            s = getattr(p, "summed_grad", None)
+            if s is not None and p.grad is not None:
+                summed.append(s)
+                grads.append(p.grad)
+        if not summed:
+            return
+        device = summed[0].device
+        f32 = torch.float32  # parameters may mix dtypes; the norms are float32 alike
+        signal = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(summed, dtype=f32)))
+        noise = torch.linalg.vector_norm(torch.stack(
+            torch._foreach_norm(torch._foreach_sub(grads, summed), dtype=f32)))
+        divisors = self._divisors
+        norms: int | None = None
+        if divisors:
+            denom = (divisors[0] if len(divisors) == 1 else torch.cat(divisors)).to(
+                device=device, dtype=torch.float32)
+            clip = self._clip_value
+            if isinstance(clip, torch.Tensor):
+                clip = clip.to(device)
+            clipped = (denom > clip).sum().float()
+            norms = int(denom.shape[0])
+            values = torch.cat((torch.stack((clipped, signal, noise)), denom - _EPS))
+        else:
+            values = torch.stack((torch.zeros((), device=device), signal, noise))
+        slot.store(values)
+        self._handle = DeviceStats(self.pool, slot, norms=norms, has_values=True,
+                                   micro_batches=self._micro_batches,
+                                   model=self._model if self._timing else None)
+
+    def _calibrate(self, slot: Any, batch: Any, batch_idx: int) -> None:
+        """Time one plain forward/backward on ``batch``: per-sample hooks off, nothing kept.
+
+        Gradients, buffers and random-number state are restored afterwards and logging is
+        suppressed, so the fit continues exactly as it would have without this pass.
+        """
+        module, hooks, trainer = self._pl_module, self._hooks, self._trainer
+        assert hooks is not None
+        grads = [(p, p.grad) for p in module.parameters()]
+        buffers = [(b, b.clone()) for b in module.buffers()]
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        was_enabled = hooks.hooks_enabled
+        module.log = module.log_dict = _no_log
+        hooks.disable_hooks()
+        try:
+            for p, _ in grads:
+                p.grad = None
+            slot.mark(Marks.CAL_START)
+            with trainer.precision_plugin.train_step_context():
+                out = module.training_step(batch, batch_idx)
+            loss = out.get("loss") if isinstance(out, Mapping) else out
+            if isinstance(loss, torch.Tensor) and loss.requires_grad:
+                loss.backward()
+                slot.mark(Marks.CAL_END)
+            else:
+                self._timing = False
+                rank_zero_warn("PrivacyMonitor cannot measure privacy_overhead_ratio "
+                               "(training_step returned no loss with a gradient).")
+        finally:
+            hooks.hooks_enabled = was_enabled
+            del module.log, module.log_dict
+            for p, g in grads:
+                p.grad = g
+            for b, saved in buffers:
+                b.copy_(saved)
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``LightningModule.log`` during the calibration pass."""

@@ -29,7 +29,9 @@ class PrivacySnapshot:
         compliance_violations: ``((policy, violation_type, count), ...)`` so far.
         budget_exhausted: 1 once the budget guard found that one more step would pass the
             target, else 0; ``None`` without a target.
-        device_stats: Handle on device-side statistics, resolved by the publisher.
+        device_stats: Handle on device-side statistics
+            (:class:`~privacy_callbacks.device.DeviceStats`), resolved by the publisher. The
+            mechanism properties below read it and are ``None`` until it is resolved.
     """
 
     step: int
@@ -57,3 +59,33 @@ class PrivacySnapshot:
     membership_inference_advantage: float | None = None
     compliance_violations: tuple[tuple[str, str, int], ...] = ()
     device_stats: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def clipped_fraction(self) -> float | None:
+        """Fraction of this step's per-sample gradients whose norm exceeded C."""
+        return None if self.device_stats is None else self.device_stats.clipped_fraction
+
+    @property
+    def per_sample_grad_norms(self) -> tuple[float, ...] | None:
+        """This step's per-sample gradient L2 norms before clipping."""
+        return None if self.device_stats is None else self.device_stats.per_sample_grad_norms
+
+    @property
+    def noise_magnitude(self) -> float | None:
+        """L2 norm of the noise added to the summed clipped gradients this step."""
+        return None if self.device_stats is None else self.device_stats.noise_magnitude
+
+    @property
+    def signal_magnitude(self) -> float | None:
+        """L2 norm of the summed clipped per-sample gradients this step."""
+        return None if self.device_stats is None else self.device_stats.signal_magnitude
+
+    @property
+    def signal_to_noise_ratio(self) -> float | None:
+        """``signal_magnitude / noise_magnitude``."""
+        return None if self.device_stats is None else self.device_stats.signal_to_noise_ratio
+
+    @property
+    def overhead(self) -> dict[str, float] | None:
+        """Time of each DP part relative to the same step without DP, by operation."""
+        return None if self.device_stats is None else self.device_stats.overhead

@@ -14,6 +14,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Mapping
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -35,14 +36,56 @@ _TYPES = {"gauge": Gauge, "counter": Counter, "histogram": Histogram}
 
 
 class _Bound:
-    """One series fed from one snapshot attribute; the child is bound on its first value."""
+    """One metric fed from one snapshot attribute; label children are bound on first use.
 
-    __slots__ = ("attr", "child", "family", "labels", "last")
+    The attribute holds a number, ``None`` (nothing to report), or, for a metric with one label
+    the run does not fix (``operation``), a mapping from that label's value to the number. A
+    histogram's attribute may also hold a sequence: each element is one observation.
+    """
 
-    def __init__(self, attr: str, family: Any, labels: dict[str, str]) -> None:
-        self.attr, self.family, self.labels = attr, family, labels
+    __slots__ = ("attr", "family", "kind", "labels", "free", "child", "children", "last")
+
+    def __init__(self, metric: catalog.Metric, family: Any, values: dict[str, str]) -> None:
+        self.attr, self.family, self.kind = metric.attr, family, metric.kind
+        self.labels = {name: values[name] for name in metric.all_labels if name in values}
+        free = [name for name in metric.all_labels if name not in values]
+        self.free = free[0] if free else None
         self.child: Any = None
-        self.last = 0.0
+        self.children: dict[str, Any] = {}
+        self.last: dict[str | None, float] = {}
+
+    def bind(self, key: str | None) -> Any:
+        if key is None:
+            if self.child is None:
+                self.child = self.family.labels(**self.labels)
+            return self.child
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = self.family.labels(**self.labels, **{self.free: key})
+        return child
+
+    def update(self, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if item is not None:
+                    self._one(key, item)
+        elif self.kind == "histogram" and not isinstance(value, (int, float)):
+            child = self.bind(None)
+            for item in value:
+                child.observe(item)
+        else:
+            self._one(None, value)
+
+    def _one(self, key: str | None, value: float) -> None:
+        if self.kind == "gauge":
+            self.bind(key).set(value)
+        elif self.kind == "histogram":
+            self.bind(key).observe(value)
+        else:
+            last = self.last.get(key, 0.0)
+            if value > last:
+                self.bind(key).inc(value - last)
+                self.last[key] = value
 
 
 class _Handler(WSGIRequestHandler):
@@ -276,8 +319,7 @@ class PrometheusExporter(Exporter):
             self.families[metric.name] = cls(metric.name, metric.help, **kwargs)
         self._server: Any = None
         self._thread: threading.Thread | None = None
-        self._gauges: list[_Bound] = []
-        self._counters: list[_Bound] = []
+        self._bound: list[_Bound] = []
         self._health: list[tuple[Any, Any]] = []
         self._health_last: list[float] = []
         self._base: dict[str, str] = {}
@@ -351,13 +393,12 @@ class PrometheusExporter(Exporter):
     def open(self, info: RunInfo) -> None:
         values = {"session_id": info.session_id, "model_name": info.model_name,
                   "accountant": info.accountant, "rank": str(info.rank)}
-        self._gauges, self._counters = [], []
-        for metric in catalog.METRICS:
-            if metric.attr is None:
-                continue
-            labels = {name: values[name] for name in metric.all_labels}
-            bound = _Bound(metric.attr, self.families[metric.name], labels)
-            (self._counters if metric.kind == "counter" else self._gauges).append(bound)
+        # Snapshot-fed metrics: every run label known but at most one (its values come from
+        # the snapshot's mapping).
+        self._bound = [
+            _Bound(metric, self.families[metric.name], values) for metric in catalog.METRICS
+            if metric.attr is not None
+            and sum(name not in values for name in metric.all_labels) <= 1]
         dropped = self.families["privacy_export_dropped_total"]
         base = {"session_id": info.session_id, "model_name": info.model_name}
         # Every exporter, the publisher included, reports its drops here (0 is worth seeing).
@@ -371,23 +412,10 @@ class PrometheusExporter(Exporter):
         self._violation_children = {}
 
     def export(self, snapshot: "PrivacySnapshot") -> None:
-        for bound in self._gauges:
+        for bound in self._bound:
             value = getattr(snapshot, bound.attr)
-            if value is None:
-                continue
-            child = bound.child
-            if child is None:
-                child = bound.child = bound.family.labels(**bound.labels)
-            child.set(value)
-        for bound in self._counters:
-            value = getattr(snapshot, bound.attr)
-            if value is None or not value > bound.last:
-                continue
-            child = bound.child
-            if child is None:
-                child = bound.child = bound.family.labels(**bound.labels)
-            child.inc(value - bound.last)
-            bound.last = value
+            if value is not None:
+                bound.update(value)
         if snapshot.compliance_violations is not self._violations:
             self._count_violations(snapshot.compliance_violations)
         for i, (source, child) in enumerate(self._health):

@@ -1,0 +1,295 @@
+"""Mechanism metrics (clipping, noise, signal, overhead) in real CPU Lightning fits."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from dp_models import DPModel
+from privacy_callbacks import PrivacyMonitor, PrometheusExporter
+
+BASE = {"session_id": "t", "model_name": "DPModel"}
+D = 8 * 16 + 16 + 16 * 2 + 2  # parameters of DPModel
+
+
+def fit(model, *callbacks, **trainer_kwargs):
+    kwargs = dict(max_epochs=1, enable_progress_bar=False, logger=False,
+                  enable_checkpointing=False, enable_model_summary=False)
+    kwargs.update(trainer_kwargs)
+    trainer = pl.Trainer(callbacks=list(callbacks), **kwargs)
+    trainer.fit(model)
+    return trainer
+
+
+class Reference(pl.Callback):
+    """Per step: what the monitor reported, and the truth from Opacus' own per-sample grads."""
+
+    def __init__(self, monitor):
+        self.monitor = monitor
+        self.rows = []
+        self._ref = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        opt = trainer.optimizers[0]
+        grads = opt.grad_samples
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grads], 1).norm(2, 1)
+        clip = float(opt.max_grad_norm)
+        factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+        summed = [torch.einsum("i,i...", factor, g) for g in grads]
+        self._ref = dict(norms=norms.detach().clone(), clip=clip, summed=summed,
+                         clipped=float((norms + 1e-6 > clip).float().mean()),
+                         signal=float(torch.stack([s.norm() for s in summed]).norm()))
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        opt = trainer.optimizers[0]
+        scale = opt.expected_batch_size * opt.accumulated_iterations  # p.grad was averaged
+        noise = [p.grad * scale - s for p, s in zip(opt.params, self._ref["summed"])]
+        self._ref["noise"] = float(torch.stack([n.norm() for n in noise]).norm())
+        assert self.monitor.flush(60)
+        self.rows.append((self.monitor.last_snapshot, self._ref))
+        self._ref = None
+
+
+@pytest.mark.parametrize("clip, expected", [(1e-6, 1.0), (1e6, 0.0)])
+def test_clipped_fraction_extremes(clip, expected):
+    monitor = PrivacyMonitor(delta=1e-5, session_id="t")
+    ref = Reference(monitor)
+    fit(DPModel(max_grad_norm=clip), monitor, ref)
+    assert [snap.clipped_fraction for snap, _ in ref.rows] == [expected] * 8
+
+
+def test_clipped_fraction_norms_signal_noise_match_opacus_and_reach_prometheus():
+    torch.manual_seed(0)
+    exporter = PrometheusExporter(port=0, serve=False)
+    monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="t", overhead_every=3)
+    ref = Reference(monitor)
+    fit(DPModel(max_grad_norm=1.6), monitor, ref)  # about the median per-sample norm
+    fractions = []
+    for snap, truth in ref.rows:
+        assert snap.clipped_fraction == truth["clipped"]
+        fractions.append(snap.clipped_fraction)
+        assert torch.allclose(torch.tensor(snap.per_sample_grad_norms), truth["norms"],
+                              rtol=1e-5, atol=1e-6)
+        assert snap.signal_magnitude == pytest.approx(truth["signal"], rel=1e-4)
+        assert snap.noise_magnitude == pytest.approx(truth["noise"], rel=1e-4)
+        assert snap.signal_to_noise_ratio == pytest.approx(truth["signal"] / truth["noise"],
+                                                           rel=1e-3)
+    assert any(0 < f < 1 for f in fractions), fractions  # a genuinely intermediate case
+
+    reg = exporter.registry
+    last, last_truth = ref.rows[-1]
+    assert reg.get_sample_value("privacy_clipped_fraction", BASE) == last.clipped_fraction
+    assert reg.get_sample_value("privacy_per_sample_grad_norm_count", BASE) == 8 * 32
+    all_norms = torch.cat([truth["norms"] for _, truth in ref.rows])
+    assert reg.get_sample_value("privacy_per_sample_grad_norm_sum", BASE) == pytest.approx(
+        float(all_norms.sum()), rel=1e-4)
+    assert reg.get_sample_value("privacy_per_sample_grad_norm_bucket", {**BASE, "le": "2.0"}) \
+        == int((all_norms <= 2.0).sum())
+    assert reg.get_sample_value("privacy_noise_magnitude_count", BASE) == 8
+    assert reg.get_sample_value("privacy_signal_magnitude", BASE) == last.signal_magnitude
+    assert reg.get_sample_value("privacy_signal_to_noise_ratio", BASE) == \
+        last.signal_to_noise_ratio
+    parts = {op: reg.get_sample_value("privacy_overhead_ratio", {**BASE, "operation": op})
+             for op in ("per_sample_gradients", "clipping", "noise", "accounting", "total")}
+    assert all(v is not None and math.isfinite(v) for v in parts.values()), parts
+    # total = DP step / plain step, and the parts are what DP adds to the plain step.
+    assert parts["total"] == pytest.approx(1 + sum(v for k, v in parts.items() if k != "total"))
+    assert parts["clipping"] > 0 and parts["noise"] > 0 and parts["total"] >= 1
+
+
+def test_noise_magnitude_is_sigma_c_sqrt_d():
+    torch.manual_seed(1)
+    monitor = PrivacyMonitor(delta=1e-5, session_id="t")
+    ref = Reference(monitor)
+    fit(DPModel(noise_multiplier=2.0, max_grad_norm=0.5), monitor, ref, max_epochs=4)
+    noise = torch.tensor([snap.noise_magnitude for snap, _ in ref.rows])
+    expected = 2.0 * 0.5 * math.sqrt(D)
+    # The norm of a d-dimensional Gaussian: mean ~ sigma*C*sqrt(d), sd ~ sigma*C/sqrt(2).
+    assert float(noise.mean()) == pytest.approx(expected, rel=0.05)
+    assert float(noise.std()) == pytest.approx(2.0 * 0.5 / math.sqrt(2), rel=0.5)
+
+
+class DropoutModel(DPModel):
+    """Dropout makes the calibration pass draw random numbers: they must be given back."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
+
+
+def _trained(monitor=None, seed=0):
+    torch.manual_seed(seed)
+    model = DropoutModel(max_grad_norm=0.3)
+    callbacks = [monitor] if monitor is not None else []
+    fit(model, *callbacks, max_epochs=2)
+    return model
+
+
+def test_parameters_are_bit_identical_with_and_without_the_monitor():
+    plain = _trained()
+    hooks = {}
+
+    class Keep(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            hooks["before"] = trainer.optimizers[0].step_hook
+
+        def on_fit_end(self, trainer, pl_module):
+            hooks["after"] = trainer.optimizers[0].step_hook
+            hooks["patched"] = set(vars(trainer.optimizers[0])) & {"add_noise",
+                                                                     "clip_and_accumulate"}
+
+    monitor = PrivacyMonitor(delta=1e-5, overhead_every=1)  # calibrate on every step
+    torch.manual_seed(0)
+    watched = DropoutModel(max_grad_norm=0.3)
+    fit(watched, monitor, Keep(), max_epochs=2)
+    for (name, a), b in zip(plain.named_parameters(), watched.parameters()):
+        assert torch.equal(a, b), name
+    # The accountant's hook was never replaced and still accounted every step.
+    assert hooks["before"] is not None and hooks["after"] is hooks["before"]
+    assert hooks["patched"] == {"add_noise", "clip_and_accumulate"}
+    accountant = watched.privacy_engine.accountant
+    assert accountant.history == [(1.0, 0.125, 16)]
+    assert monitor.last_snapshot.epsilon == accountant.get_epsilon(1e-5)
+    assert monitor.last_snapshot.overhead is not None
+
+
+def test_methods_are_restored_after_fit():
+    model = DPModel()
+    trainer = fit(model, PrivacyMonitor(delta=1e-5))
+    assert not set(vars(trainer.optimizers[0])) & {"add_noise", "clip_and_accumulate"}
+
+
+class AdaClipModel(DPModel):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        dp_module, optimizer, _ = self.privacy_engine.make_private(
+            module=self, optimizer=optimizer, data_loader=self.train_dataloader(),
+            noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            poisson_sampling=False, clipping="adaptive", target_unclipped_quantile=0.5,
+            clipbound_learning_rate=0.5, max_clipbound=10.0, min_clipbound=0.01,
+            unclipped_num_std=1.0)
+        self.dp = {"module": dp_module}
+        return optimizer
+
+
+def test_adaptive_clipping_is_measured_against_each_steps_bound():
+    torch.manual_seed(0)
+    monitor = PrivacyMonitor(delta=1e-5, session_id="t")
+    ref = Reference(monitor)
+    model = AdaClipModel(max_grad_norm=0.3)
+    fit(model, monitor, ref)
+    bounds = {truth["clip"] for _, truth in ref.rows}
+    assert len(bounds) > 1  # the bound moved: later steps divide by a tensor bound
+    for snap, truth in ref.rows:
+        assert snap.clipped_fraction == truth["clipped"]
+        assert torch.allclose(torch.tensor(snap.per_sample_grad_norms), truth["norms"],
+                              rtol=1e-5, atol=1e-6)
+        assert snap.signal_magnitude == pytest.approx(truth["signal"], rel=1e-4)
+    assert monitor.last_snapshot.epsilon == model.privacy_engine.accountant.get_epsilon(1e-5)
+
+    torch.manual_seed(0)
+    bare = AdaClipModel(max_grad_norm=0.3)
+    fit(bare)
+    for a, b in zip(model.parameters(), bare.parameters()):
+        assert torch.equal(a, b)
+
+
+class GhostModel(DPModel):
+    """Ghost clipping, wired as Opacus documents it: the criterion wrapper, manual steps."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        loss = self.dp["criterion"](self(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        dp_module, optimizer, criterion, _ = self.privacy_engine.make_private(
+            module=self, optimizer=optimizer, data_loader=self.train_dataloader(),
+            noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            poisson_sampling=False, grad_sample_mode="ghost", criterion=nn.CrossEntropyLoss())
+        self.dp = {"module": dp_module, "criterion": criterion}
+        return optimizer
+
+
+def test_ghost_clipping_reuses_its_norms_and_warns_about_overhead():
+    torch.manual_seed(0)
+    monitor = PrivacyMonitor(delta=1e-5, session_id="t")
+    seen = []
+
+    class Norms(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            assert monitor.flush(60)
+            norms = pl_module.dp["module"].per_sample_gradient_norms.detach().clone()
+            seen.append((monitor.last_snapshot, norms))
+
+    model = GhostModel(max_grad_norm=0.3)
+    with pytest.warns(UserWarning, match=r"privacy_overhead_ratio \(ghost clipping") as record:
+        fit(model, monitor, Norms())
+    assert sum("PrivacyMonitor cannot measure" in str(w.message) for w in record) == 1
+    assert len(seen) == 8
+    for snap, norms in seen:
+        assert snap.clipped_fraction == float((norms + 1e-6 > 0.3).float().mean())
+        assert torch.allclose(torch.tensor(snap.per_sample_grad_norms), norms, rtol=1e-6)
+        assert snap.noise_magnitude > 0 and snap.signal_magnitude > 0
+        assert snap.overhead is None
+    assert monitor.last_snapshot.epsilon == model.privacy_engine.accountant.get_epsilon(1e-5)
+
+
+class PerLayerModel(DPModel):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        dp_module, optimizer, _ = self.privacy_engine.make_private(
+            module=self, optimizer=optimizer, data_loader=self.train_dataloader(),
+            noise_multiplier=self.noise_multiplier, max_grad_norm=[1.0] * 4,
+            poisson_sampling=False, clipping="per_layer")
+        self.dp = {"module": dp_module}
+        return optimizer
+
+
+def test_uninstrumentable_clipping_keeps_core_metrics_and_warns_once():
+    exporter = PrometheusExporter(port=0, serve=False)
+    monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="t")
+    model = PerLayerModel()
+    with pytest.warns(UserWarning, match="privacy_clipped_fraction .*DPPerLayerOptimizer.*"
+                                         "privacy_per_sample_grad_norm") as record:
+        fit(model, monitor)
+    assert sum("PrivacyMonitor cannot measure" in str(w.message) for w in record) == 1
+    assert monitor.flush(60)
+    final = model.privacy_engine.accountant.get_epsilon(1e-5)
+    reg = exporter.registry
+    assert reg.get_sample_value("privacy_epsilon_consumed", {**BASE, "model_name":
+                                "PerLayerModel", "accountant": "rdp"}) == final
+    labels = {**BASE, "model_name": "PerLayerModel"}
+    assert reg.get_sample_value("privacy_clipped_fraction", labels) is None
+    assert reg.get_sample_value("privacy_noise_magnitude_count", labels) == 8
+
+
+def test_mechanism_off_leaves_the_optimizer_alone():
+    monitor = PrivacyMonitor(delta=1e-5, mechanism=False)
+    patched = []
+
+    class Look(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            patched.append(set(vars(trainer.optimizers[0])) & {"add_noise", "clip_and_accumulate"})
+
+    fit(DPModel(), monitor, Look())
+    assert patched == [set()] * 8
+    assert monitor.last_snapshot.clipped_fraction is None
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.5, True, "10"])
+def test_bad_overhead_every_names_the_value(value):
+    with pytest.raises(ValueError, match=f"overhead_every: {value!r}"):
+        PrivacyMonitor(delta=1e-5, overhead_every=value)
