@@ -293,3 +293,31 @@ def test_mechanism_off_leaves_the_optimizer_alone():
 def test_bad_overhead_every_names_the_value(value):
     with pytest.raises(ValueError, match=f"overhead_every: {value!r}"):
         PrivacyMonitor(delta=1e-5, overhead_every=value)
+
+
+def test_module_made_private_by_the_callback_gets_every_mechanism_metric():
+    from privacy_callbacks import DifferentialPrivacy
+
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def train_dataloader(self):
+            from torch.utils.data import DataLoader
+            from dp_models import make_data
+            return DataLoader(make_data(256), batch_size=32)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    monitor = PrivacyMonitor(delta=1e-5, overhead_every=2)
+    fit(Plain(), DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=0.5), monitor)
+    assert monitor.flush(60)
+    snap = monitor.last_snapshot
+    assert snap.clipped_fraction is not None and snap.noise_magnitude > 0
+    assert snap.overhead is not None and snap.overhead["total"] >= 1
