@@ -321,3 +321,28 @@ def test_module_made_private_by_the_callback_gets_every_mechanism_metric():
     snap = monitor.last_snapshot
     assert snap.clipped_fraction is not None and snap.noise_magnitude > 0
     assert snap.overhead is not None and snap.overhead["total"] >= 1
+
+
+@pytest.mark.servers
+def test_mechanism_fields_reach_a_real_influxdb():
+    from privacy_callbacks import InfluxDBExporter
+    from servers import influxdb1, influxdb1_query
+
+    server = influxdb1().start()
+    try:
+        influxdb1_query(server, "", 'CREATE DATABASE "privacy"')
+        exporter = InfluxDBExporter(server.url, api="v1", database="privacy")
+        monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="mech")
+        ref = Reference(monitor)
+        fit(DPModel(max_grad_norm=1.6), monitor, ref)
+        rows = influxdb1_query(
+            server, "privacy", "SELECT step, clipped_fraction, noise_magnitude, signal_magnitude, "
+            "signal_to_noise_ratio FROM privacy_training WHERE session_id = 'mech'")[0]["values"]
+        assert [row[1] for row in rows] == list(range(1, 9))
+        for row, (snap, truth) in zip(rows, ref.rows):
+            assert row[2:] == [snap.clipped_fraction, snap.noise_magnitude,
+                               snap.signal_magnitude, snap.signal_to_noise_ratio]
+            assert row[2] == truth["clipped"]
+        assert exporter.dropped == 0
+    finally:
+        server.stop()

@@ -261,7 +261,9 @@ class InfluxDBExporter(Exporter):
         for metric in catalog.METRICS:
             if metric.field is None or metric.attr is None:
                 continue
-            hint = hints[metric.attr]
+            hint = hints.get(metric.attr)
+            if hint is None:  # a property reading the device statistics
+                hint = typing.get_type_hints(getattr(PrivacySnapshot, metric.attr).fget)["return"]
             plan.append((metric.attr, metric.field,
                          int if int in (typing.get_args(hint) or (hint,)) else float))
         return tuple(plan)
