@@ -13,6 +13,14 @@ from dp_models import DPModel
 from privacy_callbacks import PrivacyMonitor, PrometheusExporter
 
 BASE = {"session_id": "t", "model_name": "DPModel"}
+
+
+@pytest.fixture(autouse=True)
+def own_random_state():
+    """These tests seed torch: give later tests the random state they would have had."""
+    with torch.random.fork_rng():
+        yield
+
 D = 8 * 16 + 16 + 16 * 2 + 2  # parameters of DPModel
 
 
