@@ -36,6 +36,10 @@ from opacus.optimizers import (
 from opacus.utils.uniform_sampler import (DistributedUniformWithReplacementSampler,
                                           UniformWithReplacementSampler)
 
+from .device import DeviceStats, Marks, OverheadModel, SlotPool
+
+logger = logging.getLogger(__name__)
+
 __all__ = ["HOW_TO_WIRE", "MechanismProbe", "accounted_sample_rate", "dp_config",
            "find_accountant", "find_dp_optimizers", "secure_mode", "skip_next_step",
            "training_data_facts"]
