@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import lightning.pytorch as pl
 import torch
 from opacus import PrivacyEngine
@@ -51,3 +54,16 @@ class DPModel(pl.LightningModule):
             poisson_sampling=False)
         self.dp = {"module": dp_module}
         return optimizer
+
+
+def fit(model: pl.LightningModule, *callbacks: pl.Callback, ckpt_path: str | None = None,
+        fit_kwargs: dict[str, Any] | None = None, **trainer_kwargs: Any) -> pl.Trainer:
+    """A quiet one-epoch fit on CPU; ``trainer_kwargs`` override the Trainer's settings."""
+    kwargs: dict[str, Any] = dict(max_epochs=1, enable_progress_bar=False, logger=False,
+                                  enable_checkpointing=False, enable_model_summary=False)
+    kwargs.update(trainer_kwargs)
+    trainer = pl.Trainer(callbacks=list(callbacks), **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, ckpt_path=ckpt_path, **(fit_kwargs or {}))
+    return trainer

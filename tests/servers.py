@@ -264,3 +264,16 @@ def tls_files(workdir: Path) -> dict[str, Path]:
             "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
     return {name: workdir / name for name in
             ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def pushgateway_scrape_config(port: int) -> str:
+    """Prometheus scraping a Pushgateway every second, keeping the pushed labels."""
+    return f"""
+global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: pushgateway
+    honor_labels: true
+    static_configs:
+      - targets: ["127.0.0.1:{port}"]
+"""

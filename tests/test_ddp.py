@@ -18,7 +18,8 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 import ddp_fit
-from servers import free_port, prometheus, prometheus_query, pushgateway, wait_for
+from servers import (free_port, prometheus, prometheus_query, pushgateway,
+                     pushgateway_scrape_config, wait_for)
 
 pytestmark = pytest.mark.servers
 
@@ -26,23 +27,11 @@ SCRIPT = Path(__file__).with_name("ddp_fit.py")
 WORLD = 2
 
 
-def gateway_scrape_config(port: int) -> str:
-    return f"""
-global:
-  scrape_interval: 1s
-scrape_configs:
-  - job_name: pushgateway
-    honor_labels: true
-    static_configs:
-      - targets: ["127.0.0.1:{port}"]
-"""
-
-
 @pytest.fixture(scope="module")
 def ddp_run():
     """Fits on 2 processes (global batch 2 x 16) and on 1 process (batch 32), same seed."""
     gateway = pushgateway().start()
-    prom = prometheus(gateway_scrape_config(gateway.port)).start()
+    prom = prometheus(pushgateway_scrape_config(gateway.port)).start()
     try:
         out = Path(tempfile.mkdtemp(prefix="pc-ddp-"))
         port = free_port()

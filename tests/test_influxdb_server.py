@@ -17,7 +17,7 @@ from opacus.accountants import RDPAccountant
 
 from dp_models import DPModel
 from privacy_callbacks import InfluxDBExporter, PrivacyMonitor, PrometheusExporter
-from servers import (Server, free_port, influxdb1, influxdb1_query, victoria_metrics,
+from servers import (Server, influxdb1, influxdb1_query, victoria_metrics,
                      victoria_metrics_export, wait_for)
 
 pytestmark = pytest.mark.servers

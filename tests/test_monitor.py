@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -11,19 +10,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from prometheus_client import REGISTRY
 
-from dp_models import DPModel
+from dp_models import DPModel, fit
 from privacy_callbacks import PrivacyMonitor, PrometheusExporter
-
-
-def fit(model, *callbacks, ckpt_path=None, **trainer_kwargs):
-    kwargs = dict(max_epochs=1, enable_progress_bar=False, logger=False,
-                  enable_checkpointing=False, enable_model_summary=False)
-    kwargs.update(trainer_kwargs)
-    trainer = pl.Trainer(callbacks=list(callbacks), **kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, ckpt_path=ckpt_path)
-    return trainer
 
 
 LABELS = {"session_id": "t", "model_name": "DPModel", "accountant": "rdp"}

@@ -5,36 +5,16 @@ from __future__ import annotations
 import socket
 import threading
 import time
-import warnings
 
 import lightning.pytorch as pl
 import pytest
 
-from dp_models import DPModel
+from dp_models import DPModel, fit
 from privacy_callbacks import PrivacyMonitor, PrometheusExporter
-from servers import http_get, prometheus, prometheus_query, pushgateway, wait_for
+from servers import (http_get, prometheus, prometheus_query, pushgateway,
+                     pushgateway_scrape_config, wait_for)
 
 pytestmark = pytest.mark.servers
-
-
-def fit(model, *callbacks):
-    trainer = pl.Trainer(max_epochs=1, callbacks=list(callbacks), enable_progress_bar=False,
-                         logger=False, enable_checkpointing=False, enable_model_summary=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model)
-
-
-def gateway_scrape_config(port: int) -> str:
-    return f"""
-global:
-  scrape_interval: 1s
-scrape_configs:
-  - job_name: pushgateway
-    honor_labels: true
-    static_configs:
-      - targets: ["127.0.0.1:{port}"]
-"""
 
 
 def gateway_has(gateway, session_id: str) -> bool:
@@ -43,7 +23,7 @@ def gateway_has(gateway, session_id: str) -> bool:
 
 def test_prometheus_reads_epsilon_pushed_by_a_batch_job():
     gateway = pushgateway().start()
-    prom = prometheus(gateway_scrape_config(gateway.port)).start()
+    prom = prometheus(pushgateway_scrape_config(gateway.port)).start()
     try:
         exporter = PrometheusExporter(pushgateway=f"127.0.0.1:{gateway.port}", job="dp_training",
                                       push_interval=0.2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -12,7 +11,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dp_models import DPModel, make_data
+from dp_models import DPModel, fit, make_data
 from privacy_callbacks import DifferentialPrivacy, PrivacyMonitor
 
 
@@ -43,17 +42,6 @@ class PlainModel(pl.LightningModule):
             return optimizer
         return {"optimizer": optimizer,
                 "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)}
-
-
-def fit(model, *callbacks, fit_kwargs=None, **trainer_kwargs):
-    kwargs = dict(max_epochs=1, enable_progress_bar=False, logger=False,
-                  enable_checkpointing=False, enable_model_summary=False)
-    kwargs.update(trainer_kwargs)
-    trainer = pl.Trainer(callbacks=list(callbacks), **kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, **(fit_kwargs or {}))
-    return trainer
 
 
 def opacus_epsilon(sigma: float, q: float, steps: int, delta: float = 1e-5) -> float:
