@@ -277,9 +277,31 @@ class PrivacyMonitor(Callback):
         # strategy; by on_train_start it has always happened, and no step has run yet.
         resumed = self._loaded_state
         self._restore_privacy(trainer)
+        self._agree_across_ranks(trainer)
         self._last_step = trainer.global_step
         self._check_plan(trainer)
         self._audit_fit_start(trainer, resumed)
+
+    def _agree_across_ranks(self, trainer: pl.Trainer) -> None:
+        """Check once, before any step, that every rank guards the same budget.
+
+        The budget guard then decides on each rank from identical inputs (the same settings and,
+        under Opacus' distributed optimizer, the same accountant history, sigma and q), so every
+        rank stops on the same step without a collective -- and without the host-device
+        synchronisation a per-step all-reduce would cost on GPUs.
+        """
+        if trainer.world_size <= 1 or self.accounting is None:
+            return
+        mine = (self.target_epsilon, self.delta, self.stop_at_target, self.accounting.steps,
+                len(self.accounting.accountant.history))
+        first = trainer.strategy.broadcast(mine, src=0)
+        if not trainer.strategy.reduce_boolean_decision(mine == first, all=True):
+            raise ValueError(
+                f"PrivacyMonitor differs across ranks: rank {trainer.global_rank} has "
+                f"(target_epsilon, delta, stop_at_target, steps accounted, history segments) = "
+                f"{mine}, rank 0 has {first} (or another rank differs). Give every rank the same "
+                "target_epsilon, delta and stop_at_target, and the same privacy state to resume "
+                "from.")
 
     def _audit_fit_start(self, trainer: pl.Trainer, resumed: dict[str, Any] | None) -> None:
         oversight = self._oversight
@@ -410,9 +432,8 @@ class PrivacyMonitor(Callback):
             return self._exhausted
         if self._exhausted:
             return True
-        # Every rank takes part on every optimizer step (their accountants hold the same
-        # history), so all of them stop on the same step and none waits in a collective.
-        would_pass = trainer.strategy.reduce_boolean_decision(would_pass, all=False)
+        # No collective: every rank holds the same history, sigma, q and settings (checked once
+        # in _agree_across_ranks), so every rank reaches the same decision on the same step.
         if would_pass:
             self._stop(trainer, step, sigma, q, skipped=False)
         elif q is not None:

@@ -1,7 +1,9 @@
-"""A 2-process DDP fit on CPU (gloo) where only rank 1 reaches its budget.
+"""A 2-process DDP fit on CPU (gloo) with a small privacy budget.
 
-Run as a script (Lightning's DDP launcher re-executes it for rank 1); each rank writes
-``rank<N>.json`` into the directory given as the first argument.
+Run as a script (Lightning's DDP launcher re-executes it for rank 1): ``ddp_guard_run.py DIR
+same`` gives both ranks target_epsilon=3.6 and each rank writes ``rank<N>.json`` into DIR;
+``ddp_guard_run.py DIR mismatch`` gives rank 0 a different target, which must fail on every rank
+before any step instead of letting the ranks drift apart.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from dp_models import DPModel
 from privacy_callbacks import PrivacyMonitor
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, mode: str) -> None:
     rank = int(os.environ.get("LOCAL_RANK", "0"))
-    monitor = PrivacyMonitor(delta=1e-5, target_epsilon=100.0 if rank == 0 else 3.6,
-                             session_id="ddp")
+    target = 100.0 if mode == "mismatch" and rank == 0 else 3.6
+    monitor = PrivacyMonitor(delta=1e-5, target_epsilon=target, session_id="ddp")
     model = DPModel()
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=3,
                          callbacks=[monitor], enable_progress_bar=False, logger=False,
@@ -36,4 +38,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

@@ -155,15 +155,14 @@ def test_prv_guard_uses_the_rdp_bound():
     assert model.privacy_engine.accountant.get_epsilon(DELTA) <= opacus_epsilon(history) <= 4.0
 
 
-def test_ddp_ranks_stop_together(tmp_path):
-    # Rank 1 has the smaller target: without the cross-rank decision it would stop alone and
-    # rank 0 would wait forever in the next gradient all-reduce.
+def run_ddp(tmp_path, mode: str) -> tuple[int, str]:
+    """The 2-process script; a hang fails the test instead of the suite."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo")
     env.pop("LOCAL_RANK", None)
     # Its own session, so a hung run is killed with every rank it launched.
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ddp_guard_run.py"),
-                             str(tmp_path)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                             str(tmp_path), mode], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         log, _ = proc.communicate(timeout=300)
@@ -171,10 +170,25 @@ def test_ddp_ranks_stop_together(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         log, _ = proc.communicate()
         pytest.fail(f"DDP fit did not finish in 300 s (a rank hung?):\n{log[-3000:]}")
-    assert proc.returncode == 0, log[-3000:]
+    return proc.returncode, log
+
+
+def test_ddp_ranks_stop_together(tmp_path):
+    returncode, log = run_ddp(tmp_path, "same")
+    assert returncode == 0, log[-3000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["global_step"] for r in results] == [6, 6]  # 4 steps an epoch: mid-epoch 2
     for r in results:
         assert r["history"] == [[1.0, 0.125, 6]]
         assert r["exhausted"] == 1
     assert_stopped_at_the_edge(results[1]["history"], 3.6, 1.0, 0.125)
+
+
+def test_ddp_ranks_with_different_budgets_fail_before_any_step(tmp_path):
+    # Each rank decides locally, so ranks guarding different budgets would drift apart and one
+    # would wait forever in the next all-reduce: refuse at the start, on every rank.
+    returncode, log = run_ddp(tmp_path, "mismatch")
+    assert returncode != 0
+    assert "PrivacyMonitor differs across ranks" in log
+    assert "(100.0, 1e-05, True, 0, 0)" in log and "(3.6, 1e-05, True, 0, 0)" in log
+    assert not list(tmp_path.glob("rank*.json"))
