@@ -277,3 +277,18 @@ scrape_configs:
     static_configs:
       - targets: ["127.0.0.1:{port}"]
 """
+
+
+def run_bounded(argv: list[str], timeout: float, **popen_kwargs) -> tuple[int, str]:
+    """Run ``argv`` in its own session; on a hang kill it with every process it started (the
+    ranks of a DDP run, say) and fail the test. Returns (exit code, combined output)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **popen_kwargs)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, argv[:2]))} did not finish in {timeout:.0f} s "
+                    f"(a rank hung?):\n{out[-3000:]}")
+    return proc.returncode, out

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 
 import lightning.pytorch as pl
@@ -16,7 +14,7 @@ from opacus.accountants import RDPAccountant
 
 from dp_models import DPModel
 from privacy_callbacks import PrivacyMonitor, PrometheusExporter
-from servers import free_port
+from servers import free_port, run_bounded
 from test_monitor import fit
 
 DELTA = 1e-5
@@ -160,17 +158,8 @@ def run_ddp(tmp_path, mode: str) -> tuple[int, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo")
     env.pop("LOCAL_RANK", None)
-    # Its own session, so a hung run is killed with every rank it launched.
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ddp_guard_run.py"),
-                             str(tmp_path), mode], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"DDP fit did not finish in 300 s (a rank hung?):\n{log[-3000:]}")
-    return proc.returncode, log
+    return run_bounded([sys.executable, os.path.join(HERE, "ddp_guard_run.py"), str(tmp_path),
+                        mode], 300, env=env, cwd=tmp_path)
 
 
 def test_ddp_ranks_stop_together(tmp_path):

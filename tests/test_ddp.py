@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 import ddp_fit
-from servers import (free_port, prometheus, prometheus_query, pushgateway,
+from servers import (free_port, prometheus, prometheus_query, pushgateway, run_bounded,
                      pushgateway_scrape_config, wait_for)
 
 pytestmark = pytest.mark.servers
@@ -37,18 +35,11 @@ def ddp_run():
         port = free_port()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(SCRIPT.parent.parent), os.environ.get("PYTHONPATH", "")])}
-        proc = subprocess.Popen(
+        returncode, log = run_bounded(
             [sys.executable, str(SCRIPT), str(out), "--devices", str(WORLD), "--batch-size", "16",
              "--port", str(port), "--pushgateway", f"127.0.0.1:{gateway.port}",
-             "--session-id", "ddp"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            log, _ = proc.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            log, _ = proc.communicate()
-            pytest.fail(f"DDP fit hung (killed after 600 s): {log.decode()[-3000:]}")
-        assert proc.returncode == 0, log.decode()[-3000:]
+             "--session-id", "ddp"], 600, env=env)
+        assert returncode == 0, log[-3000:]
         ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
         single = ddp_fit.run(devices=1, batch_size=32)
         yield {"ranks": ranks, "single": single, "port": port, "prometheus": prom,
