@@ -1,20 +1,57 @@
-"""privacy_callbacks: live differential-privacy metrics for Opacus training under Lightning."""
+"""privacy_callbacks: live differential-privacy metrics for Opacus training under Lightning.
 
-from .audit import AuditTrail
-from .compliance import DPPolicy
-from .exporters.base import Exporter
-from .exporters.influxdb import InfluxDBExporter
-from .exporters.prometheus import PrometheusExporter
-from .monitor import PrivacyMonitor
+Public names are imported on first use (PEP 562), so the command line and the ops generators,
+which need neither torch nor Lightning, start in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .pii import PIIFilter, protect_loggers
-from .security import MembershipInferenceProbe
-from .snapshot import PrivacySnapshot
-from .wiring import DifferentialPrivacy
 
-__all__ = ["AuditTrail", "DPPolicy", "DifferentialPrivacy", "Exporter", "InfluxDBExporter",
-           "MembershipInferenceProbe", "PIIFilter", "PrivacyMonitor", "PrivacySnapshot",
-           "PrometheusExporter"]
+if TYPE_CHECKING:
+    from .audit import AuditTrail
+    from .compliance import DPPolicy
+    from .exporters.base import Exporter, RunInfo
+    from .exporters.influxdb import InfluxDBExporter
+    from .exporters.prometheus import PrometheusExporter
+    from .monitor import PrivacyMonitor
+    from .security import MembershipInferenceProbe
+    from .snapshot import PrivacySnapshot
+    from .wiring import DifferentialPrivacy
+
+# Public name -> the module that defines it.
+_LAZY = {
+    "AuditTrail": ".audit",
+    "DPPolicy": ".compliance",
+    "DifferentialPrivacy": ".wiring",
+    "Exporter": ".exporters.base",
+    "InfluxDBExporter": ".exporters.influxdb",
+    "MembershipInferenceProbe": ".security",
+    "PrivacyMonitor": ".monitor",
+    "PrivacySnapshot": ".snapshot",
+    "PrometheusExporter": ".exporters.prometheus",
+    "RunInfo": ".exporters.base",
+}
+
+__all__ = sorted([*_LAZY, "PIIFilter", "protect_loggers"])
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 # Our own log records never carry personal data (see privacy_callbacks.pii).
 protect_loggers()
