@@ -83,7 +83,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _stack(args: argparse.Namespace) -> int:
-    from .ops.stack import MissingBinary, Stack, default_workdir
+    from .ops.stack import MissingBinary, Stack, default_workdir, error_lines
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -106,8 +106,8 @@ def _stack(args: argparse.Namespace) -> int:
             exited = stack.exited()
             if exited:
                 name, code = next(iter(exited.items()))
-                print(f"error: {name} exited with {code}: {stack.log_tail(name)}",
-                      file=sys.stderr)
+                print(f"error: {name} exited with {code}:\n"
+                      f"{error_lines(stack.log_tail(name, 20_000))}", file=sys.stderr)
                 return 1
         return 0
     finally:

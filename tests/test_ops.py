@@ -202,3 +202,65 @@ def test_stack_names_the_debian_packages_of_missing_binaries(tmp_path: Path):
     for package in ("prometheus", "prometheus-alertmanager", "prometheus-pushgateway",
                     "victoria-metrics"):
         assert f"install the Debian package `{package}`" in result.stderr
+
+
+def test_stack_refuses_a_taken_port_naming_it(tmp_path: Path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "privacy_callbacks", "stack", "--dir", str(tmp_path / "s"),
+             "--prometheus-port", str(port), "--alertmanager-port", "0",
+             "--pushgateway-port", "0", "--victoria-metrics-port", "0"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"prometheus port {port} already in use" in result.stderr
+    assert "--prometheus-port 0" in result.stderr
+    assert not (tmp_path / "s" / "prometheus.log").exists()  # nothing was started
+
+
+def test_stack_readiness_is_the_servers_own_ready_answer():
+    """A foreign web server on the port (404, or 200 with other text) is not ready."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from privacy_callbacks.ops.stack import SERVICES, _ready
+
+    answers = {"/missing": (404, b"not found"), "/-/ready": (200, b"<html>welcome</html>"),
+               "/ours": (200, b"Prometheus Server is Ready.\n")}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            code, body = answers[self.path]
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="privacy-test-http")
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        body = SERVICES["prometheus"].ready_body
+        assert not _ready(base + "/missing", body)
+        assert not _ready(base + "/-/ready", body)
+        assert _ready(base + "/ours", body)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_stack_quotes_a_failing_servers_error_whole():
+    from privacy_callbacks.ops.stack import error_lines
+
+    cause = ("ts=2026-12-02T01:00:00Z caller=main.go:1 level=error msg=\"Error loading config\" "
+             + "err=\"parsing YAML file prometheus.yml: yaml: line 3: " + "x" * 1500 + "\"")
+    log = "\n".join(["level=info msg=starting"] * 50 + [cause, "level=info msg=bye"])
+    assert error_lines(log) == cause

@@ -235,3 +235,21 @@ def test_stack_serves_and_stops_every_server_on_sigint(tmp_path: Path):
             pass
     assert not alive, f"still running after the stack exited: {alive}"
     assert "stack stopped" in out.read_text()
+
+
+def test_stack_reports_a_failing_servers_cause_whole_and_stops_the_rest(tmp_path: Path):
+    workdir = tmp_path / "s"
+    workdir.mkdir()
+    (workdir / "victoria-metrics").write_text("a file where its data folder belongs")
+    result = subprocess.run(
+        [sys.executable, "-m", "privacy_callbacks", "stack", "--dir", str(workdir),
+         "--prometheus-port", "0", "--alertmanager-port", "0", "--pushgateway-port", "0",
+         "--victoria-metrics-port", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2
+    error = result.stderr.split("error: ", 1)[1]
+    assert error.startswith("victoria-metrics exited with")
+    cause = error.splitlines()[1]
+    assert "not a directory" in cause and str(workdir / "victoria-metrics") in cause, error
+    assert not (workdir / "prometheus.log").exists()  # nothing after it was started

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,26 +40,28 @@ class Service:
         name: Short name, also the log file's name.
         package: Debian package that installs it.
         binaries: Executable names, the Debian one first, then upstream's.
-        ready_path: HTTP path answering below 500 once the server serves.
-        default_port: Its usual port.
+        ready_path: The server's own readiness endpoint: 200 once it serves.
+        ready_body: Text its readiness answer contains, which tells it from another server.
+        default_port: Its usual port (Debian's own service of the package uses it too).
     """
 
     name: str
     package: str
     binaries: tuple[str, ...]
     ready_path: str
+    ready_body: str
     default_port: int
 
 
 SERVICES: dict[str, Service] = {s.name: s for s in (
     Service("victoria-metrics", "victoria-metrics", ("victoria-metrics", "victoria-metrics-prod"),
-            "/health", 8428),
+            "/health", "OK", 8428),
     Service("pushgateway", "prometheus-pushgateway", ("prometheus-pushgateway", "pushgateway"),
-            "/-/ready", 9091),
+            "/-/ready", "OK", 9091),
     Service("alertmanager", "prometheus-alertmanager", ("prometheus-alertmanager", "alertmanager"),
-            "/-/ready", 9093),
-    Service("prometheus", "prometheus", ("prometheus",), "/-/ready", 9090),
-)}
+            "/-/ready", "OK", 9093),
+    Service("prometheus", "prometheus", ("prometheus",), "/-/ready", "Prometheus", 9090),
+)}  # in dependency order: started in this order, stopped in the reverse one
 
 
 def find_binary(service: Service) -> str:
@@ -100,14 +101,34 @@ def _argv(name: str, binary: str, workdir: Path, port: int) -> list[str]:
             f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"]
 
 
-def _answers(url: str) -> bool:
+def _ready(url: str, body: str) -> bool:
+    """Whether ``url`` answers 200 with ``body`` in its text: the server's own ready answer."""
     try:
         with urllib.request.urlopen(url, timeout=1.0) as resp:
-            return resp.status < 500
-    except urllib.error.HTTPError as exc:
-        return exc.code < 500
-    except OSError:
+            return resp.status == 200 and body in resp.read(4096).decode("utf-8", "replace")
+    except (OSError, ValueError):  # refused, reset, HTTP error status, timeout
         return False
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+_ERROR_LINE = ("level=error", "level=fatal", "level=panic", "\tfatal\t", "\terror\t",
+               "panic:", "error:", "Error:")
+
+
+def error_lines(log: str, limit: int = 3) -> str:
+    """The last error lines of a server's log, each whole (they carry the cause)."""
+    lines = [line for line in log.splitlines() if any(m in line for m in _ERROR_LINE)]
+    if not lines:
+        lines = [line for line in log.splitlines() if line.strip()][-limit:]
+    return "\n".join(lines[-limit:])
 
 
 class Stack:
@@ -173,7 +194,13 @@ class Stack:
             interval=self.interval))
 
     def start(self, timeout: float = 60.0) -> "Stack":
-        """Write the configs, start every server and wait until each answers."""
+        """Write the configs, start every server and wait until each answers ready."""
+        taken = [f"{name} port {port}" for name, port in self.ports.items() if _port_taken(port)]
+        if taken:
+            raise RuntimeError(
+                f"127.0.0.1: {', '.join(taken)} already in use (Debian's own prometheus* and "
+                "victoria-metrics services use the default ports: `systemctl stop` them), or "
+                "choose other ports, e.g. --prometheus-port 0 for any free one")
         self.write_configs()
         try:
             for name, service in SERVICES.items():
@@ -192,11 +219,11 @@ class Stack:
 
     def _wait_ready(self, name: str, service: Service, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not _answers(self.url(name) + service.ready_path):
+        while not _ready(self.url(name) + service.ready_path, service.ready_body):
             code = self.procs[name].poll()
             if code is not None:
-                raise RuntimeError(f"{name} exited with {code}; see {self.workdir / name}.log: "
-                                   f"{self.log_tail(name)}")
+                raise RuntimeError(f"{name} exited with {code}; see {self.workdir / name}.log:\n"
+                                   f"{error_lines(self.log_tail(name, 20_000))}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} did not answer on {self.url(name)} within "
                                    f"{timeout:.0f} s; see {self.workdir / name}.log")
@@ -212,16 +239,15 @@ class Stack:
                 if (code := proc.poll()) is not None}
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop every server: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        """Stop the servers one by one, dependants first (Prometheus before the VictoriaMetrics
+        it writes to): SIGTERM, then SIGKILL after ``timeout`` seconds each."""
         procs = list(reversed(self.procs.items()))
         self.procs = {}
-        for _, proc in procs:
+        for name, proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for name, proc in procs:
             try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
+                proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 logger.warning("%s did not stop within %.0f s; killing it", name, timeout)
                 proc.kill()
