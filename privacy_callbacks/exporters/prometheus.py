@@ -82,9 +82,12 @@ class _Bound:
         elif self.kind == "histogram":
             self.bind(key).observe(value)
         else:
+            # Bound at 0 too: a counter exists from the first snapshot, so increase() and
+            # absent() see a real series (an error counter that never rose reads 0, not nothing).
+            child = self.bind(key)
             last = self.last.get(key, 0.0)
             if value > last:
-                self.bind(key).inc(value - last)
+                child.inc(value - last)
                 self.last[key] = value
 
 
