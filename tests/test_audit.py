@@ -141,6 +141,34 @@ def test_hmac_catches_a_forger_without_the_key(tmp_path):
     assert cli(path, "--require-hmac").returncode == 2
 
 
+@pytest.mark.parametrize("forged", ["dropped", "garbage"])
+def test_hmac_check_refuses_a_record_whose_hmac_was_removed_or_replaced(tmp_path, forged):
+    """A forger without the key cannot just strip (or invent) the HMACs of a rewritten tail."""
+    import hashlib
+    from privacy_callbacks.audit import _canonical
+    path = tmp_path / "audit.jsonl"
+    os.environ[KEY_ENV] = "k3y-only-the-auditor-has"
+    try:
+        trail = AuditTrail(path, fsync=False)
+        for i in range(3):
+            trail.record("event", i=i)
+    finally:
+        del os.environ[KEY_ENV]
+    rows = [json.loads(r) for r in lines(path)]
+    rows[2]["data"]["i"] = 42
+    if forged == "dropped":
+        del rows[2]["hmac"]
+    else:
+        rows[2]["hmac"] = hashlib.sha256(b"guess").hexdigest()
+    rows[2]["hash"] = hashlib.sha256(_canonical(rows[2])).hexdigest()
+    path.write_text("".join(json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n"
+                            for r in rows))
+    assert cli(path).returncode == 0  # without the key only the plain chain is checked
+    result = cli(path, env={KEY_ENV: "k3y-only-the-auditor-has"})
+    assert result.returncode == 1
+    assert "BROKEN at line 3 (record 3): HMAC missing or wrong" in result.stderr
+
+
 def test_a_fit_writes_config_thresholds_and_end_and_a_second_fit_continues_the_chain(tmp_path):
     path = tmp_path / "audit.jsonl"
 
