@@ -63,6 +63,10 @@ class _V1WriteApi(WriteApi):
             urlopen_kw=kwargs.get("urlopen_kw"))
 
 
+class _Closed(RuntimeError):
+    """Stops the client's retries of a write once the exporter is closed."""
+
+
 def _status(exc: BaseException) -> int | None:
     """The HTTP status of a failed write, ``None`` when the server gave no answer."""
     status = getattr(exc, "status", None)
@@ -414,7 +418,14 @@ class InfluxDBExporter(Exporter):
 
     def _on_retry(self, _key: tuple, _data: bytes, exc: BaseException) -> None:
         with self._lock:
-            self.retried += 1
+            closed = self._write_api is None
+            if not closed:
+                self.retried += 1
+        if closed:
+            # Raised inside the client's retry loop, it ends the write: a closed exporter leaves
+            # no thread retrying (with backoff, up to max_retry_time) behind it.
+            raise _Closed(f"InfluxDBExporter for {self.url} is closed; its points are counted "
+                          "as dropped")
         self._warn_once("unreachable", logging.WARNING,
                         "InfluxDB at %s is not taking writes (%s); points are kept (up to %d) "
                         "and retried", self.url, type(exc).__name__, self.buffer_size)

@@ -1,0 +1,127 @@
+"""Exporters never hold up training: a stuck exporter, a hanging server, a long outage.
+
+Each test proves it by counting, not by timing: the fit reaches its last step while the exporter
+has delivered (almost) nothing, and every point is accounted for afterwards.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+
+from dp_models import DPModel, fit
+from privacy_callbacks import Exporter, InfluxDBExporter, PrivacyMonitor
+from servers import influxdb1, influxdb1_query, wait_for
+
+DELTA = 1e-5
+
+
+class StuckExporter(Exporter):
+    """Blocks inside ``export`` until released: a server that stopped answering."""
+
+    name = "stuck"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.exported = 0
+
+    def export(self, snapshot) -> None:
+        self.entered.set()
+        self.gate.wait(60)
+        self.exported += 1
+
+
+class AtTrainEnd(pl.Callback):
+    def __init__(self, action) -> None:
+        self.action = action
+
+    def on_train_end(self, trainer, pl_module):
+        self.action(trainer)
+
+
+def test_training_never_waits_for_a_stuck_exporter():
+    exporter = StuckExporter()
+    monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter], session_id="stuck",
+                             mechanism=False)
+    seen = {}
+
+    def at_end(trainer):
+        assert exporter.entered.wait(30), "the publisher never reached the exporter"
+        seen.update(step=trainer.global_step, exported=exporter.exported)
+        exporter.gate.set()  # the server answers again: teardown can drain
+
+    fit(DPModel(), monitor, AtTrainEnd(at_end), max_epochs=2)
+    assert seen == {"step": 16, "exported": 0}  # all 16 steps ran while it was stuck
+    assert (exporter.exported, exporter.dropped) == (16, 0)  # and nothing was lost
+
+
+@pytest.mark.servers
+def test_training_runs_on_while_influxdb_accepts_but_never_answers():
+    """A server that takes the connection and never replies: the worst outage for a client."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)  # connections queue in the backlog; nobody reads them
+    url = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    exporter = InfluxDBExporter(url, api="v1", database="privacy", flush_interval=0.1,
+                                request_timeout=60, close_timeout=1.0)
+    monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter], session_id="hole",
+                             mechanism=False)
+    seen = {}
+
+    def at_end(trainer):
+        seen.update(step=trainer.global_step, written=exporter.written)
+
+    try:
+        fit(DPModel(), monitor, AtTrainEnd(at_end), max_epochs=2)
+    finally:
+        hole.close()  # resets the queued connections: the client's request ends
+    assert seen == {"step": 16, "written": 0}
+    assert (exporter.written, exporter.dropped) == (0, 16)  # every point counted, none silently
+
+
+@pytest.mark.servers
+def test_outage_longer_than_the_clients_retries_requeues_and_loses_nothing():
+    """The client gives up on a write after its retries; its points go back into our buffer
+    and reach the server once it is back (InfluxDB 1.x keeps acknowledged writes in its WAL)."""
+    server = influxdb1().start()
+    try:
+        influxdb1_query(server, "", 'CREATE DATABASE "privacy"')
+        exporter = InfluxDBExporter(server.url, api="v1", database="privacy",
+                                    flush_interval=0.1, retry_interval=0.1, max_retries=1,
+                                    max_retry_time=0.5)
+        gave_up = []
+        on_error = exporter._on_error
+
+        def spy(key, data, exc):
+            gave_up.append(type(exc).__name__)
+            on_error(key, data, exc)
+
+        exporter._on_error = spy  # bound before start(): the client calls this one
+        monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter], session_id="long",
+                                 mechanism=False)
+
+        class Outage(pl.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.global_step == 4:
+                    wait_for(lambda: exporter.written >= 2, 60, what="points before the outage")
+                    server.stop()
+                elif trainer.global_step == 12:
+                    wait_for(lambda: gave_up, 60, what="the client to give up on a write")
+                    server.start()
+
+        model = DPModel(n=512, batch_size=32)
+        fit(model, monitor, Outage(), max_epochs=2)
+        assert gave_up, "the outage never outlasted the client's retries"
+        assert (exporter.written, exporter.dropped) == (32, 0)
+        series = influxdb1_query(server, "privacy", "SELECT step, epsilon FROM privacy_training "
+                                                    "WHERE session_id = 'long'")
+        steps = sorted(row[1] for row in series[0]["values"])
+        assert steps == list(range(1, 33))
+    finally:
+        server.stop()
