@@ -38,6 +38,7 @@ def _rule_options(args: argparse.Namespace) -> "RuleOptions":
     from .ops import RuleOptions
 
     return RuleOptions(budget_low_ratio=args.budget_low_ratio,
+                       attack_score_threshold=args.attack_score_threshold,
                        attack_risk_threshold=args.attack_risk_threshold,
                        overhead_ratio_threshold=args.overhead_ratio_threshold,
                        runbook_url=args.runbook_url)
@@ -125,8 +126,11 @@ def _add_ops_arguments(parser: argparse.ArgumentParser) -> None:
                              "(PRIVACY_ALERTS_* environment variables win)")
     parser.add_argument("--budget-low-ratio", type=float, default=0.8,
                         help="PrivacyBudgetLow fires at this fraction of the target")
-    parser.add_argument("--attack-risk-threshold", type=float, default=0.5,
-                        help="PrivacyAttackDetected fires above this membership-inference risk")
+    parser.add_argument("--attack-score-threshold", type=float, default=0.7,
+                        help="PrivacyAttackDetected fires above this measured attack accuracy")
+    parser.add_argument("--attack-risk-threshold", type=float, default=0.9,
+                        help="MembershipRiskBoundHigh (a warning) fires above this proven "
+                             "membership-inference bound")
     parser.add_argument("--overhead-ratio-threshold", type=float, default=3.0,
                         help="HighPrivacyOverhead fires above this DP/plain step time ratio")
     parser.add_argument("--runbook-url", help="base URL of your runbook (adds runbook_url)")

@@ -170,6 +170,17 @@ METRICS: tuple[Metric, ...] = (
     Metric("membership_inference_empirical_advantage", "gauge",
            "Best TPR - FPR of the loss-threshold membership-inference attack.",
            attr="membership_inference_advantage", field="mia_empirical_advantage"),
+    # Evidence, not a bound: what attacks measured (the mapping's keys are the attack types).
+    Metric("privacy_attack_score", "gauge",
+           "Accuracy of a membership attack's guesses (0.5 = chance): best balanced accuracy of "
+           "the loss-threshold attack, or the accuracy the one-run audit proves at its confidence.",
+           labels=("attack_type",), attr="attack_scores"),
+    Metric("privacy_audit_epsilon_lower_bound", "gauge",
+           "Epsilon the one-run privacy audit proves the run exceeds (95 % confidence); above "
+           "the reported epsilon, the privacy mechanism is weaker than reported.",
+           attr="audit_epsilon_lower_bound", field="audit_epsilon_lower_bound"),
+    Metric("authentication_failures_total", "counter",
+           "Requests to the protected /metrics endpoint refused for missing or wrong credentials."),
     Metric("privacy_compliance_violations_total", "counter",
            "Violations of the configured DP policy.",
            labels=("policy", "violation_type")),

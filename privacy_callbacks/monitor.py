@@ -23,7 +23,8 @@ from .exporters.base import Exporter, RunInfo
 from .oversight import DEFAULT_THRESHOLDS, Oversight
 from .pii import check_label, protect_loggers
 from .publisher import Publisher
-from .security import MembershipInferenceProbe, RiskBound
+from .privacy_audit import OneRunAudit
+from .security import MembershipInferenceProbe, RiskBound, attack_results
 from .snapshot import PrivacySnapshot
 from .wiring import DifferentialPrivacy
 
@@ -189,6 +190,7 @@ class PrivacyMonitor(Callback):
         self._oversight = Oversight(audit, policy, thresholds, self.target_epsilon)
         self._risk: RiskBound | None = None
         self._mia: MembershipInferenceProbe | None = None
+        self._attacks: list[Any] = []
         self.stop_at_target = stop_at_target
         self.allow_privacy_reset = allow_privacy_reset
         self._session_id_given = session_id is not None
@@ -245,6 +247,8 @@ class PrivacyMonitor(Callback):
         self._risk = RiskBound(self.accounting, self.delta)
         self._mia = next((cb for cb in trainer.callbacks
                           if isinstance(cb, MembershipInferenceProbe)), None)
+        self._attacks = [cb for cb in trainer.callbacks
+                         if isinstance(cb, (MembershipInferenceProbe, OneRunAudit))]
         self.model_name = self.model_name or check_label("model_name", type(pl_module).__name__)
         self._accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
         planned = trainer.estimated_stepping_batches
@@ -409,6 +413,7 @@ class PrivacyMonitor(Callback):
             oversight.accounting_errors(accounting.errors, step)
         assert self._risk is not None
         mia = self._mia
+        scores, audit_bound = attack_results(self._attacks)
         return PrivacySnapshot(
             step=step, timestamp_ns=time.time_ns(), accountant=accounting.mechanism,
             delta=self.delta, epsilon=eps, epsilon_step=accounting.epsilon_step,
@@ -420,6 +425,7 @@ class PrivacyMonitor(Callback):
             membership_inference_risk=self._risk.score(eps, sigma, q),
             membership_inference_auc=None if mia is None else mia.auc,
             membership_inference_advantage=None if mia is None else mia.advantage,
+            attack_scores=scores, audit_epsilon_lower_bound=audit_bound,
             compliance_violations=oversight.violations, device_stats=stats)
 
     # -- budget guard -------------------------------------------------------------------------
@@ -537,6 +543,7 @@ class PrivacyMonitor(Callback):
                 global_step=trainer.global_step, accountant=snap.accountant,
                 accounting_errors=accounting.errors if accounting else snap.accounting_errors,
                 membership_inference_risk=snap.membership_inference_risk,
+                audit_epsilon_lower_bound=attack_results(self._attacks)[1],
                 violations=[list(v) for v in self._oversight.violations])
         if snap is not None and self._exporting:
             logger.info("Privacy spent: epsilon=%.4g at delta=%g after %d steps (%s)",
@@ -570,16 +577,29 @@ class PrivacyMonitor(Callback):
         if self.accounting is not None:
             self.accounting.close()
 
+    def refresh(self) -> None:
+        """Export now what arrived since the last step (an attack's or an audit's result).
+
+        For callbacks that measure outside the training step (:class:`OneRunAudit` at the end
+        of training); a no-op before the first step and on ranks that do not export.
+        """
+        if (self._publisher is not None and self._exporting and self.accounting is not None
+                and self.last_snapshot is not None):
+            self._publish_final()
+
     def _publish_final(self) -> None:
         """Export what arrived after the last step: a background epsilon, a validation's attack."""
         accounting, last = self.accounting, self.last_snapshot
         assert accounting is not None and last is not None and self._publisher is not None
         mia = self._mia
         auc, advantage = (None, None) if mia is None else (mia.auc, mia.advantage)
+        scores, audit_bound = attack_results(self._attacks)
         if (accounting.epsilon_step == last.epsilon_step
                 and accounting.errors == last.accounting_errors
                 and auc == last.membership_inference_auc
-                and advantage == last.membership_inference_advantage):
+                and advantage == last.membership_inference_advantage
+                and scores == last.attack_scores
+                and audit_bound == last.audit_epsilon_lower_bound):
             return  # nothing new since the last step (a validation may have run after it)
         eps = accounting.epsilon
         remaining = None if self.target_epsilon is None or eps is None else self.target_epsilon - eps
@@ -587,7 +607,9 @@ class PrivacyMonitor(Callback):
                                     budget_remaining=remaining,
                                     accounting_errors=accounting.errors, throughput=None,
                                     step_seconds=None, membership_inference_auc=auc,
-                                    membership_inference_advantage=advantage, device_stats=None)
+                                    membership_inference_advantage=advantage,
+                                    attack_scores=scores, audit_epsilon_lower_bound=audit_bound,
+                                    device_stats=None)
         self.last_snapshot = final
         self._publisher.publish(final)
 

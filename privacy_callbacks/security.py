@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 __all__ = ["MembershipInferenceProbe", "RiskBound", "advantage_from_epsilon", "advantage_from_mu",
-           "advantage_from_rdp", "attack_metrics"]
+           "advantage_from_rdp", "attack_metrics", "attack_results"]
 
 
 def advantage_from_epsilon(epsilon: float, delta: float) -> float:
@@ -161,6 +161,23 @@ def attack_metrics(member_losses: Sequence[float], nonmember_losses: Sequence[fl
     return auc, advantage
 
 
+def attack_results(attacks: Sequence[Any]) -> tuple[dict[str, float] | None, float | None]:
+    """``({attack_type: score}, audit epsilon lower bound)`` from the trainer's attack callbacks.
+
+    Each callback has ``attack_type`` and ``score`` (``None`` until it measured); an audit also
+    has ``epsilon_lower_bound``. ``None`` where nothing was measured yet.
+    """
+    scores: dict[str, float] = {}
+    bound: float | None = None
+    for attack in attacks:
+        if attack.score is not None:
+            scores[attack.attack_type] = attack.score
+        value = getattr(attack, "epsilon_lower_bound", None)
+        if value is not None:
+            bound = value if bound is None else max(bound, value)
+    return scores or None, bound
+
+
 def _sample(dataset: Any, n: int, seed: int) -> list[int]:
     size = len(dataset)
     if size == 0:
@@ -190,10 +207,18 @@ class MembershipInferenceProbe(Callback):
         batch_size: Examples per forward pass.
         seed: Seed of the fixed sample.
 
+    Its ``privacy_attack_score{attack_type="loss_threshold"}`` is the attack's best balanced
+    accuracy, ``(1 + advantage) / 2`` (0.5 = chance): ``PrivacyAttackDetected`` fires above the
+    rules' ``attack_score_threshold`` (0.7 by default). It is a point estimate on ``samples``
+    examples per side, not a confidence bound, and members are not chosen by a coin, so it cannot
+    disprove the reported epsilon; :class:`~privacy_callbacks.privacy_audit.OneRunAudit` can.
+
     Attributes:
         auc: Latest AUC, or ``None`` before the first validation.
         advantage: Latest advantage, or ``None``.
     """
+
+    attack_type = "loss_threshold"
 
     def __init__(self, members: Any, nonmembers: Any, *, samples: int = 256,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -215,6 +240,11 @@ class MembershipInferenceProbe(Callback):
         self.auc: float | None = None
         self.advantage: float | None = None
         self._idx = (_sample(members, samples, seed), _sample(nonmembers, samples, seed + 1))
+
+    @property
+    def score(self) -> float | None:
+        """Best balanced accuracy of the attack, ``(1 + advantage) / 2``; ``None`` before any."""
+        return None if self.advantage is None else 0.5 + self.advantage / 2.0
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

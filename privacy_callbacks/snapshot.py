@@ -26,6 +26,10 @@ class PrivacySnapshot:
         membership_inference_auc: Latest AUC of the empirical attack
             (:class:`~privacy_callbacks.MembershipInferenceProbe`), if one runs.
         membership_inference_advantage: Latest advantage of that attack.
+        attack_scores: ``{attack_type: score}`` of the attack callbacks that measured so far
+            (``loss_threshold``, ``one_run_audit``), 0.5 = chance.
+        audit_epsilon_lower_bound: Lower bound on the run's epsilon from
+            :class:`~privacy_callbacks.privacy_audit.OneRunAudit`, once it audited.
         compliance_violations: ``((policy, violation_type, count), ...)`` so far.
         budget_exhausted: 1 once the budget guard found that one more step would pass the
             target, else 0; ``None`` without a target.
@@ -57,6 +61,8 @@ class PrivacySnapshot:
     membership_inference_risk: float | None = None
     membership_inference_auc: float | None = None
     membership_inference_advantage: float | None = None
+    attack_scores: dict[str, float] | None = None
+    audit_epsilon_lower_bound: float | None = None
     compliance_violations: tuple[tuple[str, str, int], ...] = ()
     device_stats: Any = field(default=None, compare=False, repr=False)
 

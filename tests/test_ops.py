@@ -77,6 +77,7 @@ def test_configurable_budget_low_ratio_is_proven_too(tmp_path: Path):
 def test_alerts_have_the_labels_and_annotations_routing_needs():
     names = [a.name for a in ALERTS]
     assert names == ["PrivacyBudgetExhausted", "PrivacyBudgetLow", "PrivacyAttackDetected",
+                     "MembershipRiskBoundHigh", "MetricsAuthenticationFailures",
                      "PrivacyComplianceViolation", "NoiseGenerationFailure",
                      "HighPrivacyOverhead", "PrivacyAccountingErrors", "PrivacyExporterStalled",
                      "PrivacyMetricsStale"]
@@ -98,9 +99,30 @@ def test_rules_and_dashboards_name_metrics_only_through_the_catalog(monkeypatch)
         dashboards()
 
 
+def test_attack_alert_pages_on_evidence_not_on_the_theoretical_bound():
+    attack = next(a for a in ALERTS if a.name == "PrivacyAttackDetected")
+    assert "membership_inference_risk_score" not in attack.expr
+    assert {"privacy_attack_score", "privacy_audit_epsilon_lower_bound"} <= set(
+        panel_metrics(attack.expr))
+    bound = next(a for a in ALERTS if a.name == "MembershipRiskBoundHigh")
+    assert bound.severity == "warning" and "membership_inference_risk_score" in bound.expr
+    assert RuleOptions().attack_score_threshold == 0.7
+
+
+def test_changed_attack_thresholds_are_proven_too(tmp_path: Path):
+    promtool = require_binary("promtool", "prometheus")
+    options = RuleOptions(attack_score_threshold=0.6, attack_risk_threshold=0.5,
+                          auth_failure_burst=20, auth_failure_window="2m")
+    (tmp_path / "rules.yml").write_text(rule_file(options))
+    (tmp_path / "tests.yml").write_text(rule_tests("rules.yml", options))
+    result = run([promtool, "test", "rules", "tests.yml"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "> 0.6" in rule_file(options) and "[2m]) > 20" in rule_file(options)
+
+
 def test_not_yet_fed_metrics_are_marked():
     attack = next(a for a in ALERTS if a.name == "PrivacyAttackDetected")
-    assert attack.needs == ()  # the monitor publishes the risk score on every step
+    assert attack.needs == ()  # attack callbacks and the audit publish through the monitor
     noise = next(a for a in ALERTS if a.name == "NoiseGenerationFailure")
     assert noise.needs == ()  # the monitor publishes the noise magnitude on every step
     assert next(a for a in ALERTS if a.name == "PrivacyBudgetLow").needs == ()
@@ -110,7 +132,8 @@ def test_not_yet_fed_metrics_are_marked():
             assert used, f"panel {panel.title!r} names no catalog metric"
             assert panel.needs == [m for m in used if catalog.by_name(m).attr is None
                                    and m not in ("privacy_export_dropped_total",
-                                                 "privacy_compliance_violations_total")]
+                                                 "privacy_compliance_violations_total",
+                                                 "authentication_failures_total")]
 
 
 def test_dashboards_take_the_datasource_as_a_variable(generated: Path):
@@ -143,6 +166,8 @@ ROUTES = [
       "category": "regulatory"}, "compliance"),
     ({"alertname": "PrivacyAttackDetected", "severity": "critical", "category": "security"},
      "soc"),
+    ({"alertname": "MetricsAuthenticationFailures", "severity": "warning",
+      "category": "security"}, "soc"),
     ({"alertname": "PrivacyBudgetLow", "severity": "warning", "category": "privacy_violation"},
      "warnings-business-hours,warnings-after-hours"),
     ({"alertname": "HighPrivacyOverhead", "severity": "warning", "category": "performance"},
@@ -191,6 +216,10 @@ def test_bad_rule_options_name_the_value():
         RuleOptions(budget_low_ratio=1.2)
     with pytest.raises(ValueError, match="stall_minutes: 0"):
         RuleOptions(stall_minutes=0)
+    with pytest.raises(ValueError, match="attack_score_threshold: 0.3"):
+        RuleOptions(attack_score_threshold=0.3)
+    with pytest.raises(ValueError, match="auth_failure_window: 'often'"):
+        RuleOptions(auth_failure_window="often")
 
 
 def test_stack_names_the_debian_packages_of_missing_binaries(tmp_path: Path):

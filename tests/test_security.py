@@ -182,6 +182,11 @@ def test_probe_separates_an_overfit_model_from_a_private_one():
                                               labels) == private_probe.auc
     assert exporter.registry.get_sample_value("membership_inference_empirical_advantage",
                                               labels) == private_probe.advantage
+    # The evidence PrivacyAttackDetected reads: the attack's best balanced accuracy.
+    assert exporter.registry.get_sample_value(
+        "privacy_attack_score", {**labels, "attack_type": "loss_threshold"}
+    ) == pytest.approx(0.5 + private_probe.advantage / 2)
+    assert plain_probe.score > 0.7 > private_probe.score
 
 
 def test_probe_rejects_bad_arguments():

@@ -110,14 +110,19 @@ class _Server(ThreadingMixIn, WSGIServer):
         logger.debug("Metrics request from %s failed", client_address, exc_info=True)
 
 
-def _guarded(app: Callable[..., Iterable[bytes]], digest: bytes) -> Callable[..., Iterable[bytes]]:
-    """``app`` behind HTTP basic auth; only a SHA-256 of the expected credentials is kept."""
+def _guarded(app: Callable[..., Iterable[bytes]], digest: bytes,
+             refused: Callable[[], None]) -> Callable[..., Iterable[bytes]]:
+    """``app`` behind HTTP basic auth; only a SHA-256 of the expected credentials is kept.
+
+    ``refused()`` is called for every request turned away (counted, never with who sent it).
+    """
 
     def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         scheme, _, credentials = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
         given = hashlib.sha256(credentials.strip().encode()).digest()
         if scheme.lower() == "basic" and hmac.compare_digest(given, digest):
             return app(environ, start_response)
+        refused()
         start_response("401 Unauthorized", [("WWW-Authenticate", 'Basic realm="metrics"'),
                                             ("Content-Type", "text/plain; charset=utf-8")])
         return [b"Unauthorized\n"]
@@ -247,8 +252,10 @@ class PrometheusExporter(Exporter):
         tls_client_cafile: PEM CA bundle; when given, a scraper must present a client
             certificate signed by it (mutual TLS).
         basic_auth: ``(username, password)`` a scraper must send (HTTP basic auth); other
-            requests get 401. Only a SHA-256 of the credentials is kept: the password is never
-            stored, logged or shown in ``repr`` or errors. Use it with TLS off loopback.
+            requests get 401 and are counted in ``authentication_failures_total`` (no client
+            address: a label per address would let anyone grow the series without bound). Only
+            a SHA-256 of the credentials is kept: the password is never stored, logged or shown
+            in ``repr`` or errors. Use it with TLS off loopback.
 
     Exported metrics: every entry of :data:`privacy_callbacks.catalog.METRICS`
     (the README's metrics table is generated from it).
@@ -328,6 +335,11 @@ class PrometheusExporter(Exporter):
         self._base: dict[str, str] = {}
         self._violations: tuple[tuple[str, str, int], ...] = ()
         self._violation_children: dict[tuple[str, str], tuple[Any, list[int]]] = {}
+        # Refused requests: counted before open() too (a scraper may knock before the fit starts)
+        # and added to the run's series once its labels are known.
+        self._auth_lock = threading.Lock()
+        self._auth_refused = 0
+        self._auth_child: Any = None
 
     def __repr__(self) -> str:
         auth = f"({self.basic_auth_user!r}, '***')" if self.basic_auth_user else None
@@ -348,7 +360,8 @@ class PrometheusExporter(Exporter):
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         server = _Server((self.host, port), family)
         app = make_wsgi_app(self.registry)
-        server.set_app(_guarded(app, self._auth_digest) if self._auth_digest else app)
+        server.set_app(_guarded(app, self._auth_digest, self._refused) if self._auth_digest
+                       else app)
         if self.tls_certfile is not None:
             try:
                 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -367,6 +380,17 @@ class PrometheusExporter(Exporter):
                                   daemon=True)
         thread.start()
         return server, thread
+
+    @property
+    def authentication_failures(self) -> int:
+        """Requests refused for missing or wrong basic-auth credentials since construction."""
+        return self._auth_refused
+
+    def _refused(self) -> None:
+        with self._auth_lock:
+            self._auth_refused += 1
+            if self._auth_child is not None:
+                self._auth_child.inc()
 
     def start(self) -> None:
         if not self.serve or self._server is not None:
@@ -411,6 +435,12 @@ class PrometheusExporter(Exporter):
         if self.pushgateway is not None and self._pusher is None:
             self._pusher = _Pusher(self, {"session_id": info.session_id, "rank": str(info.rank)})
         self._base = base
+        if self._auth_digest is not None:
+            with self._auth_lock:
+                if self._auth_child is None:
+                    self._auth_child = self.families["authentication_failures_total"].labels(
+                        **base)
+                    self._auth_child.inc(self._auth_refused)
         self._violations = ()
         self._violation_children = {}
 

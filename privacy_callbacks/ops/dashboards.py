@@ -165,6 +165,20 @@ def _security() -> tuple[Panel, ...]:
                (_s("membership_inference_empirical_advantage"), "empirical " + _RUN)),
               "Largest attack advantage allowed by (ε, δ), and the one measured by a "
               "loss-threshold attack.", max=1),
+        Panel("Privacy audit: ε lower bound vs reported ε", "timeseries",
+              ((_s("privacy_audit_epsilon_lower_bound"), "audit lower bound " + _RUN),
+               (f"max by (session_id) ({_s('privacy_epsilon_consumed')})", "reported " + _RUN)),
+              "ε the one-run audit (OneRunAudit) proves at 95 % confidence, next to the ε the "
+              "accountant reports. A bound above the reported ε means the mechanism is weaker "
+              "than reported (PrivacyAttackDetected fires); a correct run stays well below."),
+        Panel("Attack success", "timeseries",
+              ((_s("privacy_attack_score"), _RUN + " {{attack_type}}"),),
+              "Accuracy of each membership attack's guesses (0.5 = chance): the loss-threshold "
+              "attack's best balanced accuracy, the accuracy the audit proves.", max=1),
+        Panel("Refused /metrics requests", "timeseries",
+              ((f"increase({_s('authentication_failures_total')}[$__rate_interval])", _RUN),),
+              "Requests to the protected /metrics refused for missing or wrong credentials.",
+              unit="short"),
         Panel("Membership-inference AUC", "stat",
               ((_s("membership_inference_empirical_auc"), _RUN),),
               "AUC of a loss-threshold attack (0.5 = no better than chance).", instant=True),

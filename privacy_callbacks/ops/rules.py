@@ -51,8 +51,16 @@ class RuleOptions:
 
     Args:
         budget_low_ratio: ``PrivacyBudgetLow`` fires once ε / target reaches this (0 < r < 1).
-        attack_risk_threshold: ``PrivacyAttackDetected`` fires when the membership-inference
-            risk score (an advantage, 0..1) exceeds this.
+        attack_score_threshold: ``PrivacyAttackDetected`` fires when an attack's measured
+            success (``privacy_attack_score``, guess accuracy, 0.5 = chance) exceeds this. It
+            also fires, whatever this is, when the one-run audit proves ε above the reported ε.
+        attack_risk_threshold: ``MembershipRiskBoundHigh`` (a warning) fires when the proven
+            bound on any attack's advantage (``membership_inference_risk_score``, 0..1) exceeds
+            this policy limit. The bound follows from ε alone (it passes 0.5 near ε = 1.1), so
+            it is no evidence of an attack and never pages.
+        auth_failure_burst: ``MetricsAuthenticationFailures`` fires when more than this many
+            requests to the protected ``/metrics`` are refused within ``auth_failure_window``.
+        auth_failure_window: The window of that count (Prometheus duration).
         overhead_ratio_threshold: ``HighPrivacyOverhead`` fires when a DP step takes more than
             this many times a plain step, for ``overhead_for``.
         overhead_for: How long the overhead must stay high (Prometheus duration).
@@ -64,7 +72,10 @@ class RuleOptions:
     """
 
     budget_low_ratio: float = 0.8
-    attack_risk_threshold: float = 0.5
+    attack_score_threshold: float = 0.7
+    attack_risk_threshold: float = 0.9
+    auth_failure_burst: int = 10
+    auth_failure_window: str = "5m"
     overhead_ratio_threshold: float = 3.0
     overhead_for: str = "5m"
     stall_minutes: int = 10
@@ -76,6 +87,14 @@ class RuleOptions:
         if not 0.0 < self.budget_low_ratio < 1.0:
             raise ValueError(f"Unexpected value for budget_low_ratio: {self.budget_low_ratio!r}; "
                              "use a fraction of the target between 0 and 1, e.g. 0.8")
+        if not 0.5 <= self.attack_score_threshold < 1.0:
+            raise ValueError(f"Unexpected value for attack_score_threshold: "
+                             f"{self.attack_score_threshold!r}; use a guess accuracy in "
+                             "[0.5, 1), e.g. 0.7")
+        if (isinstance(self.auth_failure_burst, bool)
+                or not isinstance(self.auth_failure_burst, int) or self.auth_failure_burst < 0):
+            raise ValueError(f"Unexpected value for auth_failure_burst: "
+                             f"{self.auth_failure_burst!r}; use a number of requests >= 0")
         if not 0.0 <= self.attack_risk_threshold < 1.0:
             raise ValueError(f"Unexpected value for attack_risk_threshold: "
                              f"{self.attack_risk_threshold!r}; use an advantage in [0, 1)")
@@ -86,7 +105,7 @@ class RuleOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Unexpected value for {name}: {value!r}; use whole minutes >= 1")
-        for name in ("overhead_for", "violation_window"):
+        for name in ("overhead_for", "violation_window", "auth_failure_window"):
             value = getattr(self, name)
             if not (isinstance(value, str) and value[:-1].isdigit() and value[-1] in "smh"):
                 raise ValueError(f"Unexpected value for {name}: {value!r}; use a duration like '5m'")
@@ -147,7 +166,8 @@ class Alert:
 
 # Fed by every exporter's drop count rather than by a snapshot attribute.
 _FED_WITHOUT_SNAPSHOT = frozenset({metric("privacy_export_dropped_total"),
-                                   metric("privacy_compliance_violations_total")})
+                                   metric("privacy_compliance_violations_total"),
+                                   metric("authentication_failures_total")})
 
 
 def fed(name: str) -> bool:
@@ -171,6 +191,13 @@ def _alerts(o: RuleOptions) -> tuple[Alert, ...]:
     eps, target = metric("privacy_epsilon_consumed"), metric("privacy_epsilon_target")
     exhausted = metric("privacy_budget_exhausted")
     risk = metric("membership_inference_risk_score")
+    score = metric("privacy_attack_score")
+    audit_bound = metric("privacy_audit_epsilon_lower_bound")
+    auth = metric("authentication_failures_total")
+    run_keys = "job, instance, session_id, model_name"
+    # Case values on either side of the configured thresholds.
+    score_hi, score_lo = (1 + o.attack_score_threshold) / 2, 0.5
+    risk_hi, risk_lo = (1 + o.attack_risk_threshold) / 2, o.attack_risk_threshold / 2
     sigma = metric("privacy_noise_multiplier")
     noise_sum = metric("privacy_noise_magnitude", "_sum")
     noise_count = metric("privacy_noise_magnitude", "_count")
@@ -236,21 +263,83 @@ def _alerts(o: RuleOptions) -> tuple[Alert, ...]:
             )),
         Alert(
             "PrivacyAttackDetected", "critical", "security",
+            f"({score} > {o.attack_score_threshold!r}) or on({run_keys}) "
+            f"({audit_bound} > on({run_keys}) group_left() max by ({run_keys}) ({eps}))",
+            "Privacy attack evidence: " + who,
+            "{{ if $labels.attack_type }}The {{ $labels.attack_type }} membership attack guesses "
+            "with accuracy {{ $value | printf \"%.2f\" }} (threshold "
+            f"{o.attack_score_threshold!r}, chance 0.5)."
+            "{{ else }}The one-run privacy audit proves ε ≥ {{ $value | printf \"%.2f\" }} (95 % "
+            "confidence), above the reported ε: the privacy mechanism is weaker than "
+            "reported.{{ end }}",
+            "Treat the model as leaking its training data: do not release it or its checkpoints, "
+            "restrict access to its outputs, and check the mechanism (noise multiplier, sample "
+            "rate, accountant wiring) before retraining; the audit trail holds the audit record.",
+            ("privacy_attack_score", "privacy_audit_epsilon_lower_bound",
+             "privacy_epsilon_consumed"),
+            cases=(
+                Case("attack succeeds", ((_sel(score, _RUN + ',attack_type="loss_threshold"'),
+                                          f"{score_hi!r}x10"),),
+                     fires=(({**_RUN_LABELS, "attack_type": "loss_threshold"},
+                             "Privacy attack evidence: session s1 (model m1)",
+                             "The loss_threshold membership attack guesses with accuracy "
+                             f"{score_hi:.2f} (threshold {o.attack_score_threshold!r}, chance 0.5)."),)),
+                Case("audit bound above the reported epsilon",
+                     ((_sel(audit_bound), "1.8x10"), (_sel(eps, acc), "0.58x10"),
+                      (_sel(score, _RUN + ',attack_type="one_run_audit"'), f"{score_lo!r}x10")),
+                     fires=((_RUN_LABELS, "Privacy attack evidence: session s1 (model m1)",
+                             "The one-run privacy audit proves ε ≥ 1.80 (95 % confidence), "
+                             "above the reported ε: the privacy mechanism is weaker than "
+                             "reported."),)),
+                Case("audit bound below the reported epsilon, chance-level attack",
+                     ((_sel(audit_bound), "0.06x10"), (_sel(eps, acc), "0.58x10"),
+                      (_sel(score, _RUN + ',attack_type="one_run_audit"'), f"{score_lo!r}x10"),
+                      (_sel(score, _RUN + ',attack_type="loss_threshold"'), f"{score_lo!r}x10"))),
+                Case("high theoretical bound is no attack",
+                     ((_sel(risk), "0.99x10"), (_sel(eps, acc), "8x10"))),
+            )),
+        Alert(
+            "MembershipRiskBoundHigh", "warning", "privacy_violation",
             f"{risk} > {o.attack_risk_threshold!r}",
-            "Membership-inference risk above threshold: " + who,
-            "A membership-inference attack can reach an advantage of {{ $value | printf \"%.2f\" }} "
-            f"(threshold {o.attack_risk_threshold!r}).",
-            "Treat the model as able to leak whether a record was in the training set: restrict "
-            "access to it and its outputs, and review ε and the data owners' requirements with "
-            "the security team.",
+            "Membership-inference bound above the policy limit: " + who,
+            "At the ε spent, the proven bound lets a membership attack reach an advantage of "
+            "{{ $value | printf \"%.2f\" }} (policy limit " + f"{o.attack_risk_threshold!r}). "
+            "This is what ε allows, not a measured attack.",
+            "Review ε against the data owners' requirements; to measure what an attack "
+            "achieves, add MembershipInferenceProbe or OneRunAudit to the run.",
             ("membership_inference_risk_score",),
             cases=(
-                Case("high risk", ((_sel(risk), "0.7x10"),),
+                Case("bound above the limit", ((_sel(risk), f"{risk_hi!r}x10"),),
                      fires=((_RUN_LABELS,
-                             "Membership-inference risk above threshold: session s1 (model m1)",
-                             "A membership-inference attack can reach an advantage of 0.70 "
-                             f"(threshold {o.attack_risk_threshold!r})."),)),
-                Case("low risk", ((_sel(risk), "0.1x10"),)),
+                             "Membership-inference bound above the policy limit: session s1 "
+                             "(model m1)",
+                             "At the ε spent, the proven bound lets a membership attack reach an "
+                             f"advantage of {risk_hi:.2f} (policy limit "
+                             f"{o.attack_risk_threshold!r}). This is what ε allows, not a "
+                             "measured attack."),)),
+                Case("bound below the limit", ((_sel(risk), f"{risk_lo!r}x10"),)),
+            )),
+        Alert(
+            "MetricsAuthenticationFailures", "warning", "security",
+            f"increase({auth}[{o.auth_failure_window}]) > {o.auth_failure_burst!r}",
+            "Refused requests to protected /metrics: " + who,
+            "{{ $value | printf \"%.0f\" }} requests to /metrics were refused for missing or "
+            f"wrong credentials within {o.auth_failure_window} (alert above "
+            f"{o.auth_failure_burst!r}).",
+            "Find who is scraping with wrong credentials (a misconfigured scraper after a "
+            "password rotation, or someone guessing): check the network logs of the exporter's "
+            "host; rotate the credentials if guessing is likely.",
+            ("authentication_failures_total",),
+            cases=(
+                Case("burst of wrong passwords", ((_sel(auth), "0x8 25"),),
+                     eval_time="9m",
+                     fires=((_RUN_LABELS, "Refused requests to protected /metrics: session s1 "
+                             "(model m1)",
+                             f"25 requests to /metrics were refused for missing or wrong "
+                             f"credentials within {o.auth_failure_window} (alert above "
+                             f"{o.auth_failure_burst!r})."),)),
+                Case("one mistyped password", ((_sel(auth), "0 0 1 1 1 1 1 1 1 1"),),
+                     eval_time="9m"),
             )),
         Alert(
             "PrivacyComplianceViolation", "critical", "regulatory",
