@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .exporters.influxdb import InfluxDBExporter
     from .exporters.prometheus import PrometheusExporter
     from .monitor import PrivacyMonitor
+    from .privacy_audit import OneRunAudit
     from .security import MembershipInferenceProbe
     from .snapshot import PrivacySnapshot
     from .wiring import DifferentialPrivacy
@@ -30,6 +31,7 @@ _LAZY = {
     "Exporter": ".exporters.base",
     "InfluxDBExporter": ".exporters.influxdb",
     "MembershipInferenceProbe": ".security",
+    "OneRunAudit": ".privacy_audit",
     "PrivacyMonitor": ".monitor",
     "PrivacySnapshot": ".snapshot",
     "PrometheusExporter": ".exporters.prometheus",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -9,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,7 +24,8 @@ from torch.utils.data import DataLoader
 
 from dp_models import DPModel, make_data
 from privacy_callbacks import MembershipInferenceProbe, PrivacyMonitor, PrometheusExporter
-from privacy_callbacks.ops import Receivers, alertmanager_config, prometheus_config, rule_file
+from privacy_callbacks.ops import (ALERTS, Receivers, alertmanager_config, prometheus_config,
+                                   rule_file)
 from privacy_callbacks.ops.dashboards import dashboards
 from servers import alertmanager, free_port, http_get, prometheus, prometheus_query, wait_for
 
@@ -194,6 +198,111 @@ def test_budget_exhausted_alert_reaches_the_webhook_with_the_session():
     print(f"ε passed the target -> webhook: {received - times['passed']:.1f} s")
 
 
+def test_broken_noise_audit_alert_reaches_the_webhook_and_a_correct_run_stays_quiet(
+        monkeypatch):
+    from opacus.optimizers import optimizer as opacus_optimizer
+    from test_privacy_audit import WideModel, no_noise
+
+    from privacy_callbacks import OneRunAudit
+
+    ports = {"audit-ok": free_port(), "audit-broken": free_port()}
+    hook = Webhook()
+    am = prom = None
+    bounds: dict[str, tuple[float, float]] = {}
+    try:
+        am = alertmanager(alertmanager_config(Receivers({"soc": hook.url + "/soc"}),
+                                              group_wait="1s", group_interval="1s")).start()
+        prom = prometheus(prometheus_config(
+            [f"127.0.0.1:{port}" for port in ports.values()], rule_files=("privacy-rules.yml",),
+            alertmanager=f"127.0.0.1:{am.port}", interval="1s"),
+            {"privacy-rules.yml": rule_file()}).start()
+        attack = next(a for a in ALERTS if a.name == "PrivacyAttackDetected")
+
+        def audited(session: str, at_end) -> None:
+            monitor = PrivacyMonitor(delta=1e-5, exporters=[PrometheusExporter(
+                port=ports[session])], session_id=session, model_name="wide")
+            auditor = OneRunAudit(canaries=1000)
+
+            def checked(trainer, model):
+                bounds[session] = (auditor.result.epsilon_lower_bound,
+                                   monitor.accounting.epsilon)
+                wait_for(lambda: prometheus_query(
+                    prom, f'privacy_audit_epsilon_lower_bound{{session_id="{session}"}}'),
+                    60, what=f"Prometheus to scrape the audit of {session}")
+                at_end(session)
+
+            fit(monitor, checked, (auditor,), WideModel())
+
+        def quiet(session: str) -> None:
+            # The rule's own expression, on what Prometheus scraped: nothing for this run.
+            assert not [r for r in prometheus_query(prom, attack.expr)
+                        if r["metric"].get("session_id") == session]
+
+        def alerted(session: str) -> None:
+            wait_for(lambda: [a for _, r, a in hook.alerts("PrivacyAttackDetected")
+                              if r == "soc" and a["labels"]["session_id"] == session],
+                     120, what="PrivacyAttackDetected at the soc webhook")
+
+        audited("audit-ok", quiet)
+        monkeypatch.setattr(opacus_optimizer, "_generate_noise", no_noise)
+        audited("audit-broken", alerted)
+    finally:
+        for server in (prom, am):
+            if server is not None:
+                server.stop()
+        hook.close()
+    (bound_ok, eps_ok), (bound_broken, eps_broken) = bounds["audit-ok"], bounds["audit-broken"]
+    assert bound_ok < eps_ok == eps_broken < bound_broken
+    fired = [a for _, _, a in hook.alerts("PrivacyAttackDetected")]
+    assert {a["labels"]["session_id"] for a in fired} == {"audit-broken"}
+    assert fired[0]["labels"]["severity"] == "critical"
+    assert "one-run privacy audit proves ε ≥" in fired[0]["annotations"]["description"]
+    print(f"audit: correct run {bound_ok:.3f} < ε {eps_ok:.3f} < broken run {bound_broken:.3f}")
+
+
+def test_wrong_passwords_raise_the_authentication_failure_alert():
+    from privacy_callbacks.exporters.base import RunInfo
+
+    port = free_port()
+    exporter = PrometheusExporter(port=port, basic_auth=("prom", "right-pw"))
+    config = prometheus_config([f"127.0.0.1:{port}"], rule_files=("privacy-rules.yml",),
+                               interval="1s").replace(
+        "- job_name: privacy\n", "- job_name: privacy\n  basic_auth: {username: prom, "
+        "password: right-pw}\n")
+    assert "basic_auth" in config
+    prom = prometheus(config, {"privacy-rules.yml": rule_file()})
+    exporter.start()
+    try:
+        exporter.open(RunInfo(session_id="auth", model_name="m", accountant="rdp"))
+        prom.start()
+        series = 'authentication_failures_total{session_id="auth"}'
+        wait_for(lambda: prometheus_query(prom, series), 60, what="a first authenticated scrape")
+        for _ in range(25):
+            request = urllib.request.Request(exporter.url, headers={
+                "Authorization": "Basic " + base64.b64encode(b"prom:guess").decode()})
+            try:
+                urllib.request.urlopen(request, timeout=10)
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 401
+        assert exporter.authentication_failures == 25
+
+        def firing():
+            alerts = json.loads(http_get(f"{prom.url}/api/v1/alerts")[1])["data"]["alerts"]
+            return [a for a in alerts if a["labels"]["alertname"]
+                    == "MetricsAuthenticationFailures" and a["state"] == "firing"]
+
+        alert = wait_for(firing, 60, what="MetricsAuthenticationFailures to fire")[0]
+        scraped = prometheus_query(prom, series)
+    finally:
+        prom.stop()
+        exporter.close()
+    assert float(scraped[0]["value"][1]) == 25
+    # No client address (nor anything else per requester) in the labels.
+    assert set(scraped[0]["metric"]) == {"__name__", "session_id", "model_name", "job",
+                                         "instance"}
+    assert alert["labels"]["session_id"] == "auth" and alert["labels"]["category"] == "security"
+
+
 def test_stack_serves_and_stops_every_server_on_sigint(tmp_path: Path):
     out = tmp_path / "stack.out"
     with open(out, "w") as log:
@@ -217,7 +326,7 @@ def test_stack_serves_and_stops_every_server_on_sigint(tmp_path: Path):
             path = "/health" if name == "victoria-metrics" else "/-/ready"
             assert http_get(url + path)[0] == 200, name
         rules = json.loads(http_get(urls["prometheus"] + "/api/v1/rules")[1])
-        assert len(rules["data"]["groups"][0]["rules"]) == 9
+        assert len(rules["data"]["groups"][0]["rules"]) == len(ALERTS)
         wait_for(lambda: json.loads(http_get(urls["prometheus"] + "/api/v1/alertmanagers")[1])
                  ["data"]["activeAlertmanagers"], 60, what="Prometheus to find the Alertmanager")
         proc.send_signal(signal.SIGINT)

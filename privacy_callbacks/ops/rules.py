@@ -263,8 +263,9 @@ def _alerts(o: RuleOptions) -> tuple[Alert, ...]:
             )),
         Alert(
             "PrivacyAttackDetected", "critical", "security",
-            f"({score} > {o.attack_score_threshold!r}) or on({run_keys}) "
-            f"({audit_bound} > on({run_keys}) group_left() max by ({run_keys}) ({eps}))",
+            # The audit's contradiction first: where it holds, it is what the alert says.
+            f"({audit_bound} > on({run_keys}) group_left() max by ({run_keys}) ({eps})) "
+            f"or on({run_keys}) ({score} > {o.attack_score_threshold!r})",
             "Privacy attack evidence: " + who,
             "{{ if $labels.attack_type }}The {{ $labels.attack_type }} membership attack guesses "
             "with accuracy {{ $value | printf \"%.2f\" }} (threshold "
@@ -286,7 +287,7 @@ def _alerts(o: RuleOptions) -> tuple[Alert, ...]:
                              f"{score_hi:.2f} (threshold {o.attack_score_threshold!r}, chance 0.5)."),)),
                 Case("audit bound above the reported epsilon",
                      ((_sel(audit_bound), "1.8x10"), (_sel(eps, acc), "0.58x10"),
-                      (_sel(score, _RUN + ',attack_type="one_run_audit"'), f"{score_lo!r}x10")),
+                      (_sel(score, _RUN + ',attack_type="one_run_audit"'), f"{score_hi!r}x10")),
                      fires=((_RUN_LABELS, "Privacy attack evidence: session s1 (model m1)",
                              "The one-run privacy audit proves ε ≥ 1.80 (95 % confidence), "
                              "above the reported ε: the privacy mechanism is weaker than "
