@@ -12,6 +12,7 @@ import urllib.request
 import pytest
 
 from privacy_callbacks import PrometheusExporter
+from privacy_callbacks.exporters.base import RunInfo
 from servers import free_port, http_get, new_workdir, prometheus, prometheus_query, tls_files, \
     wait_for
 
@@ -107,6 +108,12 @@ def test_basic_auth_without_tls_on_loopback():
             "Authorization": "Basic " + base64.b64encode(b"u:pw-plain").decode()})
         with urllib.request.urlopen(request, timeout=10) as resp:
             assert resp.status == 200 and b"privacy_epsilon_consumed" in resp.read()
+        # Refused before the run's labels are known, then after: all land in its series.
+        exporter.open(RunInfo(session_id="s", model_name="m", accountant="rdp"))
+        assert get(exporter.url, ssl.create_default_context(), auth="u:wrong") == 401
+        value = exporter.registry.get_sample_value("authentication_failures_total",
+                                                   {"session_id": "s", "model_name": "m"})
+        assert value == exporter.authentication_failures == 2
     finally:
         exporter.close()
 

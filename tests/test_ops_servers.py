@@ -23,7 +23,8 @@ import pytest
 from torch.utils.data import DataLoader
 
 from dp_models import DPModel, make_data
-from privacy_callbacks import MembershipInferenceProbe, PrivacyMonitor, PrometheusExporter
+from privacy_callbacks import (MembershipInferenceProbe, OneRunAudit, PrivacyMonitor,
+                               PrometheusExporter)
 from privacy_callbacks.ops import (ALERTS, Receivers, alertmanager_config, prometheus_config,
                                    rule_file)
 from privacy_callbacks.ops.dashboards import dashboards
@@ -69,17 +70,29 @@ def substitute(expr: str, session: str) -> str:
     return expr.replace("$session", session).replace("$__rate_interval", "1m")
 
 
+def with_basic_auth(config: str, user: str, password: str) -> str:
+    """``config`` with the privacy job scraping with basic auth."""
+    out = config.replace("- job_name: privacy\n", "- job_name: privacy\n  basic_auth: "
+                         f"{{username: {user}, password: {password}}}\n")
+    assert out != config
+    return out
+
+
 def test_every_dashboard_query_returns_data_from_a_real_fit():
     port = free_port()
-    server = prometheus(prometheus_config([f"127.0.0.1:{port}"], interval="1s")).start()
+    # Basic auth, so the refused-requests panel has its series.
+    server = prometheus(with_basic_auth(prometheus_config([f"127.0.0.1:{port}"], interval="1s"),
+                                        "prom", "dash-pw")).start()
     results: dict[str, list] = {}
     try:
         # The default policy flags DPModel's non-Poisson loader: the violations panel has a row.
         monitor = PrivacyMonitor(delta=1e-5, target_epsilon=50.0,
-                                 exporters=[PrometheusExporter(port=port)],
+                                 exporters=[PrometheusExporter(port=port,
+                                                               basic_auth=("prom", "dash-pw"))],
                                  session_id="dash", model_name="mlp", policy="default")
         model = ValidatedDPModel()
         probe = MembershipInferenceProbe(model.dataset, model.holdout, samples=32)
+        auditor = OneRunAudit(canaries=50)
 
         def query_panels(trainer, model):
             steps = 'training_steps_with_privacy_total{session_id="dash"}'
@@ -90,6 +103,9 @@ def test_every_dashboard_query_returns_data_from_a_real_fit():
             wait_for(lambda: [r for r in prometheus_query(server, f"count_over_time({steps}[1m])")
                               if float(r["value"][1]) >= 2],
                      60, what="a second scrape of the run")
+            wait_for(lambda: prometheus_query(
+                server, 'privacy_audit_epsilon_lower_bound{session_id="dash"}'),
+                60, what="Prometheus to scrape the audit's bound")
             sessions = json.loads(http_get(
                 f"{server.url}/api/v1/label/session_id/values?"
                 + urllib.parse.urlencode({"match[]": "privacy_epsilon_consumed"}))[1])["data"]
@@ -102,7 +118,7 @@ def test_every_dashboard_query_returns_data_from_a_real_fit():
                             server, substitute(target["expr"], "dash")))
 
         # Validation mid-epoch, so later steps carry the probe's values.
-        fit(monitor, query_panels, (probe,), model, val_check_interval=4,
+        fit(monitor, query_panels, (probe, auditor), model, val_check_interval=4,
             num_sanity_val_steps=0)
     finally:
         server.stop()
@@ -203,8 +219,6 @@ def test_broken_noise_audit_alert_reaches_the_webhook_and_a_correct_run_stays_qu
     from opacus.optimizers import optimizer as opacus_optimizer
     from test_privacy_audit import WideModel, no_noise
 
-    from privacy_callbacks import OneRunAudit
-
     ports = {"audit-ok": free_port(), "audit-broken": free_port()}
     hook = Webhook()
     am = prom = None
@@ -265,11 +279,9 @@ def test_wrong_passwords_raise_the_authentication_failure_alert():
 
     port = free_port()
     exporter = PrometheusExporter(port=port, basic_auth=("prom", "right-pw"))
-    config = prometheus_config([f"127.0.0.1:{port}"], rule_files=("privacy-rules.yml",),
-                               interval="1s").replace(
-        "- job_name: privacy\n", "- job_name: privacy\n  basic_auth: {username: prom, "
-        "password: right-pw}\n")
-    assert "basic_auth" in config
+    config = with_basic_auth(prometheus_config(
+        [f"127.0.0.1:{port}"], rule_files=("privacy-rules.yml",), interval="1s"),
+        "prom", "right-pw")
     prom = prometheus(config, {"privacy-rules.yml": rule_file()})
     exporter.start()
     try:
