@@ -210,8 +210,10 @@ class OneRunAudit(Callback):
     Args:
         canaries: m, the number of canaries; more give a tighter bound (1000 is typical).
         confidence: Confidence of the lower bound.
-        at_validation: Also audit at the end of every validation (each is a separate look;
-            the bound at fit end is the one written to the audit trail).
+        at_validation: Also audit at the end of every validation. Each look is its own test at
+            ``confidence``: k looks raise the chance that a correct run's bound passes its
+            epsilon somewhere to at most k times ``1 - confidence``. The bound at the end of
+            training is the one written to the audit trail.
 
     Attributes:
         result: The latest :class:`AuditResult`, ``None`` before the first audit.
