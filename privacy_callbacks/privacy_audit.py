@@ -59,7 +59,7 @@ from . import probe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AuditResult", "OneRunAudit", "epsilon_lower_bound", "p_value"]
+__all__ = ["AuditResult", "OneRunAudit", "audit", "epsilon_lower_bound", "p_value"]
 
 # Fractions of m guessed "in" (top scores); "out" guesses are either none or as many.
 _GUESS_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
