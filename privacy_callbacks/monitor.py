@@ -212,8 +212,10 @@ class PrivacyMonitor(Callback):
         self._t_last: float | None = None
         self._loaded_state: dict[str, Any] | None = None
         self._exhausted = False
-        # (sigma, q) for which one more step is known to stay within the target.
-        self._cleared: tuple[float, float] | None = None
+        # (sigma, q, accountant state) for which one more step is known to stay within the target.
+        self._cleared: tuple[Any, ...] | None = None
+        # Optimizers whose last step the guard skipped: what it accumulated is dropped after it.
+        self._skipped: list[Any] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -258,6 +260,7 @@ class PrivacyMonitor(Callback):
         self._t_last = None
         self._exhausted = False
         self._cleared = None
+        self._skipped = []
         if self._exporting and self.mechanism:
             self._probe = probe.MechanismProbe(trainer, pl_module, self._optimizers[0],
                                                overhead_every=self.overhead_every)
@@ -353,6 +356,7 @@ class PrivacyMonitor(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._drop_skipped()
         self._samples += _batch_len(batch)
         step = trainer.global_step
         if step == self._last_step or self.accounting is None:
@@ -443,7 +447,7 @@ class PrivacyMonitor(Callback):
         if would_pass:
             self._stop(trainer, step, sigma, q, skipped=False)
         elif q is not None:
-            self._cleared = (sigma, q)
+            self._cleared = self._cleared_key(sigma, q)
         return self._exhausted
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -459,17 +463,35 @@ class PrivacyMonitor(Callback):
         sigma = float(optimizer.noise_multiplier)
         q = probe.accounted_sample_rate(optimizer)
         if q is None:
-            history = self.accounting.accountant.history
-            if not history:
-                return
-            q = float(history[-1][1])
-        if (sigma, q) == self._cleared:
+            # What this step will be charged cannot be known, so it cannot be checked.
+            self._skip(trainer, optimizer, sigma, None)
+            return
+        key = self._cleared_key(sigma, q)
+        if key == self._cleared:
             return
         if self.accounting.epsilon_after(1, sigma, q) <= target:
-            self._cleared = (sigma, q)
+            self._cleared = key
             return
+        self._skip(trainer, optimizer, sigma, q)
+
+    def _cleared_key(self, sigma: float, q: float) -> tuple[Any, ...]:
+        """What a cleared check holds for: the step's (sigma, q) after exactly this history."""
+        assert self.accounting is not None
+        history = self.accounting.accountant.history
+        return sigma, q, len(history), tuple(history[-1]) if history else None
+
+    def _skip(self, trainer: pl.Trainer, optimizer: Any, sigma: float, q: float | None) -> None:
         probe.skip_next_step(optimizer)
+        if optimizer not in self._skipped:
+            self._skipped.append(optimizer)
         self._stop(trainer, trainer.global_step, sigma, q, skipped=True)
+
+    def _drop_skipped(self) -> None:
+        # Right after the skipped step, before any later batch accumulates: Opacus keeps the
+        # skipped batch's clipped sum for the next step, which would release it uncounted.
+        skipped, self._skipped = self._skipped, []
+        for optimizer in skipped:
+            probe.discard_skipped_step(optimizer)
 
     def _stop(self, trainer: pl.Trainer, step: int, sigma: float, q: float | None,
               *, skipped: bool) -> None:
@@ -481,9 +503,18 @@ class PrivacyMonitor(Callback):
             return
         accounting = self.accounting
         assert accounting is not None
-        eps = accounting.epsilon_after(0, sigma, q) if q is not None else 0.0
+        eps = accounting.epsilon_after(0, sigma, q) if q is not None else accounting.epsilon
         nxt = accounting.epsilon_after(1, sigma, q) if q is not None else math.inf
         bound = "" if accounting.mechanism == "rdp" else " (RDP bound)"
+        if q is None:
+            logger.warning(
+                "Privacy budget guard: stopping training at step %d, the step about to run was "
+                "skipped: the sample rate it would be accounted at cannot be read from the DP "
+                "optimizer's accountant hook, so it cannot be checked against target_epsilon=%g. "
+                "%s", step, self.target_epsilon, probe.HOW_TO_WIRE)
+            self.audit_event("budget_guard_stop", step=step, epsilon=eps, next_epsilon=nxt,
+                             target_epsilon=self.target_epsilon, skipped=skipped)
+            return
         logger.warning(
             "Privacy budget guard: stopping training at step %d%s: epsilon=%.4g%s at delta=%g; "
             "one more step (noise_multiplier=%g, sample_rate=%g) would reach %.4g, past "
@@ -558,6 +589,7 @@ class PrivacyMonitor(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._drop_skipped()
         if self._probe is not None:
             self._probe.close()
             self._probe = None

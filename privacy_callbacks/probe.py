@@ -37,11 +37,12 @@ from opacus.utils.uniform_sampler import (DistributedUniformWithReplacementSampl
                                           UniformWithReplacementSampler)
 
 from .device import DeviceStats, Marks, OverheadModel, SlotPool
+from .wiring import _PoissonBatchSampler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HOW_TO_WIRE", "MechanismProbe", "accounted_sample_rate", "dp_config",
-           "find_accountant", "find_dp_optimizers", "secure_mode", "skip_next_step",
+__all__ = ["HOW_TO_WIRE", "MechanismProbe", "accounted_sample_rate", "discard_skipped_step",
+           "dp_config", "find_accountant", "find_dp_optimizers", "secure_mode", "skip_next_step",
            "training_data_facts"]
 
 HOW_TO_WIRE = (
@@ -104,7 +105,8 @@ def training_data_facts(trainer: Any) -> tuple[int | None, bool | None]:
     """(training set size, whether every train loader samples as Poisson), ``None`` if unknown.
 
     Opacus' accountants assume Poisson subsampling, which its ``DPDataLoader``
-    (``make_private(poisson_sampling=True)``) implements with a ``UniformWithReplacementSampler``.
+    (``make_private(poisson_sampling=True)``) implements with a ``UniformWithReplacementSampler``
+    and the ``DifferentialPrivacy`` callback with its own Poisson batch sampler.
     Call once the trainer has loaded its train dataloaders (``on_train_start``).
     """
     loaders = _loaders(getattr(trainer, "train_dataloader", None))
@@ -118,7 +120,8 @@ def training_data_facts(trainer: Any) -> tuple[int | None, bool | None]:
             size = None
             break
     poisson = all(isinstance(getattr(loader, "batch_sampler", None),
-                             (UniformWithReplacementSampler, DistributedUniformWithReplacementSampler))
+                             (UniformWithReplacementSampler, DistributedUniformWithReplacementSampler,
+                              _PoissonBatchSampler))
                   for loader in loaders)
     return size, poisson
 
@@ -163,11 +166,21 @@ def _hook_sample_rate(optimizer: DPOptimizer) -> float | None:
 def accounted_sample_rate(optimizer: DPOptimizer, accumulated: int | None = None) -> float | None:
     """The sample rate Opacus will account for the optimizer's next step, if it can be known.
 
+    Two hooks are understood: Opacus' own (``PrivacyEngine.make_private``), whose per-batch rate
+    sits in its closure, and a hook that is a bound method of an object with an
+    ``accounted_sample_rate(optimizer, accumulated)`` method (the ``DifferentialPrivacy``
+    callback), which says the rate itself. ``None`` for any other hook, or none.
+
     Args:
         optimizer: The DP optimizer about to step.
         accumulated: Batches accumulated into that step; by default the optimizer's own count
             (only valid once the step's backward passes ran).
     """
+    hook = getattr(optimizer, "step_hook", None)
+    told = getattr(getattr(hook, "__self__", None), "accounted_sample_rate", None)
+    if callable(told):
+        rate = told(optimizer, accumulated)
+        return None if rate is None else float(rate)
     rate = _hook_sample_rate(optimizer)
     if rate is None:
         return None
@@ -178,8 +191,26 @@ def accounted_sample_rate(optimizer: DPOptimizer, accumulated: int | None = None
 
 
 def skip_next_step(optimizer: DPOptimizer) -> None:
-    """Make the optimizer's next step add no noise, update nothing and account nothing."""
+    """Make the optimizer's next step add no noise, update nothing and account nothing.
+
+    Opacus still clips and sums the step's per-sample gradients into ``p.summed_grad`` and keeps
+    them after a skipped step (for its virtual batches); call :func:`discard_skipped_step` once
+    the step ran so that no later step releases them.
+    """
     optimizer.signal_skip_step(do_skip=True)
+
+
+def discard_skipped_step(optimizer: DPOptimizer) -> None:
+    """Drop what a skipped step left behind: summed and per-sample gradients, the skip flag.
+
+    Afterwards the next step holds exactly the batches accumulated after this call, which is
+    what ``accumulated_iterations`` (the length of ``p.grad_sample``) and so the accountant count.
+    """
+    for p in optimizer.params:
+        p.summed_grad = None
+        p.grad_sample = None
+        p.grad = None
+    optimizer._is_last_step_skipped = False
 
 
 # Opacus implementations whose clipping divides max_grad_norm by the per-sample norms once.

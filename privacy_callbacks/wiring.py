@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import secrets
 from typing import Any, Iterator
 
 import lightning.pytorch as pl
@@ -30,30 +32,46 @@ class _PoissonBatchSampler(Sampler[list[int]]):
     Every rank draws the same inclusion mask (its generator is seeded with a seed broadcast from
     rank 0), so the global batch holds each sample independently with probability
     ``logical_rate`` -- exactly the batch of a one-process run -- and no sample lands on two
-    ranks. Rank ``r`` takes every ``world_size``-th selected index and cuts its share into
-    ``accumulate`` physical batches, one per backward pass of a gradient-accumulation window.
-    Empty batches are yielded, never skipped: every rank must take the same number of steps.
+    ranks. Each selected sample then goes to one of the ``accumulate`` physical batches of the
+    window uniformly at random (same generator), so the first ``j`` physical batches together
+    are a Poisson sample at rate ``j * logical_rate / accumulate``: a window cut short after
+    ``j`` batches is exactly the sample its step is charged for. Rank ``r`` takes every
+    ``world_size``-th index of each physical batch. Empty batches are yielded, never skipped:
+    every rank must take the same number of steps.
     """
 
     def __init__(self, *, num_samples: int, logical_rate: float, steps: int, accumulate: int,
-                 rank: int, world_size: int, seed: int) -> None:
+                 rank: int, world_size: int, generator: torch.Generator) -> None:
         self.num_samples = num_samples
         self.logical_rate = logical_rate
         self.steps = steps
         self.accumulate = accumulate
         self.rank = rank
         self.world_size = world_size
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = generator
 
     def __len__(self) -> int:
         return self.steps * self.accumulate
 
     def __iter__(self) -> Iterator[list[int]]:
+        gen = self._generator
         for _ in range(self.steps):
-            mask = torch.rand(self.num_samples, generator=self._generator) < self.logical_rate
-            local = mask.nonzero().flatten()[self.rank::self.world_size]
-            for chunk in torch.tensor_split(local, self.accumulate):
-                yield chunk.tolist()
+            mask = torch.rand(self.num_samples, generator=gen) < self.logical_rate
+            selected = mask.nonzero().flatten()
+            slot = torch.randint(0, self.accumulate, (len(selected),), generator=gen)
+            for j in range(self.accumulate):
+                yield selected[slot == j][self.rank::self.world_size].tolist()
+
+
+def _entropy_seed() -> int:
+    """A seed from the operating system's entropy: no global RNG, no seed_everything, replays it."""
+    return secrets.randbits(62)
+
+
+def _mixed_seed(seed: int, *parts: object) -> int:
+    """A 62-bit seed from ``seed`` and the run's position, so no position reuses a stream."""
+    text = ":".join(str(x) for x in (seed, *parts)).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") >> 2
 
 
 def _positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
@@ -95,8 +113,17 @@ class DifferentialPrivacy(Callback):
     The sample rate is ``1 / len(train dataloader)`` as Lightning prepares it (under DDP the
     default ``use_distributed_sampler=True`` shards it, so a per-device ``batch_size`` of ``b``
     gives a global expected batch of ``b * world_size``). With ``accumulate_grad_batches=k`` one
-    Poisson batch of rate ``k / len`` is cut into ``k`` physical batches, accounted once per
-    optimizer step at that rate, as Opacus' accountant hook does.
+    Poisson batch of rate ``k / len`` is drawn per optimizer step and each of its samples is put
+    into one of the ``k`` physical batches at random; a step is charged ``j / len`` for the ``j``
+    physical batches it accumulated, which is exactly the rate its samples were drawn at, also
+    for a window cut short at the end of an epoch (as Opacus' accountant hook charges it).
+
+    Randomness: the Poisson masks and the Gaussian noise come from generators seeded from the
+    operating system's entropy, never from torch's global RNG, so ``seed_everything`` and a
+    resume from a checkpoint never replay masks or noise of released steps. ``seed=`` makes a
+    run reproducible on purpose; the seed is then mixed with the steps already accounted, the
+    global step and the epoch, so a resume and every reloaded dataloader continue with fresh
+    streams.
 
     Args:
         noise_multiplier: Noise multiplier sigma. Give this or ``target_epsilon``.
@@ -110,8 +137,15 @@ class DifferentialPrivacy(Callback):
         poisson_sampling: Replace the train dataloader by Poisson sampling (what the privacy
             analysis assumes). ``False`` keeps the dataloader and accounts as Opacus does then.
         epsilon_tolerance: Tolerance of the sigma calibration.
-        seed: Seed of the Poisson sampling. By default rank 0 draws one from torch's RNG (so
-            ``seed_everything`` makes a run reproducible) and broadcasts it to every rank.
+        seed: Make the Poisson masks and the noise reproducible (for debugging and tests):
+            both generators are seeded from ``seed`` mixed with the steps already accounted, the
+            global step and the epoch. By default (``None``) both are seeded from the operating
+            system's entropy (the sampling seed is drawn on rank 0 and broadcast, so every rank
+            draws the same masks); ``seed_everything`` has no effect on them.
+        secure_mode: Opacus' secure mode: noise and Poisson masks from ``torchcsprng``'s
+            ``/dev/urandom`` generator, and noise drawn as Opacus' defence against
+            floating-point attacks does. Needs ``torchcsprng`` and one process (the masks
+            must agree across ranks, and a random-device generator cannot be shared).
 
     Attributes:
         privacy_engine: The Opacus ``PrivacyEngine`` whose accountant records every step; it
@@ -132,6 +166,7 @@ class DifferentialPrivacy(Callback):
         poisson_sampling: bool = True,
         epsilon_tolerance: float = 0.01,
         seed: int | None = None,
+        secure_mode: bool = False,
     ) -> None:
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ValueError(
@@ -160,6 +195,24 @@ class DifferentialPrivacy(Callback):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"Unexpected value for seed: {seed!r}; use an integer or None")
         self.seed = seed
+        if not isinstance(secure_mode, bool):
+            raise ValueError(f"Unexpected value for secure_mode: {secure_mode!r}; use True or False")
+        if secure_mode and seed is not None:
+            raise ValueError(f"Unexpected combination seed={seed!r}, secure_mode=True: secure mode "
+                             "draws from the operating system's generator and cannot be "
+                             "reproduced; pass one of them")
+        self.secure_mode = secure_mode
+        self._secure_rng: torch.Generator | None = None
+        if secure_mode:
+            try:
+                import torchcsprng  # type: ignore[import-not-found]
+            except ImportError as exc:
+                raise ValueError(
+                    "Unexpected value for secure_mode: True needs the torchcsprng package "
+                    "(Opacus' cryptographically secure generator), which is not installed: "
+                    "install a torchcsprng build for your torch version, or use "
+                    "secure_mode=False") from exc
+            self._secure_rng = torchcsprng.create_random_device_generator("/dev/urandom")
         self.epsilon_tolerance = _positive("epsilon_tolerance", epsilon_tolerance)
         self.noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
         self.sample_rate: float | None = None
@@ -195,6 +248,10 @@ class DifferentialPrivacy(Callback):
                 "DifferentialPrivacy did not see a training DataLoader (found "
                 f"{type(trainer.train_dataloader).__name__}): Poisson sampling and accounting need "
                 "a torch DataLoader over a map-style dataset from train_dataloader().")
+        # Checkpoint state (history, global step) is restored by now, whatever the strategy.
+        for opt in self._optimizers:
+            opt.generator = self._generator(trainer, "noise", opt.params[0].device
+                                            if opt.params else torch.device("cpu"))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
@@ -241,10 +298,13 @@ class DifferentialPrivacy(Callback):
         cls = DistributedDPOptimizer if distributed else DPOptimizer
         wrapped = []
         for opt in optimizers:
+            params = [p for group in opt.param_groups for p in group["params"]]
+            device = params[0].device if params else torch.device("cpu")
             dp = cls(opt, noise_multiplier=self.noise_multiplier or 0.0,
                      max_grad_norm=self.max_grad_norm,
                      expected_batch_size=self._expected_batch_size or 1.0,
-                     loss_reduction="mean", generator=None, secure_mode=False)
+                     loss_reduction="mean", generator=self._generator(trainer, "noise", device),
+                     secure_mode=self.secure_mode)
             dp.attach_step_hook(self._account)
             wrapped.append(dp)
         # Schedulers keep pointing at the original optimizers: a DPOptimizer's param_groups ARE
@@ -267,11 +327,43 @@ class DifferentialPrivacy(Callback):
             except RuntimeError:  # the user registered a communication hook already
                 logger.info("DDP communication hook kept; gradients are reduced twice")
 
+    def accounted_sample_rate(self, optimizer: DPOptimizer,
+                              accumulated: int | None = None) -> float | None:
+        """The sample rate this callback accounts for the optimizer's next step.
+
+        The rate of one physical batch times the batches accumulated into the step (as Opacus'
+        accountant hook computes it); ``None`` before the train dataloader is known. The budget
+        guard asks for it before the step runs.
+
+        Args:
+            optimizer: The DP optimizer about to step.
+            accumulated: Batches accumulated into that step; by default the optimizer's own
+                count (only valid once the step's backward passes ran).
+        """
+        if self.sample_rate is None:
+            return None
+        if accumulated is None:
+            accumulated = optimizer.accumulated_iterations
+        return self.sample_rate * accumulated
+
     def _account(self, optimizer: DPOptimizer) -> None:
         # Opacus' accountant hook: the rate of one physical batch times the batches accumulated.
         self.privacy_engine.accountant.step(
             noise_multiplier=optimizer.noise_multiplier,
-            sample_rate=self.sample_rate * optimizer.accumulated_iterations)
+            sample_rate=self.accounted_sample_rate(optimizer))
+
+    def _generator(self, trainer: pl.Trainer, purpose: str,
+                   device: torch.device) -> torch.Generator:
+        """A fresh generator: OS entropy, or ``seed`` mixed with where the run stands."""
+        if self._secure_rng is not None:
+            return self._secure_rng
+        if self.seed is None:
+            seed = _entropy_seed()
+        else:
+            accounted = sum(int(s) for _, _, s in self.privacy_engine.accountant.history)
+            seed = _mixed_seed(self.seed, purpose, trainer.global_rank if purpose == "noise"
+                               else 0, accounted, trainer.global_step, trainer.current_epoch)
+        return torch.Generator(device=device).manual_seed(seed)
 
     def _configure(self) -> None:
         if self.noise_multiplier is None or self._expected_batch_size is None:
@@ -301,13 +393,23 @@ class DifferentialPrivacy(Callback):
         self._configure()
         if not self.poisson_sampling:
             return dataloader
-        # Every rank must draw the same masks: rank 0's seed is broadcast.
-        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)))
-        seed = trainer.strategy.broadcast(seed, src=0)
+        if self._secure_rng is not None:
+            if world > 1:
+                raise ValueError(
+                    f"Unexpected combination secure_mode=True with {world} processes: every rank "
+                    "must draw the same Poisson masks, which a random-device generator cannot "
+                    "give; train on one process or use secure_mode=False")
+            generator = self._secure_rng
+        else:
+            # Every rank must draw the same masks: rank 0's seed is broadcast.
+            seed = trainer.strategy.broadcast(
+                int(self._generator(trainer, "sampler", torch.device("cpu")).initial_seed()),
+                src=0)
+            generator = torch.Generator().manual_seed(seed)
         sampler = _PoissonBatchSampler(
             num_samples=dataset_size, logical_rate=min(1.0, self.sample_rate * accumulate),
             steps=steps_per_epoch, accumulate=accumulate, rank=trainer.global_rank,
-            world_size=world, seed=seed)
+            world_size=world, generator=generator)
         sample = dataloader.dataset[0]
         fields = sample if isinstance(sample, (tuple, list)) else None
         collate = wrap_collate_with_empty(
