@@ -37,8 +37,9 @@ class DPPolicy:
             spend more. ``None``: no ceiling.
         delta_below_inverse_n: Require delta < 1/N (N: training set size): a delta of 1/N allows
             a mechanism that publishes one whole record.
-        require_poisson_sampling: Require Poisson subsampling (Opacus ``DPDataLoader``), which
-            every Opacus accountant assumes when it computes epsilon.
+        require_poisson_sampling: Require Poisson subsampling (Opacus ``DPDataLoader`` or the
+            ``DifferentialPrivacy`` callback's sampler), which every Opacus accountant assumes
+            when it computes epsilon.
         require_secure_mode: Require Opacus ``secure_mode`` (noise from a cryptographically
             secure generator; floating-point attacks on the plain one are known).
         stop_at_target: Count a violation when training goes on after epsilon passed the target.
@@ -109,10 +110,11 @@ def check_start(policy: DPPolicy, *, delta: float, dataset_size: int | None,
         found.append(Violation("non_poisson_sampling",
                                "the train loader does not sample as Poisson but the accountant "
                                "assumes it; use make_private(poisson_sampling=True) and its "
-                               "data loader"))
+                               "data loader, or DifferentialPrivacy(poisson_sampling=True)"))
     if policy.require_secure_mode and not secure_mode:
         found.append(Violation("secure_mode_off",
-                               "secure_mode is off; use PrivacyEngine(secure_mode=True)"))
+                               "secure_mode is off; use PrivacyEngine(secure_mode=True) or "
+                               "DifferentialPrivacy(secure_mode=True)"))
     if (policy.max_epsilon is not None and target_epsilon is not None
             and target_epsilon > policy.max_epsilon):
         found.append(Violation("target_above_policy_max",

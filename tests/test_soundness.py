@@ -158,6 +158,28 @@ def test_target_below_one_step_releases_nothing(wiring, caplog):
     assert any("planned training" in m and "only 0 more steps fit" in m for m in messages)
 
 
+class OwnHook(CanaryDP):
+    """Accounts with a hook of its own: the rate it charges cannot be read before the step."""
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        accountant = self.privacy_engine.accountant
+        optimizer.attach_step_hook(lambda opt: accountant.step(
+            noise_multiplier=opt.noise_multiplier, sample_rate=opt.accumulated_iterations / 8))
+        return optimizer
+
+
+def test_unknown_sample_rate_is_skipped_not_released(caplog):
+    model = OwnHook(1.0)
+    monitor = PrivacyMonitor(delta=DELTA, target_epsilon=100.0, mechanism=False)
+    with caplog.at_level(logging.WARNING, logger="privacy_callbacks.monitor"):
+        fit(model, monitor, max_epochs=1)
+    assert model.privacy_engine.accountant.history == []
+    assert model.canary.weight.summed_grad is None
+    assert any("cannot be read from the DP optimizer's accountant hook" in r.getMessage()
+               for r in caplog.records)
+
+
 @pytest.mark.parametrize("accumulate", [1, 2])
 @pytest.mark.parametrize("wiring", WIRINGS)
 def test_skipped_batches_never_reach_a_later_release(wiring, accumulate):
