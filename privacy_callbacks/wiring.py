@@ -64,7 +64,7 @@ class _PoissonBatchSampler(Sampler[list[int]]):
 
 
 def _entropy_seed() -> int:
-    """A seed from the operating system's entropy: no global RNG, no seed_everything, replays it."""
+    """A seed from the operating system's entropy, which no ``seed_everything`` or resume replays."""
     return secrets.randbits(62)
 
 
