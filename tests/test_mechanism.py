@@ -354,3 +354,96 @@ def test_mechanism_fields_reach_a_real_influxdb():
         assert exporter.dropped == 0
     finally:
         server.stop()
+
+
+# -- what the mechanism metrics release ---------------------------------------------------------
+
+CANARY = 1e3  # the canary's features: its per-sample gradient norm is far above every other
+
+
+class CanaryModule(pl.LightningModule):
+    """A plain module made private by the callback; record 0 of the data is a canary."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader, TensorDataset
+        from dp_models import make_data
+        x, y = make_data(256).tensors
+        x = x.clone()
+        x[0] = CANARY
+        return DataLoader(TensorDataset(x, y), batch_size=32)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class Releases(pl.Callback):
+    """Per step: whether the canary was in the batch, and everything the monitor published."""
+
+    def __init__(self, monitor, exporter):
+        self.monitor, self.exporter = monitor, exporter
+        self.rows, self._canary = [], False
+        self._top = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._canary = bool((batch[0] == CANARY).all(dim=1).any())
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        assert self.monitor.flush(60)
+        reg = self.exporter.registry
+        # Observations above 100 (every norm but the canary's is far below) so far.
+        count = reg.get_sample_value("privacy_per_sample_grad_norm_count", CANARY_LABELS)
+        below = reg.get_sample_value("privacy_per_sample_grad_norm_bucket",
+                                     {**CANARY_LABELS, "le": "100.0"})
+        top = None if count is None else count - below
+        step_top = None if top is None else top - self._top
+        self._top = top or 0.0
+        self.rows.append((self._canary, self.monitor.last_snapshot, step_top))
+
+
+CANARY_LABELS = {"session_id": "c", "model_name": "CanaryModule"}
+
+
+def _canary_fit(monitor_kwargs=None, dp_kwargs=None, epochs=4):
+    from privacy_callbacks import DifferentialPrivacy
+
+    torch.manual_seed(3)
+    exporter = PrometheusExporter(port=0, serve=False)
+    monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="c",
+                             **(monitor_kwargs or {}))
+    releases = Releases(monitor, exporter)
+    dp = DifferentialPrivacy(**{"noise_multiplier": 1.0, "max_grad_norm": 1.0, "seed": 5,
+                                **(dp_kwargs or {})})
+    fit(CanaryModule(), dp, monitor, releases, max_epochs=epochs)
+    present = [row[0] for row in releases.rows]
+    assert 0 < sum(present) < len(present)  # the canary is in some steps' batches, not all
+    return releases.rows, dp, exporter
+
+
+def test_raw_statistics_are_a_perfect_membership_test_and_need_opting_in():
+    with pytest.warns(UserWarning, match="outside.*epsilon"):
+        rows, _, _ = _canary_fit({"raw_private_statistics": True})
+    # What a scrape sees: the top bucket grows exactly when the canary is in the batch.
+    assert [present for present, _, _ in rows] == [top == 1 for _, _, top in rows]
+
+
+def test_by_default_nothing_published_reveals_the_canary():
+    rows, _, exporter = _canary_fit()
+    reg = exporter.registry
+    assert reg.get_sample_value("privacy_per_sample_grad_norm_count", CANARY_LABELS) is None
+    assert reg.get_sample_value("privacy_clipped_fraction", CANARY_LABELS) is None
+    for present, snap, top in rows:
+        assert top is None and snap.per_sample_grad_norms is None
+        assert snap.clipped_fraction is None
+        # Throughput counts the expected batch (32 here), not the Poisson batch's real size.
+        assert snap.throughput * snap.step_seconds == pytest.approx(32)
+    # The mechanism metrics that stay are data-independent or computed from the noised update.
+    assert all(snap.noise_magnitude > 0 and snap.signal_to_noise_ratio is not None
+               for _, snap, _ in rows)
