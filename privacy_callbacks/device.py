@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DeviceStats", "Marks", "SlotPool"]
+__all__ = ["Buckets", "DeviceStats", "Marks", "SlotPool"]
 
 
 class Marks:
@@ -30,8 +30,8 @@ class Marks:
     COUNT = 9
 
 
-#: Entries of the stats vector before the per-sample norms.
-HEAD = 3  # clipped count, signal L2 norm, noise L2 norm
+#: Entries of the stats vector before the per-sample values.
+HEAD = 4  # clipped count, noise L2 norm, clipping norm (NaN: given on the host), noised-update norm
 OPERATIONS = ("per_sample_gradients", "clipping", "noise", "accounting", "total")
 
 
@@ -151,31 +151,75 @@ class OverheadModel:
                 "total": (step + accounting_seconds) / plain}
 
 
+class Buckets:
+    """Bucket edges of the noised norm histogram and how they map to the published ones.
+
+    The device counts per-sample ``norm + 1e-6`` (what Opacus compares with C) between ``edges``:
+    the published edges shifted by 1e-6, and C. A record lands in exactly one bucket.
+    """
+
+    __slots__ = ("shown", "merge", "clipped_from")
+
+    def __init__(self, edges: list[float], shown: tuple[float, ...], clip: float) -> None:
+        self.shown = shown
+        # Fine bucket j holds (edges[j-1], edges[j]]; the last one everything above.
+        self.merge = [sum(1 for b in shown if b + 1e-6 < e) for e in edges] + [len(shown)]
+        self.clipped_from = edges.index(clip) + 1
+
+    def observations(self, counts: list[float]) -> tuple[float, ...]:
+        """Each published bucket's noised count, rounded and floored at 0, as observations at
+        its upper edge (post-processing: the histogram's ``_sum`` is only approximate)."""
+        merged = [0.0] * (len(self.shown) + 1)
+        for j, count in enumerate(counts):
+            merged[self.merge[j]] += count
+        tops = (*self.shown, 10 * self.shown[-1])
+        out: list[float] = []
+        for top, count in zip(tops, merged):
+            out += [top] * max(0, round(count))
+        return tuple(out)
+
+
 class DeviceStats:
     """Handle on one step's device-side statistics; :meth:`resolve` reads them.
 
-    Attributes (``None`` until resolved, or when not measured for this run):
-        clipped_fraction: Fraction of per-sample gradients clipped this step.
-        per_sample_grad_norms: Per-sample gradient L2 norms before clipping.
-        signal_magnitude: L2 norm of the summed clipped gradients.
-        noise_magnitude: L2 norm of the noise added.
-        signal_to_noise_ratio: ``signal_magnitude / noise_magnitude``.
+    Attributes (``None`` until resolved, or when not measured or not released for this run):
+        clipped_fraction: Fraction of per-sample gradients clipped this step: exact with raw
+            statistics; from the noised histogram's buckets above C over the expected batch
+            otherwise (clamped to [0, 1]).
+        per_sample_grad_norms: Raw statistics: the per-sample gradient L2 norms before clipping.
+            Noised histogram: one observation per noised (rounded, floored at 0) count, at its
+            bucket's upper edge.
+        noised_counts: The noised histogram counts as released, before rounding.
+        signal_energy: ``||g~||^2 - sigma_g^2 C^2 d``: an unbiased estimate of the squared L2
+            norm of the summed clipped gradients, from the noised update alone (global under DDP);
+            noisy when the signal is small next to the noise (sd about ``sigma_g^2 C^2 sqrt(2d)``).
+        signal_magnitude: ``sqrt(max(0, signal_energy))``.
+        noise_magnitude: L2 norm of the noise added (the noise vector is data-independent).
+        signal_to_noise_ratio: ``signal_magnitude / (sigma_g C sqrt(d))``, the expected noise norm.
         overhead: Time of each DP part relative to the plain step, by operation.
         accounting_seconds: Host time the privacy accounting took this step.
     """
 
     __slots__ = ("_pool", "_slot", "_norms", "_has_values", "_micro_batches", "_model",
+                 "_clip", "_sigma", "_entries", "_scale", "_buckets", "_expected",
                  "accounting_seconds", "clipped_fraction", "per_sample_grad_norms",
-                 "signal_magnitude", "noise_magnitude", "signal_to_noise_ratio", "overhead")
+                 "noised_counts", "signal_energy", "signal_magnitude", "noise_magnitude",
+                 "signal_to_noise_ratio", "overhead")
 
     def __init__(self, pool: SlotPool, slot: _Slot, *, norms: int | None, has_values: bool,
-                 micro_batches: int, model: OverheadModel | None) -> None:
+                 micro_batches: int, model: OverheadModel | None, clip: float | None = None,
+                 noise_multiplier: float = 0.0, entries: int = 0, scale: float = 1.0,
+                 buckets: Buckets | None = None, expected_samples: float | None = None) -> None:
         self._pool, self._slot = pool, slot
         self._norms, self._has_values = norms, has_values
         self._micro_batches, self._model = micro_batches, model
+        self._clip, self._sigma, self._entries, self._scale = clip, noise_multiplier, entries, scale
+        self._buckets, self._expected = buckets, expected_samples
         self.accounting_seconds = 0.0
         self.clipped_fraction: float | None = None
         self.per_sample_grad_norms: tuple[float, ...] | None = None
+        self.noised_counts: tuple[float, ...] | None = None
+        self.signal_energy: float | None = None
         self.signal_magnitude: float | None = None
         self.noise_magnitude: float | None = None
         self.signal_to_noise_ratio: float | None = None
@@ -189,19 +233,37 @@ class DeviceStats:
         try:
             slot.wait()
             if self._has_values:
-                n = self._norms or 0
-                values = slot.host[:HEAD + n].tolist()
-                clipped, self.signal_magnitude, self.noise_magnitude = values[:HEAD]
-                if self._norms is not None:
-                    self.per_sample_grad_norms = tuple(values[HEAD:])
-                    self.clipped_fraction = clipped / n if n else None
-                if self.noise_magnitude > 0 and math.isfinite(self.noise_magnitude):
-                    self.signal_to_noise_ratio = self.signal_magnitude / self.noise_magnitude
+                self._read(slot)
             if self._model is not None:
                 self.overhead = self._model.ratios(slot, self._micro_batches,
                                                    self.accounting_seconds)
         finally:
             self._release()
+
+    def _read(self, slot: _Slot) -> None:
+        buckets = self._buckets
+        n = self._norms or 0
+        tail = len(buckets.merge) if buckets is not None else n
+        values = slot.host[:HEAD + tail].tolist()
+        clipped, self.noise_magnitude, clip, grad = values[:HEAD]
+        clip = self._clip if math.isnan(clip) else clip
+        # Post-processing of the noised update: its energy minus the noise's expected energy.
+        expected_noise = (self._sigma * clip) ** 2 * self._entries
+        energy = (grad * self._scale) ** 2 - expected_noise
+        self.signal_energy = energy
+        self.signal_magnitude = math.sqrt(max(0.0, energy))
+        if expected_noise > 0 and math.isfinite(energy):
+            self.signal_to_noise_ratio = self.signal_magnitude / math.sqrt(expected_noise)
+        if buckets is not None:
+            counts = values[HEAD:]
+            self.noised_counts = tuple(counts)
+            self.per_sample_grad_norms = buckets.observations(counts)
+            if self._expected:
+                fraction = sum(counts[buckets.clipped_from:]) / self._expected
+                self.clipped_fraction = min(1.0, max(0.0, fraction))
+        elif self._norms is not None:
+            self.per_sample_grad_norms = tuple(values[HEAD:])
+            self.clipped_fraction = clipped / n if n else None
 
     def _release(self) -> None:
         slot, self._slot = self._slot, None

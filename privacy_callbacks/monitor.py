@@ -8,6 +8,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
@@ -101,6 +102,13 @@ class PrivacyMonitor(Callback):
             restarting epsilon would under-report the privacy spent.
         mechanism: Measure clipping, noise, signal and DP overhead on the device each step
             (see the README's "Mechanism metrics"); ``False`` leaves the optimizer untouched.
+            Every default mechanism metric is data-independent, post-processing of the noised
+            update, or -- with ``DifferentialPrivacy(statistics_noise_multiplier=...)`` -- a
+            noised histogram accounted in epsilon.
+        raw_private_statistics: Also publish each step's per-sample gradient norms, the exact
+            clipped fraction and the real batch sizes (throughput), computed from the private
+            batch without noise. They fall outside epsilon: a record with an unusual gradient
+            is visible in them. For debugging on data that needs no protection.
         overhead_every: Time one plain forward/backward pass (per-sample hooks off, nothing
             kept) every this many optimizer steps to compute ``privacy_overhead_ratio``;
             ``None`` turns the overhead ratios off.
@@ -135,6 +143,7 @@ class PrivacyMonitor(Callback):
         allow_privacy_reset: bool = False,
         mechanism: bool = True,
         overhead_every: int | None = 200,
+        raw_private_statistics: bool = False,
     ) -> None:
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
             raise ValueError(f"Unexpected value for delta: {delta!r}; use a number in (0, 1), "
@@ -170,7 +179,8 @@ class PrivacyMonitor(Callback):
         if accountant is not None:
             probe.find_accountant(None, None, accountant)  # raises, naming the value
         for name, value in (("stop_at_target", stop_at_target),
-                            ("allow_privacy_reset", allow_privacy_reset)):
+                            ("allow_privacy_reset", allow_privacy_reset),
+                            ("raw_private_statistics", raw_private_statistics)):
             if not isinstance(value, bool):
                 raise ValueError(f"Unexpected value for {name}: {value!r}; use True or False")
         if overhead_every is not None and (isinstance(overhead_every, bool) or not isinstance(
@@ -196,6 +206,13 @@ class PrivacyMonitor(Callback):
         self._session_id_given = session_id is not None
         self.mechanism = mechanism
         self.overhead_every = overhead_every
+        self.raw_private_statistics = raw_private_statistics
+        if raw_private_statistics:
+            warnings.warn(
+                "PrivacyMonitor(raw_private_statistics=True) publishes per-sample gradient norms, "
+                "the exact clipped fraction and real batch sizes of the private data: they fall "
+                "outside epsilon (a record with an unusual gradient is visible in them). Use it "
+                "only on data that needs no protection.", UserWarning, stacklevel=2)
 
         self.accounting: Accounting | None = None
         self.last_snapshot: PrivacySnapshot | None = None
@@ -209,6 +226,7 @@ class PrivacyMonitor(Callback):
         self._started = False
         self._last_step = -1
         self._samples = 0
+        self._batches = 0
         self._t_last: float | None = None
         self._loaded_state: dict[str, Any] | None = None
         self._exhausted = False
@@ -263,7 +281,8 @@ class PrivacyMonitor(Callback):
         self._skipped = []
         if self._exporting and self.mechanism:
             self._probe = probe.MechanismProbe(trainer, pl_module, self._optimizers[0],
-                                               overhead_every=self.overhead_every)
+                                               overhead_every=self.overhead_every,
+                                               statistics=self._statistics())
         if self._started:
             self._publisher = Publisher(self.exporters, max_pending=self.max_pending)
             info = RunInfo(
@@ -278,6 +297,20 @@ class PrivacyMonitor(Callback):
             logger.info("Privacy monitor: session %s, %s accountant, delta=%g%s", self.session_id,
                         self.accounting.mechanism, self.delta,
                         f", metrics at {', '.join(urls)}" if urls else "")
+
+    def _statistics(self) -> str | None:
+        """Which per-sample statistics the probe may release; logs once why none, if so."""
+        if self.raw_private_statistics:
+            return "raw"
+        if getattr(self._optimizers[0], "statistics_noise_multiplier", None):
+            return "dp"
+        logger.info(
+            "privacy_per_sample_grad_norm and privacy_clipped_fraction are off: computed from the "
+            "private batch they need noise accounted in epsilon, which only the "
+            "DifferentialPrivacy callback can add (DifferentialPrivacy(statistics_noise_"
+            "multiplier=...)); an optimizer from make_private is accounted by its own hook. "
+            "PrivacyMonitor(raw_private_statistics=True) publishes them unprotected.")
+        return None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning restores callback state before or after on_fit_start depending on the
@@ -343,6 +376,7 @@ class PrivacyMonitor(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t_last = None
         self._samples = 0
+        self._batches = 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
@@ -357,7 +391,11 @@ class PrivacyMonitor(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         self._drop_skipped()
-        self._samples += _batch_len(batch)
+        # Under Poisson sampling the real batch size is private: count the expected one, unless
+        # raw statistics were asked for.
+        self._batches += 1
+        if self.raw_private_statistics:
+            self._samples += _batch_len(batch)
         step = trainer.global_step
         if step == self._last_step or self.accounting is None:
             return  # no optimizer step in this batch (gradient accumulation)
@@ -376,12 +414,17 @@ class PrivacyMonitor(Callback):
 
     def _snapshot(self, trainer: pl.Trainer, step: int,
                   stats: DeviceStats | None = None) -> PrivacySnapshot:
+        opt = self._optimizers[0]
+        # Batches in this step's window: fewer than accumulate_grad_batches at an epoch's end.
+        batches, expected = self._batches, opt.expected_batch_size
+        samples = self._samples if self.raw_private_statistics else (
+            expected * batches if expected else None)
         now = time.perf_counter()
         throughput = seconds = None
         if self._t_last is not None and now > self._t_last:
             seconds = now - self._t_last
-            throughput = self._samples / seconds
-        self._t_last, self._samples = now, 0
+            throughput = None if samples is None else samples / seconds
+        self._t_last, self._samples, self._batches = now, 0, 0
 
         accounting = self.accounting
         assert accounting is not None
@@ -389,14 +432,16 @@ class PrivacyMonitor(Callback):
         accounting.update()
         if stats is not None:
             stats.accounting_seconds = time.perf_counter() - t_accounting
-        opt = self._optimizers[0]
         sigma = float(opt.noise_multiplier)
         clip = float(opt.max_grad_norm)
         history = accounting.accountant.history
         q = float(history[-1][1]) if history else None
-        noise_std = sigma * clip
-        if getattr(opt, "loss_reduction", "mean") == "mean" and opt.expected_batch_size:
-            noise_std /= opt.expected_batch_size * self._accumulate
+        # The noise on the update the model receives: the gradient's share of sigma, once over
+        # the global expected batch of every batch accumulated into the step.
+        noise_std = probe.gradient_noise_multiplier(opt) * clip
+        size = probe.global_expected_batch_size(opt)
+        if getattr(opt, "loss_reduction", "mean") == "mean" and size:
+            noise_std /= size * max(1, batches)
 
         eps = accounting.epsilon
         target = self.target_epsilon

@@ -16,6 +16,7 @@ accountant's step hook is never touched.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ from opacus.grad_sample import GradSampleHooks
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     GradSampleHooksFastGradientClipping,
 )
+from opacus.optimizers.optimizer import _generate_noise
 from opacus.optimizers import (
     AdaClipDPOptimizer,
     DistributedDPOptimizer,
@@ -36,13 +38,16 @@ from opacus.optimizers import (
 from opacus.utils.uniform_sampler import (DistributedUniformWithReplacementSampler,
                                           UniformWithReplacementSampler)
 
+from .catalog import by_name
+from .device import Buckets as _Buckets
 from .device import DeviceStats, Marks, OverheadModel, SlotPool
-from .wiring import _PoissonBatchSampler
+from .wiring import SplitNoise, _PoissonBatchSampler, split_noise
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["HOW_TO_WIRE", "MechanismProbe", "accounted_sample_rate", "discard_skipped_step",
-           "dp_config", "find_accountant", "find_dp_optimizers", "secure_mode", "skip_next_step",
+           "dp_config", "find_accountant", "find_dp_optimizers", "gradient_noise_multiplier",
+           "global_expected_batch_size", "secure_mode", "skip_next_step",
            "training_data_facts"]
 
 HOW_TO_WIRE = (
@@ -190,6 +195,25 @@ def accounted_sample_rate(optimizer: DPOptimizer, accumulated: int | None = None
     return rate * accumulated
 
 
+def gradient_noise_multiplier(optimizer: DPOptimizer) -> float:
+    """The noise multiplier of the noise ``add_noise`` puts on the summed clipped gradients."""
+    sigma = float(optimizer.noise_multiplier)
+    if isinstance(optimizer, SplitNoise):
+        return split_noise(sigma, optimizer.statistics_noise_multiplier)
+    if isinstance(optimizer, AdaClipDPOptimizer):  # its add_noise leaves a share to its count
+        return (sigma ** -2 - (2 * optimizer.unclipped_num_std) ** -2) ** -0.5 if sigma > 0 else 0.0
+    return sigma
+
+
+def global_expected_batch_size(optimizer: DPOptimizer) -> float | None:
+    """The expected batch over every rank; Opacus keeps each rank's share on the optimizer."""
+    size = getattr(optimizer, "expected_batch_size", None)
+    if not size:
+        return None
+    return float(size) * (getattr(optimizer, "world_size", 1)
+                          if isinstance(optimizer, DistributedDPOptimizer) else 1)
+
+
 def skip_next_step(optimizer: DPOptimizer) -> None:
     """Make the optimizer's next step add no noise, update nothing and account nothing.
 
@@ -217,7 +241,8 @@ def discard_skipped_step(optimizer: DPOptimizer) -> None:
 _TAPPABLE_CLIP = {DPOptimizer.clip_and_accumulate, AdaClipDPOptimizer.clip_and_accumulate}
 # add_noise implementations that leave p.summed_grad (signal) and p.grad = signal + noise.
 _KNOWN_NOISE = {DPOptimizer.add_noise, DistributedDPOptimizer.add_noise,
-                AdaClipDPOptimizer.add_noise, DPOptimizerFastGradientClipping.add_noise}
+                AdaClipDPOptimizer.add_noise, DPOptimizerFastGradientClipping.add_noise,
+                SplitNoise.add_noise}
 _DIVISIONS = {torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.true_divide, torch.div,
               torch.true_divide}
 _EPS = 1e-6  # Opacus adds it to the norm before dividing: a sample is clipped iff norm+eps > C
@@ -298,11 +323,19 @@ def find_grad_sample_hooks(trainer: Any, pl_module: Any,
 class MechanismProbe:
     """Measures clipping, noise, signal and DP overhead of one DP optimizer, without syncs.
 
-    Per step, on the training thread, everything is queued on the device: the clipped count
-    (norms against the C of that step), the L2 norms of the summed clipped gradients and of the
-    noise (``p.grad - p.summed_grad`` after ``add_noise``, reduced with ``torch._foreach_norm``),
-    the per-sample norms, an asynchronous copy into a pinned buffer and timing events. The
-    publisher's thread resolves the :class:`~privacy_callbacks.device.DeviceStats` handle.
+    Per step, on the training thread, everything is queued on the device: the L2 norms of the
+    noised gradient (the global one under DDP, after the optimizer's reduction) and of the noise
+    (``p.grad - p.summed_grad`` after ``add_noise``, reduced with ``torch._foreach_norm``), the
+    per-sample statistics the run releases, an asynchronous copy into a pinned buffer and timing
+    events. The publisher's thread resolves the :class:`~privacy_callbacks.device.DeviceStats`
+    handle.
+
+    Per-sample statistics (``statistics``): ``None`` releases none; ``"dp"`` releases the
+    histogram of per-sample norms (bucket edges: the catalog's and C) as counts with Gaussian
+    noise of ``optimizer.statistics_noise_multiplier`` (sensitivity 1: one record moves one
+    bucket), accounted together with the gradient
+    (:class:`~privacy_callbacks.wiring.SplitNoise`); ``"raw"`` copies the per-sample norms and
+    the clipped count as they are (outside epsilon).
 
     Args:
         trainer: The Lightning trainer.
@@ -310,14 +343,19 @@ class MechanismProbe:
         optimizer: The DP optimizer to instrument.
         overhead_every: Run the plain-step calibration every this many optimizer steps (the
             first at the third step, after warm-up); ``None`` turns overhead ratios off.
+        statistics: ``None``, ``"dp"`` or ``"raw"``, as above.
     """
 
     WARMUP_STEPS = 2
 
     def __init__(self, trainer: Any, pl_module: Any, optimizer: DPOptimizer, *,
-                 overhead_every: int | None) -> None:
+                 overhead_every: int | None, statistics: str | None = None) -> None:
+        if statistics not in (None, "dp", "raw"):
+            raise ValueError(f"Unexpected value for statistics: {statistics!r}; use None, 'dp' "
+                             "or 'raw'")
         self.optimizer = optimizer
         self.overhead_every = overhead_every
+        self.statistics = statistics
         self.missing: dict[str, str] = {}
         params = list(optimizer.params)
         device = params[0].device if params else torch.device("cpu")
@@ -336,6 +374,20 @@ class MechanismProbe:
         self._model = OverheadModel()
         self._hooks = find_grad_sample_hooks(trainer, pl_module, params)
         self._ghost = isinstance(optimizer, DPOptimizerFastGradientClipping)
+        # Under DDP the global noised gradient exists only after the optimizer's all-reduce.
+        self._distributed = (isinstance(optimizer, DistributedDPOptimizer)
+                             and getattr(optimizer, "world_size", 1) > 1)
+        self._pending: tuple[Any, ...] | None = None
+        self._with_grad: list[torch.Tensor] = []
+        self._buckets: Any = None
+        if statistics == "dp":
+            # Edges on norm + eps, the value Opacus compares with C: the catalog's edges (shifted
+            # by eps) and C itself, so the clipped count is a sum of buckets.
+            clip = float(optimizer.max_grad_norm)
+            shown = by_name("privacy_per_sample_grad_norm").buckets
+            edges = sorted({b + _EPS for b in shown} | {clip})
+            self._buckets = _Buckets(edges, shown, clip)
+            self._edges = torch.tensor(edges, dtype=torch.float32, device=device)
 
         kind = type(optimizer)
         noise_ok = kind.add_noise in _KNOWN_NOISE
@@ -345,7 +397,7 @@ class MechanismProbe:
         else:
             norms_ok = kind.clip_and_accumulate in _TAPPABLE_CLIP
             why = f"{kind.__name__} clips in a way this version cannot read"
-        if not norms_ok:
+        if not norms_ok and statistics is not None:
             for name in MECHANISM_METRICS[:2]:
                 self.missing[name] = why
         if not noise_ok:
@@ -359,6 +411,8 @@ class MechanismProbe:
         if norms_ok:
             name = "accumulate" if self._ghost else "clip_and_accumulate"
             self._install(name, self._wrap_clip(getattr(optimizer, name)))
+        if noise_ok and self._distributed:
+            self._install("reduce_gradients", self._wrap_reduce(optimizer.reduce_gradients))
         if self.missing:
             rank_zero_warn(
                 "PrivacyMonitor cannot measure "
@@ -387,7 +441,7 @@ class MechanismProbe:
         for name in self._installed:
             self.optimizer.__dict__.pop(name, None)
         self._installed = []
-        self._slot = self._handle = None
+        self._slot = self._handle = self._pending = None
 
     # -- training-thread hooks -------------------------------------------------------------
 
@@ -471,38 +525,92 @@ class MechanismProbe:
 
         return add_noise
 
+    def _wrap_reduce(self, original: Any) -> Any:
+        def reduce_gradients(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                try:
+                    opt = self.optimizer
+                    # Each rank divided its share by its expected batch and the reduction
+                    # averaged the ranks: undo both to get the global noised sum.
+                    scale = (float(opt.expected_batch_size) * opt.accumulated_iterations
+                             * opt.world_size if opt.loss_reduction == "mean" else 1.0)
+                    self._store(*pending, grad=self._norm([p.grad for p in self._with_grad]),
+                                scale=scale)
+                except Exception:  # monitoring never breaks the training step
+                    self._reducing = False
+                    logger.exception("Mechanism metrics failed; they are off for this fit")
+            return result
+
+        return reduce_gradients
+
+    @staticmethod
+    def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+        # Parameters may mix dtypes; the norms are float32 alike.
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors,
+                                                                        dtype=torch.float32)))
+
     def _reduce(self, slot: Any) -> None:
         """Queue this step's statistics on the device and their copy to the host."""
-        summed, grads = [], []
+        params, summed, grads = [], [], []
         for p in self._params:
             s = getattr(p, "summed_grad", None)
             if s is not None and p.grad is not None:
+                params.append(p)
                 summed.append(s)
                 grads.append(p.grad)
         if not summed:
             return
         device = summed[0].device
-        f32 = torch.float32  # parameters may mix dtypes; the norms are float32 alike
-        signal = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(summed, dtype=f32)))
-        noise = torch.linalg.vector_norm(torch.stack(
-            torch._foreach_norm(torch._foreach_sub(grads, summed), dtype=f32)))
+        # The noise vector does not depend on the data: its norm is data-independent.
+        noise = self._norm(torch._foreach_sub(grads, summed))
+        clip = self._clip_value
+        tensor_clip = isinstance(clip, torch.Tensor)
+        if tensor_clip:
+            clip = clip.to(device=device, dtype=torch.float32)
         divisors = self._divisors
+        tail: torch.Tensor | None = None
+        clipped = torch.zeros((), device=device)
         norms: int | None = None
-        if divisors:
+        if divisors and self.statistics is not None:
             denom = (divisors[0] if len(divisors) == 1 else torch.cat(divisors)).to(
                 device=device, dtype=torch.float32)
-            clip = self._clip_value
-            if isinstance(clip, torch.Tensor):
-                clip = clip.to(device)
-            clipped = (denom > clip).sum().float()
-            norms = int(denom.shape[0])
-            values = torch.cat((torch.stack((clipped, signal, noise)), denom - _EPS))
+            if self.statistics == "raw":
+                clipped = (denom > clip).sum().float()
+                norms = int(denom.shape[0])
+                tail = denom - _EPS
+            else:  # an accounted release: noised counts, never the norms themselves
+                edges = self._edges.to(device)
+                counts = torch.zeros(edges.shape[0] + 1, device=device).index_add_(
+                    0, torch.bucketize(denom, edges), torch.ones_like(denom))
+                opt = self.optimizer
+                tail = counts + _generate_noise(
+                    std=float(opt.statistics_noise_multiplier), reference=counts,
+                    generator=opt.generator, secure_mode=opt.secure_mode)
+        head = torch.stack((clipped, noise, clip.reshape(()) if tensor_clip
+                            else torch.full((), math.nan, device=device)))
+        self._with_grad = params
+        pending = (slot, head, tail, norms, None if tensor_clip else float(clip),
+                   gradient_noise_multiplier(self.optimizer), sum(s.numel() for s in summed))
+        if self._distributed:
+            self._pending = pending
         else:
-            values = torch.stack((torch.zeros((), device=device), signal, noise))
+            self._store(*pending, grad=self._norm(grads), scale=1.0)
+
+    def _store(self, slot: Any, head: torch.Tensor, tail: torch.Tensor | None,
+               norms: int | None, clip: float | None, sigma: float, entries: int, *,
+               grad: torch.Tensor, scale: float) -> None:
+        values = torch.cat((head, grad.reshape(1)) if tail is None
+                           else (head, grad.reshape(1), tail))
         slot.store(values)
-        self._handle = DeviceStats(self.pool, slot, norms=norms, has_values=True,
-                                   micro_batches=self._micro_batches,
-                                   model=self._model if self._timing else None)
+        opt = self.optimizer
+        expected = getattr(opt, "expected_batch_size", None)
+        self._handle = DeviceStats(
+            self.pool, slot, norms=norms, has_values=True, micro_batches=self._micro_batches,
+            model=self._model if self._timing else None, clip=clip, noise_multiplier=sigma,
+            entries=entries, scale=scale, buckets=self._buckets if tail is not None else None,
+            expected_samples=float(expected) * self._micro_batches if expected else None)
 
     def _calibrate(self, slot: Any, batch: Any, batch_idx: int) -> None:
         """Time one plain forward/backward on ``batch``: per-sample hooks off, nothing kept.

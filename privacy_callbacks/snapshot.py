@@ -68,13 +68,21 @@ class PrivacySnapshot:
 
     @property
     def clipped_fraction(self) -> float | None:
-        """Fraction of this step's per-sample gradients whose norm exceeded C."""
+        """Fraction of this step's per-sample gradients whose norm exceeded C: from the noised
+        histogram (an accounted release), or exact with ``raw_private_statistics``."""
         return None if self.device_stats is None else self.device_stats.clipped_fraction
 
     @property
     def per_sample_grad_norms(self) -> tuple[float, ...] | None:
-        """This step's per-sample gradient L2 norms before clipping."""
+        """Observations for the per-sample norm histogram: one per noised bucket count at the
+        bucket's upper edge, or the raw norms with ``raw_private_statistics``."""
         return None if self.device_stats is None else self.device_stats.per_sample_grad_norms
+
+    @property
+    def noised_counts(self) -> tuple[float, ...] | None:
+        """The noised per-sample norm histogram counts as released (bucket edges: the catalog's
+        and C), before rounding."""
+        return None if self.device_stats is None else self.device_stats.noised_counts
 
     @property
     def noise_magnitude(self) -> float | None:
@@ -82,13 +90,19 @@ class PrivacySnapshot:
         return None if self.device_stats is None else self.device_stats.noise_magnitude
 
     @property
+    def signal_energy(self) -> float | None:
+        """Unbiased estimate of the squared norm of the summed clipped gradients, computed from
+        the noised update alone: ``||g~||^2 - sigma_g^2 C^2 d``."""
+        return None if self.device_stats is None else self.device_stats.signal_energy
+
+    @property
     def signal_magnitude(self) -> float | None:
-        """L2 norm of the summed clipped per-sample gradients this step."""
+        """``sqrt(max(0, signal_energy))``: the signal's norm, estimated from the noised update."""
         return None if self.device_stats is None else self.device_stats.signal_magnitude
 
     @property
     def signal_to_noise_ratio(self) -> float | None:
-        """``signal_magnitude / noise_magnitude``."""
+        """``signal_magnitude`` over the expected noise norm ``sigma_g C sqrt(d)``."""
         return None if self.device_stats is None else self.device_stats.signal_to_noise_ratio
 
     @property

@@ -74,6 +74,53 @@ def _mixed_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") >> 2
 
 
+def split_noise(noise_multiplier: float, statistics_noise_multiplier: float) -> float:
+    """The gradient's noise multiplier when statistics are released with their own noise.
+
+    Two Gaussian releases of one sampled batch, each of sensitivity 1 after scaling (the clipped
+    sum over C, a histogram where one record moves one bucket), with multipliers ``sigma_g`` and
+    ``sigma_s`` compose to exactly one Gaussian mechanism with ``sigma**-2 = sigma_g**-2 +
+    sigma_s**-2`` -- what the accountant records (the pattern of Opacus' adaptive clipping).
+    """
+    sigma, sigma_s = float(noise_multiplier), float(statistics_noise_multiplier)
+    if sigma == 0:
+        return 0.0
+    if not sigma_s > sigma:
+        raise ValueError(
+            f"Unexpected value for statistics_noise_multiplier: {sigma_s!r} with noise_multiplier "
+            f"{sigma!r}: the statistics' noise must be larger than the accounted noise multiplier "
+            f"(no gradient noise sigma_g = (sigma^-2 - sigma_s^-2)^-1/2 exists otherwise); use, "
+            f"e.g., statistics_noise_multiplier={10 * sigma:g}")
+    return (sigma ** -2 - sigma_s ** -2) ** -0.5
+
+
+class SplitNoise:
+    """Mixin for a DP optimizer: ``noise_multiplier`` (accounted) covers a statistics release too.
+
+    ``add_noise`` adds the gradient's share ``split_noise(noise_multiplier,
+    statistics_noise_multiplier)``; everything else (the accountant's hook, the budget guard,
+    noise schedulers) keeps reading and writing the accounted ``noise_multiplier``.
+    """
+
+    statistics_noise_multiplier: float
+
+    def add_noise(self) -> None:
+        sigma = self.noise_multiplier  # type: ignore[attr-defined]
+        self.noise_multiplier = split_noise(sigma, self.statistics_noise_multiplier)
+        try:
+            super().add_noise()  # type: ignore[misc]
+        finally:
+            self.noise_multiplier = sigma
+
+
+class _SplitDPOptimizer(SplitNoise, DPOptimizer):
+    """A DPOptimizer whose accounted noise also covers a noised statistics release."""
+
+
+class _SplitDistributedDPOptimizer(SplitNoise, DistributedDPOptimizer):
+    """A DistributedDPOptimizer whose accounted noise also covers a noised statistics release."""
+
+
 def _positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value < 0 or (value == 0 and not allow_zero):
@@ -146,6 +193,13 @@ class DifferentialPrivacy(Callback):
             ``/dev/urandom`` generator, and noise drawn as Opacus' defence against
             floating-point attacks does. Needs ``torchcsprng`` and one process (the masks
             must agree across ranks, and a random-device generator cannot be shared).
+        statistics_noise_multiplier: Release a histogram of per-sample gradient norms each step
+            (:class:`~privacy_callbacks.PrivacyMonitor` publishes it, with the clipped fraction
+            read from its buckets above C) with Gaussian noise of this multiplier on each count.
+            It must be larger than the noise multiplier sigma: the gradient noise is raised to
+            ``sigma_g = (sigma**-2 - sigma_s**-2) ** -0.5`` so that the two releases together are
+            one Gaussian mechanism with sigma, which is what the accountant records. ``None``
+            releases no histogram.
 
     Attributes:
         privacy_engine: The Opacus ``PrivacyEngine`` whose accountant records every step; it
@@ -167,6 +221,7 @@ class DifferentialPrivacy(Callback):
         epsilon_tolerance: float = 0.01,
         seed: int | None = None,
         secure_mode: bool = False,
+        statistics_noise_multiplier: float | None = None,
     ) -> None:
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ValueError(
@@ -215,6 +270,12 @@ class DifferentialPrivacy(Callback):
             self._secure_rng = torchcsprng.create_random_device_generator("/dev/urandom")
         self.epsilon_tolerance = _positive("epsilon_tolerance", epsilon_tolerance)
         self.noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
+        if statistics_noise_multiplier is not None:
+            _positive("statistics_noise_multiplier", statistics_noise_multiplier)
+            if self.noise_multiplier is not None:
+                split_noise(self.noise_multiplier, statistics_noise_multiplier)  # raises, naming it
+        self.statistics_noise_multiplier = (None if statistics_noise_multiplier is None
+                                            else float(statistics_noise_multiplier))
         self.sample_rate: float | None = None
         self.privacy_engine = PrivacyEngine(accountant=accountant)
         self._expected_batch_size: float | None = None
@@ -296,6 +357,8 @@ class DifferentialPrivacy(Callback):
                                       strict=True)
         distributed = trainer.world_size > 1 and torch.distributed.is_initialized()
         cls = DistributedDPOptimizer if distributed else DPOptimizer
+        if self.statistics_noise_multiplier is not None:
+            cls = _SplitDistributedDPOptimizer if distributed else _SplitDPOptimizer
         wrapped = []
         for opt in optimizers:
             params = [p for group in opt.param_groups for p in group["params"]]
@@ -306,6 +369,8 @@ class DifferentialPrivacy(Callback):
                      loss_reduction="mean", generator=self._generator(trainer, "noise", device),
                      secure_mode=self.secure_mode)
             dp.attach_step_hook(self._account)
+            if self.statistics_noise_multiplier is not None:
+                dp.statistics_noise_multiplier = self.statistics_noise_multiplier
             wrapped.append(dp)
         # Schedulers keep pointing at the original optimizers: a DPOptimizer's param_groups ARE
         # the original's, and the original's step (called by the DPOptimizer) is the one the
@@ -390,6 +455,8 @@ class DifferentialPrivacy(Callback):
         steps_per_epoch = batches // accumulate
         if self.target_epsilon is not None:
             self.noise_multiplier = self._calibrate(trainer, steps_per_epoch, accumulate)
+            if self.statistics_noise_multiplier is not None:
+                split_noise(self.noise_multiplier, self.statistics_noise_multiplier)
         self._configure()
         if not self.poisson_sampling:
             return dataloader

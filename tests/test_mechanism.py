@@ -411,7 +411,7 @@ class Releases(pl.Callback):
 CANARY_LABELS = {"session_id": "c", "model_name": "CanaryModule"}
 
 
-def _canary_fit(monitor_kwargs=None, dp_kwargs=None, epochs=4):
+def _canary_fit(monitor_kwargs=None, dp_kwargs=None, epochs=2):
     from privacy_callbacks import DifferentialPrivacy
 
     torch.manual_seed(3)
