@@ -565,7 +565,7 @@ class MechanismProbe:
         device = summed[0].device
         # The noise vector does not depend on the data: its norm is data-independent.
         noise = self._norm(torch._foreach_sub(grads, summed))
-        clip = self._clip_value
+        clip = self.optimizer.max_grad_norm  # the C add_noise just used (adaptive: this step's)
         tensor_clip = isinstance(clip, torch.Tensor)
         if tensor_clip:
             clip = clip.to(device=device, dtype=torch.float32)
@@ -577,7 +577,10 @@ class MechanismProbe:
             denom = (divisors[0] if len(divisors) == 1 else torch.cat(divisors)).to(
                 device=device, dtype=torch.float32)
             if self.statistics == "raw":
-                clipped = (denom > clip).sum().float()
+                bound = self._clip_value  # the C of this step's clipping
+                if isinstance(bound, torch.Tensor):
+                    bound = bound.to(device)
+                clipped = (denom > bound).sum().float()
                 norms = int(denom.shape[0])
                 tail = denom - _EPS
             else:  # an accounted release: noised counts, never the norms themselves

@@ -73,6 +73,32 @@ def test_noise_added_once_for_the_global_batch(ddp_run):
     assert len(checksums) == 1, "ranks diverged: the noised gradient was not shared"
 
 
+def test_mechanism_metrics_describe_the_global_averaged_update(ddp_run):
+    expected = ddp_fit.SIGMA * ddp_fit.CLIP / 32  # the noise on the averaged gradient
+    sizes = [len(batch) for batch in ddp_run["single"]["batches"]]
+    for run in (ddp_run["ranks"][0], ddp_run["single"]):
+        d = run["entries"]
+        noise_energy = (ddp_fit.SIGMA * ddp_fit.CLIP) ** 2 * d
+        assert len(run["mechanism"]) == len(run["update_sq"]) == 8
+        for reported, measured in zip(run["mechanism"], run["step_noise_std"]):
+            assert reported["noise_std"] == pytest.approx(expected)
+            assert measured == pytest.approx(expected, rel=0.05)
+        # The signal is computed from the update every rank applies: the global noised sum
+        # (lr=1, averaged over the global expected batch of 32), minus the noise's energy.
+        for reported, update_sq in zip(run["mechanism"], run["update_sq"]):
+            assert reported["signal_energy"] == pytest.approx(
+                update_sq * 32 ** 2 - noise_energy, abs=1e-4 * noise_energy)
+        # ... and estimates the global signal, |batch| * C (each sample adds C): unbiased, with an
+        # sd of about sigma^2 C^2 sqrt(2d) + 2 sigma C |s| per step.
+        errors = [r["signal_energy"] - (size * ddp_fit.CLIP) ** 2
+                  for r, size in zip(run["mechanism"], sizes)]
+        spread = noise_energy * (2 / d) ** 0.5 + 2 * ddp_fit.CLIP * max(sizes)
+        assert abs(sum(errors) / len(errors)) < 4 * spread / len(errors) ** 0.5
+    assert [r["signal_energy"] for r in ddp_run["ranks"][0]["mechanism"]] == pytest.approx(
+        [r["signal_energy"] for r in ddp_run["single"]["mechanism"]], abs=4 * spread)
+    assert ddp_run["ranks"][1]["mechanism"] == []  # other ranks publish no privacy values
+
+
 def test_ranks_split_the_one_process_poisson_batch(ddp_run):
     single = ddp_run["single"]["batches"]
     local = [rank["batches"] for rank in ddp_run["ranks"]]

@@ -57,6 +57,9 @@ class Reference(pl.Callback):
         scale = opt.expected_batch_size * opt.accumulated_iterations  # p.grad was averaged
         noise = [p.grad * scale - s for p, s in zip(opt.params, self._ref["summed"])]
         self._ref["noise"] = float(torch.stack([n.norm() for n in noise]).norm())
+        self._ref["noised"] = float(torch.stack([(p.grad * scale).norm()
+                                                 for p in opt.params]).norm())
+        self._ref["sigma"] = float(opt.noise_multiplier)
         assert self.monitor.flush(60)
         self.rows.append((self.monitor.last_snapshot, self._ref))
         self._ref = None
@@ -64,7 +67,7 @@ class Reference(pl.Callback):
 
 @pytest.mark.parametrize("clip, expected", [(1e-6, 1.0), (1e6, 0.0)])
 def test_clipped_fraction_extremes(clip, expected):
-    monitor = PrivacyMonitor(delta=1e-5, session_id="t")
+    monitor = PrivacyMonitor(delta=1e-5, session_id="t", raw_private_statistics=True)
     ref = Reference(monitor)
     fit(DPModel(max_grad_norm=clip), monitor, ref)
     assert [snap.clipped_fraction for snap, _ in ref.rows] == [expected] * 8
@@ -73,7 +76,8 @@ def test_clipped_fraction_extremes(clip, expected):
 def test_clipped_fraction_norms_signal_noise_match_opacus_and_reach_prometheus():
     torch.manual_seed(0)
     exporter = PrometheusExporter(port=0, serve=False)
-    monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="t", overhead_every=3)
+    monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="t", overhead_every=3,
+                             raw_private_statistics=True)
     ref = Reference(monitor)
     fit(DPModel(max_grad_norm=1.6), monitor, ref)  # about the median per-sample norm
     fractions = []
@@ -82,10 +86,13 @@ def test_clipped_fraction_norms_signal_noise_match_opacus_and_reach_prometheus()
         fractions.append(snap.clipped_fraction)
         assert torch.allclose(torch.tensor(snap.per_sample_grad_norms), truth["norms"],
                               rtol=1e-5, atol=1e-6)
-        assert snap.signal_magnitude == pytest.approx(truth["signal"], rel=1e-4)
         assert snap.noise_magnitude == pytest.approx(truth["noise"], rel=1e-4)
-        assert snap.signal_to_noise_ratio == pytest.approx(truth["signal"] / truth["noise"],
-                                                           rel=1e-3)
+        # The signal is estimated from the noised update alone: its energy minus sigma^2 C^2 d.
+        expected_noise = (1.0 * 1.6) ** 2 * D
+        assert snap.signal_energy == pytest.approx(truth["noised"] ** 2 - expected_noise,
+                                                   rel=1e-3, abs=1e-3 * expected_noise)
+        assert snap.signal_to_noise_ratio == pytest.approx(
+            snap.signal_magnitude / math.sqrt(expected_noise))
     assert any(0 < f < 1 for f in fractions), fractions  # a genuinely intermediate case
 
     reg = exporter.registry
@@ -107,6 +114,24 @@ def test_clipped_fraction_norms_signal_noise_match_opacus_and_reach_prometheus()
     # total = DP step / plain step, and the parts are what DP adds to the plain step.
     assert parts["total"] == pytest.approx(1 + sum(v for k, v in parts.items() if k != "total"))
     assert parts["clipping"] > 0 and parts["noise"] > 0 and parts["total"] >= 1
+
+
+def test_signal_estimate_is_unbiased_and_exact_without_noise():
+    torch.manual_seed(2)
+    monitor = PrivacyMonitor(delta=1e-5, session_id="t")
+    ref = Reference(monitor)
+    fit(DPModel(noise_multiplier=0.0, max_grad_norm=0.5), monitor, ref)
+    for snap, truth in ref.rows:
+        assert snap.signal_magnitude == pytest.approx(truth["signal"], rel=1e-4)
+    torch.manual_seed(2)
+    monitor = PrivacyMonitor(delta=1e-5, session_id="t")
+    ref = Reference(monitor)
+    fit(DPModel(noise_multiplier=0.5, max_grad_norm=0.5), monitor, ref, max_epochs=4)
+    errors = torch.tensor([snap.signal_energy - truth["signal"] ** 2 for snap, truth in ref.rows])
+    # The estimate's sd per step is about sigma^2 C^2 sqrt(2d) + 2 sigma C |s|.
+    spread = 0.25 ** 2 * math.sqrt(2 * D) + 2 * 0.25 * max(t["signal"] for _, t in ref.rows)
+    assert abs(float(errors.mean())) < 3 * spread / math.sqrt(len(errors))
+    assert float(errors.std()) < 2 * spread
 
 
 def test_noise_magnitude_is_sigma_c_sqrt_d():
@@ -186,7 +211,7 @@ class AdaClipModel(DPModel):
 
 def test_adaptive_clipping_is_measured_against_each_steps_bound():
     torch.manual_seed(0)
-    monitor = PrivacyMonitor(delta=1e-5, session_id="t")
+    monitor = PrivacyMonitor(delta=1e-5, session_id="t", raw_private_statistics=True)
     ref = Reference(monitor)
     model = AdaClipModel(max_grad_norm=0.3)
     fit(model, monitor, ref)
@@ -196,7 +221,11 @@ def test_adaptive_clipping_is_measured_against_each_steps_bound():
         assert snap.clipped_fraction == truth["clipped"]
         assert torch.allclose(torch.tensor(snap.per_sample_grad_norms), truth["norms"],
                               rtol=1e-5, atol=1e-6)
-        assert snap.signal_magnitude == pytest.approx(truth["signal"], rel=1e-4)
+        # Adaptive clipping adds less noise to the gradient than sigma: its count takes a share.
+        sigma_g = (1.0 - (2 * 1.0) ** -2) ** -0.5
+        expected_noise = (sigma_g * truth["clip"]) ** 2 * D
+        assert snap.signal_energy == pytest.approx(truth["noised"] ** 2 - expected_noise,
+                                                   rel=1e-3, abs=1e-3 * expected_noise)
     assert monitor.last_snapshot.epsilon == model.privacy_engine.accountant.get_epsilon(1e-5)
 
     torch.manual_seed(0)
@@ -233,7 +262,7 @@ class GhostModel(DPModel):
 
 def test_ghost_clipping_reuses_its_norms_and_warns_about_overhead():
     torch.manual_seed(0)
-    monitor = PrivacyMonitor(delta=1e-5, session_id="t")
+    monitor = PrivacyMonitor(delta=1e-5, session_id="t", raw_private_statistics=True)
     seen = []
 
     class Norms(pl.Callback):
@@ -250,7 +279,7 @@ def test_ghost_clipping_reuses_its_norms_and_warns_about_overhead():
     for snap, norms in seen:
         assert snap.clipped_fraction == float((norms + 1e-6 > 0.3).float().mean())
         assert torch.allclose(torch.tensor(snap.per_sample_grad_norms), norms, rtol=1e-6)
-        assert snap.noise_magnitude > 0 and snap.signal_magnitude > 0
+        assert snap.noise_magnitude > 0 and snap.signal_energy is not None
         assert snap.overhead is None
     assert monitor.last_snapshot.epsilon == model.privacy_engine.accountant.get_epsilon(1e-5)
 
@@ -268,7 +297,8 @@ class PerLayerModel(DPModel):
 
 def test_uninstrumentable_clipping_keeps_core_metrics_and_warns_once():
     exporter = PrometheusExporter(port=0, serve=False)
-    monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="t")
+    monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="t",
+                             raw_private_statistics=True)
     model = PerLayerModel()
     with pytest.warns(UserWarning, match="privacy_clipped_fraction .*DPPerLayerOptimizer.*"
                                          "privacy_per_sample_grad_norm") as record:
@@ -324,7 +354,8 @@ def test_module_made_private_by_the_callback_gets_every_mechanism_metric():
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     monitor = PrivacyMonitor(delta=1e-5, overhead_every=2)
-    fit(Plain(), DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=0.5), monitor)
+    fit(Plain(), DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=0.5,
+                                     statistics_noise_multiplier=10.0), monitor)
     assert monitor.flush(60)
     snap = monitor.last_snapshot
     assert snap.clipped_fraction is not None and snap.noise_magnitude > 0
@@ -340,7 +371,8 @@ def test_mechanism_fields_reach_a_real_influxdb():
     try:
         influxdb1_query(server, "", 'CREATE DATABASE "privacy"')
         exporter = InfluxDBExporter(server.url, api="v1", database="privacy")
-        monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="mech")
+        monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="mech",
+                                 raw_private_statistics=True)
         ref = Reference(monitor)
         fit(DPModel(max_grad_norm=1.6), monitor, ref)
         rows = influxdb1_query(
@@ -411,7 +443,7 @@ class Releases(pl.Callback):
 CANARY_LABELS = {"session_id": "c", "model_name": "CanaryModule"}
 
 
-def _canary_fit(monitor_kwargs=None, dp_kwargs=None, epochs=2):
+def _canary_fit(monitor_kwargs=None, dp_kwargs=None, epochs=2, extra=()):
     from privacy_callbacks import DifferentialPrivacy
 
     torch.manual_seed(3)
@@ -421,7 +453,7 @@ def _canary_fit(monitor_kwargs=None, dp_kwargs=None, epochs=2):
     releases = Releases(monitor, exporter)
     dp = DifferentialPrivacy(**{"noise_multiplier": 1.0, "max_grad_norm": 1.0, "seed": 5,
                                 **(dp_kwargs or {})})
-    fit(CanaryModule(), dp, monitor, releases, max_epochs=epochs)
+    fit(CanaryModule(), dp, monitor, releases, *extra, max_epochs=epochs)
     present = [row[0] for row in releases.rows]
     assert 0 < sum(present) < len(present)  # the canary is in some steps' batches, not all
     return releases.rows, dp, exporter
@@ -447,3 +479,88 @@ def test_by_default_nothing_published_reveals_the_canary():
     # The mechanism metrics that stay are data-independent or computed from the noised update.
     assert all(snap.noise_magnitude > 0 and snap.signal_to_noise_ratio is not None
                for _, snap, _ in rows)
+
+
+class TrueCounts(pl.Callback):
+    """Per step: the exact counts of the released histogram, from Opacus' per-sample grads."""
+
+    def __init__(self, clip):
+        from privacy_callbacks.catalog import by_name
+
+        shown = by_name("privacy_per_sample_grad_norm").buckets
+        self.edges = torch.tensor(sorted({b + 1e-6 for b in shown} | {clip}))
+        self.counts = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = trainer.optimizers[0].grad_samples
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grads], 1).norm(2, 1)
+        idx = torch.bucketize((norms + 1e-6).float(), self.edges.float())
+        self.counts.append(torch.bincount(idx, minlength=len(self.edges) + 1).float())
+
+
+def test_noised_histogram_hides_the_canary_and_carries_the_configured_noise():
+    truth = TrueCounts(clip=1.0)
+    sigma_s = 8.0
+    rows, dp, _ = _canary_fit(dp_kwargs={"statistics_noise_multiplier": sigma_s},
+                              monitor_kwargs=None, extra=[truth])
+    released = torch.tensor([snap.noised_counts for _, snap, _ in rows])
+    exact = torch.stack(truth.counts)
+    residual = released - exact
+    # Every count carries its own N(0, sigma_s^2) noise, nothing else.
+    assert float(residual.std()) == pytest.approx(sigma_s, rel=0.15)
+    assert abs(float(residual.mean())) < 4 * sigma_s / math.sqrt(residual.numel())
+    # The perfect membership test of raw statistics is gone.
+    hits = [present == (top == 1) for present, _, top in rows]
+    assert sum(hits) < len(hits)
+    # The clipped fraction is read from the noised buckets above C, over the expected batch.
+    clipped_from = int((truth.edges <= 1.0).sum())  # buckets above C
+    for (_, snap, _), counts in zip(rows, released):
+        assert snap.clipped_fraction == pytest.approx(
+            min(1.0, max(0.0, float(counts[clipped_from:].sum()) / 32)), rel=1e-5, abs=1e-6)
+
+
+def test_histogram_noise_is_accounted_with_the_gradient_noise():
+    sigma, sigma_s, clip = 1.0, 1.5, 1.0
+    sigma_g = (sigma ** -2 - sigma_s ** -2) ** -0.5  # 1.34: the gradient takes more noise
+    rows, dp, exporter = _canary_fit(dp_kwargs={"statistics_noise_multiplier": sigma_s})
+    # The accountant records the one Gaussian mechanism both releases make together.
+    assert dp.privacy_engine.accountant.history == [(sigma, 1 / 8, len(rows))]
+    d = 8 * 16 + 16 + 16 * 2 + 2
+    noise = torch.tensor([snap.noise_magnitude for _, snap, _ in rows])
+    assert float(noise.mean()) == pytest.approx(sigma_g * clip * math.sqrt(d), rel=0.04)
+    assert rows[-1][1].noise_std == pytest.approx(sigma_g * clip / 32)
+    assert rows[-1][1].noise_multiplier == sigma
+    reg = exporter.registry
+    assert reg.get_sample_value("privacy_per_sample_grad_norm_count", CANARY_LABELS) > 0
+    assert reg.get_sample_value("privacy_noise_multiplier", CANARY_LABELS) == sigma
+
+
+@pytest.mark.parametrize("sigma_s", [1.0, 0.5])
+def test_statistics_noise_not_above_sigma_is_refused(sigma_s):
+    from privacy_callbacks import DifferentialPrivacy
+
+    with pytest.raises(ValueError, match=f"statistics_noise_multiplier: {sigma_s!r}"):
+        DifferentialPrivacy(noise_multiplier=1.0, statistics_noise_multiplier=sigma_s)
+
+
+def test_make_private_wiring_keeps_per_sample_statistics_off_and_says_why_once(caplog):
+    exporter = PrometheusExporter(port=0, serve=False)
+    monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="t")
+    with caplog.at_level("INFO", logger="privacy_callbacks"):
+        fit(DPModel(), monitor)
+    assert monitor.flush(60)
+    why = [r for r in caplog.records if "privacy_clipped_fraction are off" in r.getMessage()]
+    assert len(why) == 1 and "statistics_noise_multiplier" in why[0].getMessage()
+    assert exporter.registry.get_sample_value("privacy_per_sample_grad_norm_count", BASE) is None
+    assert monitor.last_snapshot.signal_to_noise_ratio is not None
+
+
+def test_noise_std_follows_the_batches_a_window_really_accumulated():
+    import ddp_fit
+
+    # 3 batches per optimizer step, but the epoch stops after 4: the second window holds one.
+    run = ddp_fit.run(devices=1, batch_size=32, accumulate_grad_batches=3, limit_train_batches=4)
+    reported = [m["noise_std"] for m in run["mechanism"]]
+    sigma_c = ddp_fit.SIGMA * ddp_fit.CLIP
+    assert reported == pytest.approx([sigma_c / (32 * 3), sigma_c / 32])
+    assert run["step_noise_std"] == pytest.approx(reported, rel=0.05)  # measured on the update
