@@ -113,13 +113,15 @@ METRICS: tuple[Metric, ...] = (
            "Sampling rate q the accountant used for the last step.",
            attr="sample_rate", field="sample_rate"),
     Metric("privacy_noise_std", "gauge",
-           "Standard deviation of the noise on the averaged gradient, sigma*C/(B*k).",
+           "Standard deviation of the noise on the averaged update: sigma_g*C/(B*k), B the global "
+           "expected batch, k the batches accumulated into the step.",
            attr="noise_std", field="noise_std"),
     Metric("training_steps_with_privacy_total", "counter",
            "Optimizer steps the privacy accountant has accounted.",
            unit="steps", attr="steps", field="steps_accounted"),
     Metric("training_throughput_private", "gauge",
-           "Training throughput with differential privacy.",
+           "Training throughput with differential privacy, in expected samples (the real Poisson "
+           "batch size is private) unless raw private statistics are on.",
            unit="samples/s", labels=("rank",), attr="throughput", field="throughput"),
     Metric("privacy_accounting_errors_total", "counter",
            "Failures while computing epsilon; training continued.",
@@ -130,26 +132,31 @@ METRICS: tuple[Metric, ...] = (
     Metric("training_step_seconds", "gauge",
            "Wall-clock time of the last optimizer step, data loading included.",
            unit="s", labels=("rank",), attr="step_seconds", field="step_seconds"),
-    # Mechanism metrics, read from the device without synchronising the training thread.
+    # Mechanism metrics, read from the device without synchronising the training thread. Each is
+    # data-independent, post-processing of the noised update, an accounted noised release, or
+    # raw only on explicit opt-in (README "Mechanism metrics").
     Metric("privacy_clipped_fraction", "gauge",
-           "Fraction of per-sample gradients whose norm exceeded the clipping norm C this step.",
+           "Fraction of per-sample gradients whose norm exceeded C this step: from the noised "
+           "histogram's buckets above C over the expected batch (accounted), or exact (raw opt-in).",
            attr="clipped_fraction", field="clipped_fraction"),
     # A histogram, not p50/p90/max gauges: buckets add up across steps, ranks and runs, any
     # quantile is chosen at query time (histogram_quantile over rate()), and the training side
     # never sorts. 1-2-5 buckets cover norms far below and far above any usual C.
     Metric("privacy_per_sample_grad_norm", "histogram",
-           "Per-sample gradient L2 norms before clipping.",
+           "Per-sample gradient L2 norms before clipping: noised bucket counts, rounded and floored "
+           "at 0 (accounted), or the norms themselves (raw opt-in).",
            attr="per_sample_grad_norms", buckets=_decades(1e-3, 1e3)),
     # One observation per step. The noise norm concentrates at sigma*C*sqrt(d) (d = parameters),
     # so the buckets reach 1e6 (sigma*C = 1 up to d = 1e12).
     Metric("privacy_noise_magnitude", "histogram",
-           "L2 norm of the Gaussian noise added to the summed gradient this step.",
+           "L2 norm of the Gaussian noise added to the summed gradient this step (data-independent).",
            attr="noise_magnitude", field="noise_magnitude", buckets=_decades(1e-3, 1e6)),
     Metric("privacy_signal_magnitude", "gauge",
-           "L2 norm of the summed clipped per-sample gradients (the signal) this step.",
+           "Norm of the summed clipped gradients, estimated from the noised update: "
+           "sqrt(max(0, |g~|^2 - sigma_g^2*C^2*d)) (post-processing; noisy for small signals).",
            attr="signal_magnitude", field="signal_magnitude"),
     Metric("privacy_signal_to_noise_ratio", "gauge",
-           "Signal magnitude divided by noise magnitude this step.",
+           "Estimated signal magnitude over the expected noise norm sigma_g*C*sqrt(d) this step.",
            attr="signal_to_noise_ratio", field="signal_to_noise_ratio"),
     # The snapshot attribute is a mapping {operation: ratio}; its keys are the label values.
     Metric("privacy_overhead_ratio", "gauge",

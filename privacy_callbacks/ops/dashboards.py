@@ -146,14 +146,15 @@ def _performance() -> tuple[Panel, ...]:
               ((_s("privacy_overhead_ratio"), _RUN + " {{operation}}"),),
               "Time of each DP step part relative to the same step without DP."),
         Panel("Clipped fraction", "timeseries", ((_s("privacy_clipped_fraction"), _RUN),),
-              "Fraction of per-sample gradients clipped this step.", unit="percentunit"),
+              "Fraction of per-sample gradients clipped this step (from the noised histogram).",
+              unit="percentunit"),
         Panel("Noise norm (median)", "timeseries", ((noise, _RUN),),
               "Median L2 norm of the noise added per step."),
         Panel("Per-sample gradient norm (p90)", "timeseries", ((grads, _RUN),),
-              "90th percentile of per-sample gradient norms before clipping."),
+              "90th percentile of per-sample gradient norms before clipping (noised histogram)."),
         Panel("Signal to noise", "timeseries",
               ((_s("privacy_signal_to_noise_ratio"), _RUN),),
-              "Norm of the clipped gradient sum over the norm of the noise."),
+              "Estimated norm of the clipped gradient sum over the expected noise norm."),
     )
 
 
