@@ -149,7 +149,9 @@ METRICS: tuple[Metric, ...] = (
     # One observation per step. The noise norm concentrates at sigma*C*sqrt(d) (d = parameters),
     # so the buckets reach 1e6 (sigma*C = 1 up to d = 1e12).
     Metric("privacy_noise_magnitude", "histogram",
-           "L2 norm of the Gaussian noise added to the summed gradient this step (data-independent).",
+           "L2 norm of the Gaussian noise added to the summed gradient this step: sigma_g*C*sqrt(d) "
+           "once the realised norm was checked on the device (finite, within 0.5-1.5x), else the "
+           "realised norm (broken noise, or raw opt-in).",
            attr="noise_magnitude", field="noise_magnitude", buckets=_decades(1e-3, 1e6)),
     Metric("privacy_signal_magnitude", "gauge",
            "Norm of the summed clipped gradients, estimated from the noised update: "

@@ -194,14 +194,21 @@ class DeviceStats:
             norm of the summed clipped gradients, from the noised update alone (global under DDP);
             noisy when the signal is small next to the noise (sd about ``sigma_g^2 C^2 sqrt(2d)``).
         signal_magnitude: ``sqrt(max(0, signal_energy))``.
-        noise_magnitude: L2 norm of the noise added (the noise vector is data-independent).
+        noise_magnitude: L2 norm of the noise added. The noise vector is data-independent, but
+            its exact norm next to the noised update is not harmless: an adversary who knows
+            the update and every other record tests which neighbouring sum lies at exactly that
+            distance. So by default this is the expected norm ``sigma_g C sqrt(d)`` once the
+            device found the realised norm finite and within [0.5, 1.5] of it (a bit that is
+            1 for every correctly generated noise vector of more than a few entries), and the
+            realised norm otherwise (zero, NaN or far off: the noise is broken). Raw statistics:
+            always the realised norm.
         signal_to_noise_ratio: ``signal_magnitude / (sigma_g C sqrt(d))``, the expected noise norm.
         overhead: Time of each DP part relative to the plain step, by operation.
         accounting_seconds: Host time the privacy accounting took this step.
     """
 
     __slots__ = ("_pool", "_slot", "_norms", "_has_values", "_micro_batches", "_model",
-                 "_clip", "_sigma", "_entries", "_scale", "_buckets", "_expected",
+                 "_clip", "_sigma", "_entries", "_scale", "_buckets", "_expected", "_raw",
                  "accounting_seconds", "clipped_fraction", "per_sample_grad_norms",
                  "noised_counts", "signal_energy", "signal_magnitude", "noise_magnitude",
                  "signal_to_noise_ratio", "overhead")
@@ -209,12 +216,13 @@ class DeviceStats:
     def __init__(self, pool: SlotPool, slot: _Slot, *, norms: int | None, has_values: bool,
                  micro_batches: int, model: OverheadModel | None, clip: float | None = None,
                  noise_multiplier: float = 0.0, entries: int = 0, scale: float = 1.0,
-                 buckets: Buckets | None = None, expected_samples: float | None = None) -> None:
+                 buckets: Buckets | None = None, expected_samples: float | None = None,
+                 raw: bool = False) -> None:
         self._pool, self._slot = pool, slot
         self._norms, self._has_values = norms, has_values
         self._micro_batches, self._model = micro_batches, model
         self._clip, self._sigma, self._entries, self._scale = clip, noise_multiplier, entries, scale
-        self._buckets, self._expected = buckets, expected_samples
+        self._buckets, self._expected, self._raw = buckets, expected_samples, raw
         self.accounting_seconds = 0.0
         self.clipped_fraction: float | None = None
         self.per_sample_grad_norms: tuple[float, ...] | None = None
@@ -245,10 +253,13 @@ class DeviceStats:
         n = self._norms or 0
         tail = len(buckets.merge) if buckets is not None else n
         values = slot.host[:HEAD + tail].tolist()
-        clipped, self.noise_magnitude, clip, grad = values[:HEAD]
+        clipped, noise, clip, grad = values[:HEAD]
         clip = self._clip if math.isnan(clip) else clip
         # Post-processing of the noised update: its energy minus the noise's expected energy.
         expected_noise = (self._sigma * clip) ** 2 * self._entries
+        expected_norm = math.sqrt(expected_noise)
+        checked = expected_norm > 0 and 0.5 <= noise / expected_norm <= 1.5  # NaN: False
+        self.noise_magnitude = expected_norm if checked and not self._raw else noise
         energy = (grad * self._scale) ** 2 - expected_noise
         self.signal_energy = energy
         self.signal_magnitude = math.sqrt(max(0.0, energy))

@@ -563,7 +563,8 @@ class MechanismProbe:
         if not summed:
             return
         device = summed[0].device
-        # The noise vector does not depend on the data: its norm is data-independent.
+        # The noise vector does not depend on the data; its exact norm is still published only
+        # with raw statistics (see DeviceStats.noise_magnitude).
         noise = self._norm(torch._foreach_sub(grads, summed))
         clip = self.optimizer.max_grad_norm  # the C add_noise just used (adaptive: this step's)
         tensor_clip = isinstance(clip, torch.Tensor)
@@ -613,7 +614,8 @@ class MechanismProbe:
             self.pool, slot, norms=norms, has_values=True, micro_batches=self._micro_batches,
             model=self._model if self._timing else None, clip=clip, noise_multiplier=sigma,
             entries=entries, scale=scale, buckets=self._buckets if tail is not None else None,
-            expected_samples=float(expected) * self._micro_batches if expected else None)
+            expected_samples=float(expected) * self._micro_batches if expected else None,
+            raw=self.statistics == "raw")
 
     def _calibrate(self, slot: Any, batch: Any, batch_idx: int) -> None:
         """Time one plain forward/backward on ``batch``: per-sample hooks off, nothing kept.
