@@ -302,7 +302,7 @@ class PrivacyMonitor(Callback):
         """Which per-sample statistics the probe may release; logs once why none, if so."""
         if self.raw_private_statistics:
             return "raw"
-        if getattr(self._optimizers[0], "statistics_noise_multiplier", None):
+        if isinstance(self._optimizers[0], probe.SplitNoise):  # its sigma covers the release
             return "dp"
         logger.info(
             "privacy_per_sample_grad_norm and privacy_clipped_fraction are off: computed from the "

@@ -143,6 +143,7 @@ def dp_config(optimizers: list[DPOptimizer]) -> dict[str, Any]:
             "max_grad_norm": float(opt.max_grad_norm),
             "expected_batch_size": getattr(opt, "expected_batch_size", None),
             "loss_reduction": getattr(opt, "loss_reduction", None),
+            "statistics_noise_multiplier": getattr(opt, "statistics_noise_multiplier", None),
             "secure_mode": secure_mode(optimizers),
             "optimizer": type(opt).__name__, "optimizers": len(optimizers)}
 
