@@ -137,21 +137,22 @@ METRICS: tuple[Metric, ...] = (
     # raw only on explicit opt-in (README "Mechanism metrics").
     Metric("privacy_clipped_fraction", "gauge",
            "Fraction of per-sample gradients whose norm exceeded C this step: from the noised "
-           "histogram's buckets above C over the expected batch (accounted), or exact (raw opt-in).",
+           "histogram's buckets above C over the expected batch (accounted), or exact "
+           "(raw opt-in).",
            attr="clipped_fraction", field="clipped_fraction"),
     # A histogram, not p50/p90/max gauges: buckets add up across steps, ranks and runs, any
     # quantile is chosen at query time (histogram_quantile over rate()), and the training side
     # never sorts. 1-2-5 buckets cover norms far below and far above any usual C.
     Metric("privacy_per_sample_grad_norm", "histogram",
-           "Per-sample gradient L2 norms before clipping: noised bucket counts, rounded and floored "
-           "at 0 (accounted), or the norms themselves (raw opt-in).",
+           "Per-sample gradient L2 norms before clipping: noised bucket counts, rounded and "
+           "floored at 0 (accounted), or the norms themselves (raw opt-in).",
            attr="per_sample_grad_norms", buckets=_decades(1e-3, 1e3)),
     # One observation per step. The noise norm concentrates at sigma*C*sqrt(d) (d = parameters),
     # so the buckets reach 1e6 (sigma*C = 1 up to d = 1e12).
     Metric("privacy_noise_magnitude", "histogram",
-           "L2 norm of the Gaussian noise added to the summed gradient this step: sigma_g*C*sqrt(d) "
-           "once the realised norm was checked on the device (finite, within 0.5-1.5x), else the "
-           "realised norm (broken noise, or raw opt-in).",
+           "L2 norm of the Gaussian noise added to the summed gradient this step: "
+           "sigma_g*C*sqrt(d) once the realised norm was checked on the device (finite, within "
+           "0.5-1.5x), else the realised norm (broken noise, or raw opt-in).",
            attr="noise_magnitude", field="noise_magnitude", buckets=_decades(1e-3, 1e6)),
     Metric("privacy_signal_magnitude", "gauge",
            "Norm of the summed clipped gradients, estimated from the noised update: "

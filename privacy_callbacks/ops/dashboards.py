@@ -42,6 +42,8 @@ class Panel:
         unit: Grafana unit id.
         instant: Query only the latest value (tables, stats).
         max: Upper bound for gauges.
+        opt_in: The setting without which the panel's metric is not published (a release that
+            must be accounted or asked for), or ``""``.
     """
 
     title: str
@@ -51,6 +53,7 @@ class Panel:
     unit: str = "none"
     instant: bool = False
     max: float | None = None
+    opt_in: str = ""
 
     @property
     def needs(self) -> list[str]:
@@ -62,6 +65,8 @@ class Panel:
         description = self.description
         if self.needs:
             description += f" Needs {', '.join(self.needs)}, which {LATER}."
+        if self.opt_in:
+            description += f" Published only with {self.opt_in}."
         defaults: dict = {"unit": self.unit}
         if self.max is not None:
             defaults.update(min=0, max=self.max)
@@ -77,6 +82,8 @@ class Panel:
         }
         if self.needs:
             panel["needs"] = self.needs
+        if self.opt_in:
+            panel["opt_in"] = self.opt_in
         return panel
 
 
@@ -90,6 +97,8 @@ def _h(name: str, suffix: str) -> str:
 
 
 _RUN = "{{session_id}}"
+_PER_SAMPLE = ("DifferentialPrivacy(statistics_noise_multiplier=...) (noised, accounted in ε) or "
+               "PrivacyMonitor(raw_private_statistics=True) (outside ε)")
 _RUN_KEYS = "job, instance, session_id, model_name"
 
 
@@ -147,11 +156,12 @@ def _performance() -> tuple[Panel, ...]:
               "Time of each DP step part relative to the same step without DP."),
         Panel("Clipped fraction", "timeseries", ((_s("privacy_clipped_fraction"), _RUN),),
               "Fraction of per-sample gradients clipped this step (from the noised histogram).",
-              unit="percentunit"),
+              unit="percentunit", opt_in=_PER_SAMPLE),
         Panel("Noise norm (median)", "timeseries", ((noise, _RUN),),
               "Median L2 norm of the noise added per step."),
         Panel("Per-sample gradient norm (p90)", "timeseries", ((grads, _RUN),),
-              "90th percentile of per-sample gradient norms before clipping (noised histogram)."),
+              "90th percentile of per-sample gradient norms before clipping (noised histogram).",
+              opt_in=_PER_SAMPLE),
         Panel("Signal to noise", "timeseries",
               ((_s("privacy_signal_to_noise_ratio"), _RUN),),
               "Estimated norm of the clipped gradient sum over the expected noise norm."),
