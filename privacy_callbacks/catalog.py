@@ -156,7 +156,7 @@ METRICS: tuple[Metric, ...] = (
            attr="noise_magnitude", field="noise_magnitude", buckets=_decades(1e-3, 1e6)),
     Metric("privacy_signal_magnitude", "gauge",
            "Norm of the summed clipped gradients, estimated from the noised update: "
-           "sqrt(max(0, |g~|^2 - sigma_g^2*C^2*d)) (post-processing; noisy for small signals).",
+           "sqrt(max(0, norm(g~)^2 - sigma_g^2*C^2*d)) (post-processing; noisy for small signals).",
            attr="signal_magnitude", field="signal_magnitude"),
     Metric("privacy_signal_to_noise_ratio", "gauge",
            "Estimated signal magnitude over the expected noise norm sigma_g*C*sqrt(d) this step.",

@@ -354,6 +354,11 @@ class MechanismProbe:
         if statistics not in (None, "dp", "raw"):
             raise ValueError(f"Unexpected value for statistics: {statistics!r}; use None, 'dp' "
                              "or 'raw'")
+        if statistics == "dp" and not isinstance(optimizer, SplitNoise):
+            raise ValueError(
+                f"Unexpected statistics='dp' for {type(optimizer).__name__}: only an optimizer "
+                "whose accounted sigma covers the release (DifferentialPrivacy("
+                "statistics_noise_multiplier=...)) may release noised statistics")
         self.optimizer = optimizer
         self.overhead_every = overhead_every
         self.statistics = statistics
