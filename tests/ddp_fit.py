@@ -88,6 +88,8 @@ class Record(pl.Callback):
             assert self.monitor.flush(60)
             snap = self.monitor.last_snapshot
             self.mechanism.append({"noise_std": snap.noise_std,
+                                   "noised_counts": snap.noised_counts,
+                                   "clipped_fraction": snap.clipped_fraction,
                                    "signal_energy": snap.signal_energy,
                                    "noise_magnitude": snap.noise_magnitude})
 
@@ -102,7 +104,8 @@ class Record(pl.Callback):
 
 
 def run(*, devices: int, batch_size: int, max_epochs: int = 1, port: int | None = None,
-        pushgateway: str | None = None, session_id: str = "ddp", **trainer_kwargs) -> dict:
+        pushgateway: str | None = None, session_id: str = "ddp",
+        statistics_noise_multiplier: float | None = None, **trainer_kwargs) -> dict:
     pl.seed_everything(0, verbose=False)
     exporters = []
     exporter = None
@@ -111,7 +114,8 @@ def run(*, devices: int, batch_size: int, max_epochs: int = 1, port: int | None 
                                       pushgateway=pushgateway, job="dp_training",
                                       push_interval=0.5)
         exporters.append(exporter)
-    dp = DifferentialPrivacy(noise_multiplier=SIGMA, max_grad_norm=CLIP, seed=SEED)
+    dp = DifferentialPrivacy(noise_multiplier=SIGMA, max_grad_norm=CLIP, seed=SEED,
+                             statistics_noise_multiplier=statistics_noise_multiplier)
     monitor = PrivacyMonitor(delta=DELTA, exporters=exporters, session_id=session_id,
                              model_name="zero")
     record = Record(monitor, exporter)
@@ -152,9 +156,11 @@ def main() -> None:
     parser.add_argument("--port", type=int)
     parser.add_argument("--pushgateway")
     parser.add_argument("--session-id", default="ddp")
+    parser.add_argument("--statistics-noise-multiplier", type=float)
     args = parser.parse_args()
     result = run(devices=args.devices, batch_size=args.batch_size, port=args.port,
-                 pushgateway=args.pushgateway, session_id=args.session_id)
+                 pushgateway=args.pushgateway, session_id=args.session_id,
+                 statistics_noise_multiplier=args.statistics_noise_multiplier)
     with open(os.path.join(args.out, f"rank{result['rank']}.json"), "w") as f:
         json.dump(result, f)
 
