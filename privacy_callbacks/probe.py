@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +45,13 @@ from .device import DeviceStats, Marks, OverheadModel, SlotPool
 from .wiring import SplitNoise, _PoissonBatchSampler, split_noise
 
 logger = logging.getLogger(__name__)
+
+# The calibration pass runs backward with Opacus' per-sample hooks disabled but still registered,
+# and PyTorch then warns "Full backward hook is firing ..." from here on every fit. Only warnings
+# attributed to this module are silenced (a filter installed once: one set inside the pass would
+# reset Python's once-only registry and repeat the training step's own warnings).
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning,
+                        module=__name__)
 
 __all__ = ["HOW_TO_WIRE", "MechanismProbe", "accounted_sample_rate", "discard_skipped_step",
            "dp_config", "find_accountant", "find_dp_optimizers", "gradient_noise_multiplier",
@@ -646,7 +654,7 @@ class MechanismProbe:
                 out = module.training_step(batch, batch_idx)
             loss = out.get("loss") if isinstance(out, Mapping) else out
             if isinstance(loss, torch.Tensor) and loss.requires_grad:
-                loss.backward()
+                loss.backward()  # the "Full backward hook" warning it raises is filtered above
                 slot.mark(Marks.CAL_END)
             else:
                 self._timing = False
