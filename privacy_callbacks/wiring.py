@@ -6,7 +6,7 @@ import hashlib
 import logging
 import math
 import secrets
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -128,24 +128,45 @@ def _positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
     return float(value)
 
 
-def _unsupported_modules(module: torch.nn.Module) -> list[str]:
+def _unsupported_modules(module: torch.nn.Module, prefix: str = "") -> list[str]:
     """``name (Type): reason`` for the innermost submodules Opacus cannot handle."""
     failing: dict[str, str] = {}
-    for name, sub in module.named_modules():
+    for name, sub in module.named_modules(prefix=prefix):
         errors = ModuleValidator.validate(sub, strict=False)
         if errors:
-            failing[name] = f"{name or '<root>'} ({type(sub).__name__}): {str(errors[0])[:160]}"
+            failing[name] = f"{name or '<root>'} ({type(sub).__name__}): {errors[0]}"
     innermost = [n for n in failing
                  if not any(o != n and o.startswith(f"{n}." if n else "") for o in failing)]
     return [failing[n] for n in innermost]
+
+
+def _hooked_roots(module: torch.nn.Module, private: set[torch.nn.Parameter]
+                  ) -> list[tuple[str, torch.nn.Module]]:
+    """The outermost submodules whose trainable parameters are all private (and mixed ones)."""
+    roots: list[tuple[str, torch.nn.Module]] = []
+
+    def visit(name: str, sub: torch.nn.Module) -> None:
+        params = [p for p in sub.parameters() if p.requires_grad]
+        if not any(p in private for p in params):
+            return
+        own = [p for p in sub.parameters(recurse=False) if p.requires_grad]
+        if all(p in private for p in params) or any(p in private for p in own):
+            roots.append((name, sub))
+            return
+        for child_name, child in sub.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", module)
+    return roots
 
 
 class DifferentialPrivacy(Callback):
     """Trains any LightningModule with DP-SGD (Opacus), on one process or under DDP.
 
     Without changing the module it attaches Opacus' per-sample gradient hooks (no wrapper
-    module), wraps every configured optimizer in an Opacus DP optimizer (LR schedulers keep
-    working: they share the optimizer's ``param_groups``), replaces the train dataloader by a
+    module), wraps the configured optimizers (all of them, or those chosen with ``optimizers``)
+    in Opacus DP optimizers (LR schedulers keep working: they share the optimizer's
+    ``param_groups``), replaces the train dataloader by a
     Poisson-sampling one and accounts every step in :attr:`privacy_engine`'s accountant, which
     :class:`~privacy_callbacks.PrivacyMonitor` finds by itself.
 
@@ -171,6 +192,12 @@ class DifferentialPrivacy(Callback):
     run reproducible on purpose; the seed is then mixed with the steps already accounted, the
     global step and the epoch, so a resume and every reloaded dataloader continue with fresh
     streams.
+
+    GANs and other multi-optimizer modules: only the chosen optimizers are private, and only
+    the submodules holding their parameters get per-sample hooks (and must be supported by
+    Opacus), e.g. ``DifferentialPrivacy(noise_multiplier=1.0, optimizers=[1])`` for a GAN whose
+    second optimizer trains the discriminator, the only part that sees the private data. Every
+    private optimizer step is accounted once.
 
     Args:
         noise_multiplier: Noise multiplier sigma. Give this or ``target_epsilon``.
@@ -200,6 +227,11 @@ class DifferentialPrivacy(Callback):
             ``sigma_g = (sigma**-2 - sigma_s**-2) ** -0.5`` so that the two releases together are
             one Gaussian mechanism with sigma, which is what the accountant records. ``None``
             releases no histogram.
+        optimizers: Which of ``configure_optimizers``' optimizers are private: an index, a
+            sequence of indices, or a predicate called with each optimizer; all by default.
+        modules: Names of the LightningModule's submodules that get per-sample gradient hooks
+            (e.g. ``["discriminator"]``); by default the submodules holding the private
+            optimizers' parameters.
 
     Attributes:
         privacy_engine: The Opacus ``PrivacyEngine`` whose accountant records every step; it
@@ -222,6 +254,8 @@ class DifferentialPrivacy(Callback):
         seed: int | None = None,
         secure_mode: bool = False,
         statistics_noise_multiplier: float | None = None,
+        optimizers: int | Sequence[int] | Callable[[torch.optim.Optimizer], bool] | None = None,
+        modules: Sequence[str] | None = None,
     ) -> None:
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ValueError(
@@ -268,6 +302,23 @@ class DifferentialPrivacy(Callback):
                     "install a torchcsprng build for your torch version, or use "
                     "secure_mode=False") from exc
             self._secure_rng = torchcsprng.create_random_device_generator("/dev/urandom")
+        if isinstance(optimizers, int) and not isinstance(optimizers, bool):
+            optimizers = (optimizers,)
+        if optimizers is not None and not callable(optimizers) and (
+                isinstance(optimizers, (str, bytes)) or not isinstance(optimizers, Sequence)
+                or not optimizers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
+                                         for i in optimizers)):
+            raise ValueError(f"Unexpected value for optimizers: {optimizers!r}; use an index "
+                             "into configure_optimizers' optimizers (e.g. 1), a list of indices, "
+                             "or a predicate taking an optimizer, or None for all of them")
+        if modules is not None and (isinstance(modules, str) or not isinstance(modules, Sequence)
+                                    or not modules
+                                    or not all(isinstance(m, str) and m for m in modules)):
+            raise ValueError(f"Unexpected value for modules: {modules!r}; use a list of the "
+                             "LightningModule's submodule names, e.g. ['discriminator']")
+        self.optimizers = optimizers if callable(optimizers) or optimizers is None \
+            else tuple(optimizers)
+        self.modules = None if modules is None else tuple(modules)
         self.epsilon_tolerance = _positive("epsilon_tolerance", epsilon_tolerance)
         self.noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
         if statistics_noise_multiplier is not None:
@@ -280,7 +331,8 @@ class DifferentialPrivacy(Callback):
         self.privacy_engine = PrivacyEngine(accountant=accountant)
         self._expected_batch_size: float | None = None
         self._optimizers: list[DPOptimizer] = []
-        self._hooks: GradSampleHooks | None = None
+        self._hooks: list[GradSampleHooks] | None = None
+        self._unchecked: list[tuple[int, DPOptimizer]] = []
         self._strategy: Any = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -326,9 +378,11 @@ class DifferentialPrivacy(Callback):
             vars(self._strategy).pop("process_dataloader", None)
             self._strategy = None
         if self._hooks is not None:
-            self._hooks.remove_hooks()
+            for hooks in self._hooks:
+                hooks.remove_hooks()
             self._hooks = None
         self._optimizers = []
+        self._unchecked = []
 
     # -- wiring ------------------------------------------------------------------------------
 
@@ -346,21 +400,27 @@ class DifferentialPrivacy(Callback):
                 f"{type(pl_module).__name__} already returns an Opacus DPOptimizer from "
                 "configure_optimizers: remove its make_private(...) call or the "
                 "DifferentialPrivacy callback, not both")
-        unsupported = _unsupported_modules(pl_module)
+        chosen = self._chosen(optimizers)
+        private = {p for i in chosen for group in optimizers[i].param_groups
+                   for p in group["params"]}
+        roots = self._roots(pl_module, private)
+        unsupported = [reason for name, sub in roots for reason in _unsupported_modules(sub, name)]
         if unsupported:
             raise ValueError(
                 f"Opacus cannot compute per-sample gradients for {type(pl_module).__name__}; "
                 "unsupported modules:\n  " + "\n  ".join(unsupported) + "\nReplace them before "
                 "fitting, e.g. `model = ModuleValidator.fix(model)` "
-                "(from opacus.validators import ModuleValidator).")
-        self._hooks = GradSampleHooks(pl_module, batch_first=True, loss_reduction="mean",
-                                      strict=True)
+                "(from opacus.validators import ModuleValidator), or keep them out of the private "
+                "part with DifferentialPrivacy(optimizers=..., modules=...).")
+        self._hooks = [GradSampleHooks(sub, batch_first=True, loss_reduction="mean", strict=True)
+                       for _, sub in roots]
         distributed = trainer.world_size > 1 and torch.distributed.is_initialized()
         cls = DistributedDPOptimizer if distributed else DPOptimizer
         if self.statistics_noise_multiplier is not None:
             cls = _SplitDistributedDPOptimizer if distributed else _SplitDPOptimizer
-        wrapped = []
-        for opt in optimizers:
+        wrapped = list(optimizers)
+        for i in chosen:
+            opt = optimizers[i]
             params = [p for group in opt.param_groups for p in group["params"]]
             device = params[0].device if params else torch.device("cpu")
             dp = cls(opt, noise_multiplier=self.noise_multiplier or 0.0,
@@ -371,15 +431,77 @@ class DifferentialPrivacy(Callback):
             dp.attach_step_hook(self._account)
             if self.statistics_noise_multiplier is not None:
                 dp.statistics_noise_multiplier = self.statistics_noise_multiplier
-            wrapped.append(dp)
+            # LearningRateMonitor names an optimizer by its `.optimizer` when it has one (as for
+            # DeepSpeed's wrapper): one `lr-SGD` column, not `lr-SGD` and `lr-DPOptimizer`.
+            dp.optimizer = opt
+            wrapped[i] = dp
         # Schedulers keep pointing at the original optimizers: a DPOptimizer's param_groups ARE
         # the original's, and the original's step (called by the DPOptimizer) is the one the
         # scheduler counts.
         trainer.strategy.optimizers = wrapped
-        self._optimizers = wrapped
+        self._optimizers = [wrapped[i] for i in chosen]
+        self._unchecked = [(i, wrapped[i]) for i in chosen]
         self._configure()
-        if distributed:
+        # The no-op hook is model-wide: an optimizer left public needs DDP's own reduction.
+        if distributed and len(chosen) == len(optimizers):
             self._disable_ddp_allreduce(trainer)
+
+    def _chosen(self, optimizers: list[Any]) -> list[int]:
+        """Indices of the optimizers to make private."""
+        if self.optimizers is None:
+            return list(range(len(optimizers)))
+        if callable(self.optimizers):
+            chosen = [i for i, opt in enumerate(optimizers) if self.optimizers(opt)]
+            if not chosen:
+                raise ValueError(f"DifferentialPrivacy(optimizers={self.optimizers!r}) chose none "
+                                 f"of the {len(optimizers)} optimizers: make the predicate "
+                                 "return True for the private one(s)")
+            return chosen
+        bad = [i for i in self.optimizers if i >= len(optimizers)]
+        if bad:
+            raise ValueError(f"Unexpected value for optimizers: DifferentialPrivacy(optimizers="
+                             f"{list(self.optimizers)!r}) but configure_optimizers returns "
+                             f"{len(optimizers)} optimizers; use indices below {len(optimizers)}")
+        return sorted(set(self.optimizers))
+
+    def _roots(self, pl_module: pl.LightningModule, private: set[torch.nn.Parameter]
+               ) -> list[tuple[str, torch.nn.Module]]:
+        """The submodules to hook: the ones named in ``modules``, else those holding ``private``."""
+        if self.modules is None:
+            return _hooked_roots(pl_module, private)
+        roots = []
+        for name in self.modules:
+            try:
+                roots.append((name, pl_module.get_submodule(name)))
+            except AttributeError:
+                names = [n for n, _ in pl_module.named_children()]
+                raise ValueError(f"Unexpected value in modules: {name!r} is not a submodule of "
+                                 f"{type(pl_module).__name__} (its children: {names})") from None
+        return roots
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Any) -> None:
+        # Opacus fails on a private parameter without per-sample gradients with an error that
+        # names neither this callback nor the fix; check each private optimizer's first step.
+        if not self._unchecked:
+            return
+        entry = next((e for e in self._unchecked if e[1] is optimizer), None)
+        if entry is None:
+            return
+        self._unchecked.remove(entry)
+        index, dp = entry
+        names = {p: n for n, p in pl_module.named_parameters()}
+        missing = [names.get(p, "?") for p in dp.params
+                   if getattr(p, "grad_sample", None) is None]
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise ValueError(
+                f"DifferentialPrivacy made optimizer {index} ({type(dp.original_optimizer).__name__}"
+                f") private, but its parameters {shown} got no per-sample gradients in this "
+                "backward pass (e.g. a GAN's generator, which never sees the private data, or a "
+                "submodule left out of modules=). Choose the private optimizer(s) with "
+                "DifferentialPrivacy(optimizers=[...]) (an index or a predicate), and the hooked "
+                "submodules with modules=[...].")
 
     def _disable_ddp_allreduce(self, trainer: pl.Trainer) -> None:
         from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
