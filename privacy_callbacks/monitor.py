@@ -82,8 +82,10 @@ class PrivacyMonitor(Callback):
         accountant: The Opacus accountant or ``PrivacyEngine``. By default the monitor finds the
             ``PrivacyEngine`` stored on the LightningModule (``self.privacy_engine``, as in Opacus'
             Lightning example) or on a callback.
-        session_id: Label identifying this run; a random id by default (set it to keep one series
-            across restarts).
+        session_id: Label naming the session. By default each ``trainer.fit`` is a session of its
+            own with a random id (a resumed fit keeps its checkpoint's); a named session spans
+            every fit of this monitor and every restart. Counters count what their session
+            accounted (see the README's "Sessions").
         model_name: Label naming the model; the LightningModule's class name by default.
         progress_bar: Show epsilon in the progress bar.
         max_pending: Snapshots the publisher holds while exporters lag before dropping the oldest.
@@ -204,6 +206,11 @@ class PrivacyMonitor(Callback):
         self.stop_at_target = stop_at_target
         self.allow_privacy_reset = allow_privacy_reset
         self._session_id_given = session_id is not None
+        self._fitted = False
+        # What the session's earlier fits counted (steps, epsilon, accounting errors), and the
+        # offsets that turn this fit's accountant values into the session's (PrivacySnapshot).
+        self._session_carry: tuple[int, float, int] = (0, 0.0, 0)
+        self._session_offsets: tuple[int, float, int] = (0, 0.0, 0)
         self.mechanism = mechanism
         self.overhead_every = overhead_every
         self.raw_private_statistics = raw_private_statistics
@@ -230,16 +237,31 @@ class PrivacyMonitor(Callback):
         self._t_last: float | None = None
         self._loaded_state: dict[str, Any] | None = None
         self._exhausted = False
+        self._logged_step: int | None = None
         # (sigma, q, accountant state) for which one more step is known to stay within the target.
         self._cleared: tuple[Any, ...] | None = None
         # Optimizers whose last step the guard skipped: what it accumulated is dropped after it.
         self._skipped: list[Any] = []
+
+    @property
+    def state_key(self) -> str:
+        # Two monitors (two exporter configurations, two deltas) can sit in one Trainer.
+        exporters = [type(e).__name__ if type(e).__repr__ is object.__repr__ else repr(e)
+                     for e in self.exporters]
+        return self._generate_state_key(
+            delta=self.delta, target_epsilon=self.target_epsilon,
+            session_id=self.session_id if self._session_id_given else None, exporters=exporters)
+
+    @property
+    def _legacy_state_key(self) -> Any:
+        return type(self).__qualname__  # the key of checkpoints saved before state_key existed
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._start_session()
         self._rank = trainer.global_rank
         self._exporting = trainer.is_global_zero
         started: list[Exporter] = []
@@ -276,6 +298,7 @@ class PrivacyMonitor(Callback):
         self._last_step = trainer.global_step
         self._samples = 0
         self._t_last = None
+        self._logged_step = None
         self._exhausted = False
         self._cleared = None
         self._skipped = []
@@ -312,11 +335,35 @@ class PrivacyMonitor(Callback):
             "PrivacyMonitor(raw_private_statistics=True) publishes them unprotected.")
         return None
 
+    def _start_session(self) -> None:
+        """A fit starts: a new session unless the user named one (or a checkpoint's resumes)."""
+        last = self.last_snapshot
+        if self._session_id_given:
+            if last is not None and last.session_steps is not None:
+                self._session_carry = (last.session_steps, last.session_epsilon or 0.0,
+                                       last.session_accounting_errors or 0)
+        elif self._fitted:
+            self.session_id = uuid.uuid4().hex[:12]
+            self._session_carry = (0, 0.0, 0)
+        self._fitted = True
+
+    def _session_baseline(self) -> None:
+        """Offsets so that the snapshot's session values count what this session accounted."""
+        accounting = self.accounting
+        assert accounting is not None
+        accountant = accounting.accountant
+        # Exact, once per fit (PRV: milliseconds); 0 for an accountant that accounted nothing.
+        epsilon = float(accountant.get_epsilon(self.delta)) if accountant.history else 0.0
+        accounted = sum(int(n) for _, _, n in accountant.history)
+        steps, eps, errors = self._session_carry
+        self._session_offsets = (accounted - steps, epsilon - eps, -errors)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning restores callback state before or after on_fit_start depending on the
         # strategy; by on_train_start it has always happened, and no step has run yet.
         resumed = self._loaded_state
         self._restore_privacy(trainer)
+        self._session_baseline()
         self._agree_across_ranks(trainer)
         self._last_step = trainer.global_step
         self._check_plan(trainer)
@@ -407,8 +454,9 @@ class PrivacyMonitor(Callback):
             self._publisher.publish(snapshot if self._exporting else _rank_only(snapshot))
         if self.progress_bar and snapshot.epsilon is not None and (
                 batch_idx == 0 or step % max(1, trainer.log_every_n_steps) == 0):
-            pl_module.log("epsilon", torch.tensor(snapshot.epsilon), prog_bar=True, logger=False,
-                          on_step=True, on_epoch=False)
+            # Namespaced: a module's own self.log("epsilon", ...) keeps its key.
+            pl_module.log("privacy/epsilon", torch.tensor(snapshot.epsilon), prog_bar=True,
+                          logger=False, on_step=True, on_epoch=False)
         if trainer.loggers and self._exporting and step % max(1, trainer.log_every_n_steps) == 0:
             self._log_to_loggers(trainer, snapshot)
 
@@ -475,7 +523,10 @@ class PrivacyMonitor(Callback):
             membership_inference_auc=None if mia is None else mia.auc,
             membership_inference_advantage=None if mia is None else mia.advantage,
             attack_scores=scores, audit_epsilon_lower_bound=audit_bound,
-            compliance_violations=oversight.violations, device_stats=stats)
+            compliance_violations=oversight.violations, device_stats=stats,
+            session_steps_offset=self._session_offsets[0],
+            session_epsilon_offset=self._session_offsets[1],
+            session_errors_offset=self._session_offsets[2])
 
     # -- budget guard -------------------------------------------------------------------------
 
@@ -553,19 +604,20 @@ class PrivacyMonitor(Callback):
         bound = "" if accounting.mechanism == "rdp" else " (RDP bound)"
         if q is None:
             logger.warning(
-                "Privacy budget guard: stopping training at step %d, the step about to run was "
-                "skipped: the sample rate it would be accounted at cannot be read from the DP "
-                "optimizer's accountant hook, so it cannot be checked against target_epsilon=%g. "
-                "%s", step, self.target_epsilon, probe.HOW_TO_WIRE)
+                "Privacy budget guard: stopping training at trainer step %d (%d steps accounted), "
+                "the step about to run was skipped: the sample rate it would be accounted at "
+                "cannot be read from the DP optimizer's accountant hook, so it cannot be checked "
+                "against target_epsilon=%g. %s", step, accounting.steps, self.target_epsilon,
+                probe.HOW_TO_WIRE)
             self.audit_event("budget_guard_stop", step=step, epsilon=eps, next_epsilon=nxt,
                              target_epsilon=self.target_epsilon, skipped=skipped)
             return
         logger.warning(
-            "Privacy budget guard: stopping training at step %d%s: epsilon=%.4g%s at delta=%g; "
-            "one more step (noise_multiplier=%g, sample_rate=%g) would reach %.4g, past "
-            "target_epsilon=%g.", step, ", the step about to run was skipped" if skipped else "",
-            eps, bound, self.delta, sigma, q if q is not None else float("nan"), nxt,
-            self.target_epsilon)
+            "Privacy budget guard: stopping training at trainer step %d (%d steps accounted)%s: "
+            "epsilon=%.4g%s at delta=%g; one more step (noise_multiplier=%g, sample_rate=%g) "
+            "would reach %.4g, past target_epsilon=%g.", step, accounting.steps,
+            ", the step about to run was skipped" if skipped else "", eps, bound, self.delta,
+            sigma, q if q is not None else float("nan"), nxt, self.target_epsilon)
         self.audit_event("budget_guard_stop", step=step, epsilon=eps, next_epsilon=nxt,
                          target_epsilon=self.target_epsilon, skipped=skipped)
 
@@ -602,12 +654,37 @@ class PrivacyMonitor(Callback):
         metrics = {k: v for k, v in metrics.items() if v is not None}
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=snapshot.step)
+        self._logged_step = snapshot.step
+
+    def _log_final(self, trainer: pl.Trainer) -> None:
+        """The values after the last step, unless the log cadence already logged them."""
+        snap, accounting = self.last_snapshot, self.accounting
+        if (not trainer.loggers or not self._exporting or snap is None or accounting is None
+                or self._logged_step == snap.step):
+            return
+        accounting.settle(timeout=10.0)
+        if accounting.epsilon_step != accounting.steps:
+            return  # no exact epsilon for the last step: log nothing rather than less
+        eps = accounting.epsilon
+        remaining = None if self.target_epsilon is None or eps is None else self.target_epsilon - eps
+        self._log_to_loggers(trainer, dataclasses.replace(snap, epsilon=eps,
+                                                          budget_remaining=remaining))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every snapshot so far reached the exporters; False on timeout."""
         return self._publisher.flush(timeout) if self._publisher is not None else True
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Training is over: what a module or callback reads from here on (its own epsilon, a
+        # scrape) matches the accountant's exact value, not a background value for an earlier
+        # step.
+        if (self._publisher is not None and self._exporting and self.accounting is not None
+                and self.last_snapshot is not None):
+            self.accounting.settle(timeout=10.0)
+            self._publish_final()
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_final(trainer)
         snap = self.last_snapshot
         if snap is not None and self._exporting and self._oversight.active:
             if self.accounting is not None:
@@ -694,8 +771,12 @@ class PrivacyMonitor(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         accountant = self.accounting.accountant if self.accounting is not None else None
+        last = self.last_snapshot
         return {
             "session_id": self.session_id,
+            # What the session counted up to here, so that a resumed session counts on.
+            "session_steps": last.session_steps if last is not None else None,
+            "session_epsilon": last.session_epsilon if last is not None else None,
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "accountant": accountant.mechanism() if accountant is not None else None,
@@ -707,6 +788,9 @@ class PrivacyMonitor(Callback):
         saved_id = state_dict.get("session_id")
         if not self._session_id_given and isinstance(saved_id, str) and saved_id:
             self.session_id = saved_id  # one series across restarts
+        if saved_id == self.session_id and isinstance(state_dict.get("session_steps"), int):
+            self._session_carry = (state_dict["session_steps"],
+                                   float(state_dict.get("session_epsilon") or 0.0), 0)
 
     def _restore_privacy(self, trainer: pl.Trainer) -> None:
         """Put the checkpoint's accountant history back into the Opacus accountant."""

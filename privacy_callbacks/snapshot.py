@@ -31,6 +31,11 @@ class PrivacySnapshot:
         audit_epsilon_lower_bound: Lower bound on the run's epsilon from
             :class:`~privacy_callbacks.privacy_audit.OneRunAudit`, once it audited.
         compliance_violations: ``((policy, violation_type, count), ...)`` so far.
+        session_steps_offset: ``steps`` minus the steps this session accounted (what the
+            accountant held when the session's current fit started, less what earlier fits of the
+            session accounted); see :attr:`session_steps`.
+        session_epsilon_offset: The same for ``epsilon``; see :attr:`session_epsilon`.
+        session_errors_offset: The same for ``accounting_errors`` (each fit counts its own).
         budget_exhausted: 1 once the budget guard found that one more step would pass the
             target, else 0; ``None`` without a target.
         device_stats: Handle on device-side statistics
@@ -64,7 +69,27 @@ class PrivacySnapshot:
     attack_scores: dict[str, float] | None = None
     audit_epsilon_lower_bound: float | None = None
     compliance_violations: tuple[tuple[str, str, int], ...] = ()
+    session_steps_offset: int = 0
+    session_epsilon_offset: float = 0.0
+    session_errors_offset: int = 0
     device_stats: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def session_steps(self) -> int | None:
+        """Optimizer steps accounted in this session (a fit, or every fit of a named one)."""
+        return None if self.steps is None else self.steps - self.session_steps_offset
+
+    @property
+    def session_epsilon(self) -> float | None:
+        """Epsilon this session added: the sum over its fits of epsilon at the fit's end minus
+        epsilon when it started (equal to ``epsilon`` for a session that started from nothing)."""
+        return None if self.epsilon is None else self.epsilon - self.session_epsilon_offset
+
+    @property
+    def session_accounting_errors(self) -> int | None:
+        """Failures while computing epsilon in this session."""
+        return (None if self.accounting_errors is None
+                else self.accounting_errors - self.session_errors_offset)
 
     @property
     def clipped_fraction(self) -> float | None:

@@ -93,7 +93,7 @@ def test_epsilon_in_progress_bar_and_loggers(tmp_path):
     monitor = PrivacyMonitor(delta=1e-5, target_epsilon=8.0)
     model = DPModel()
     trainer = fit(model, monitor, logger=CSVLogger(tmp_path), log_every_n_steps=2)
-    assert trainer.progress_bar_metrics["epsilon"] == pytest.approx(
+    assert trainer.progress_bar_metrics["privacy/epsilon"] == pytest.approx(
         model.privacy_engine.accountant.get_epsilon(1e-5))
     metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     assert "privacy/epsilon" in metrics.splitlines()[0]

@@ -41,18 +41,23 @@ class _Bound:
     The attribute holds a number, ``None`` (nothing to report), or, for a metric with one label
     the run does not fix (``operation``), a mapping from that label's value to the number. A
     histogram's attribute may also hold a sequence: each element is one observation.
+
+    A counter's attribute holds the session's running total; ``counted`` (shared by every fit of
+    the exporter) holds what each counter child has counted so far, so a session's second fit
+    adds only what it accounted.
     """
 
-    __slots__ = ("attr", "family", "kind", "labels", "free", "child", "children", "last")
+    __slots__ = ("attr", "family", "kind", "labels", "free", "child", "children", "counted")
 
-    def __init__(self, metric: catalog.Metric, family: Any, values: dict[str, str]) -> None:
+    def __init__(self, metric: catalog.Metric, family: Any, values: dict[str, str],
+                 counted: dict[Any, float]) -> None:
         self.attr, self.family, self.kind = metric.attr, family, metric.kind
+        self.counted = counted
         self.labels = {name: values[name] for name in metric.all_labels if name in values}
         free = [name for name in metric.all_labels if name not in values]
         self.free = free[0] if free else None
         self.child: Any = None
         self.children: dict[str, Any] = {}
-        self.last: dict[str | None, float] = {}
 
     def bind(self, key: str | None) -> Any:
         if key is None:
@@ -85,10 +90,10 @@ class _Bound:
             # Bound at 0 too: a counter exists from the first snapshot, so increase() and
             # absent() see a real series (an error counter that never rose reads 0, not nothing).
             child = self.bind(key)
-            last = self.last.get(key, 0.0)
+            last = self.counted.get(child, 0.0)
             if value > last:
                 child.inc(value - last)
-                self.last[key] = value
+                self.counted[child] = value
 
 
 class _Handler(WSGIRequestHandler):
@@ -332,6 +337,8 @@ class PrometheusExporter(Exporter):
         self._bound: list[_Bound] = []
         self._health: list[tuple[Any, Any]] = []
         self._health_last: list[float] = []
+        self._counted: dict[Any, float] = {}
+        self._session: str | None = None
         self._base: dict[str, str] = {}
         self._violations: tuple[tuple[str, str, int], ...] = ()
         self._violation_children: dict[tuple[str, str], tuple[Any, list[int]]] = {}
@@ -418,12 +425,22 @@ class PrometheusExporter(Exporter):
         logger.info("Privacy metrics at %s", self.url)
 
     def open(self, info: RunInfo) -> None:
+        if info.session_id != self._session:
+            # A new session: the finished one's series are neither served nor pushed on (its
+            # Pushgateway group keeps its last push), and its counters start from zero.
+            if self._session is not None:
+                for family in self.families.values():
+                    family.clear()
+            self._counted.clear()
+            self._violation_children = {}
+            self._session = info.session_id
         values = {"session_id": info.session_id, "model_name": info.model_name,
                   "accountant": info.accountant, "rank": str(info.rank)}
         # Snapshot-fed metrics: every run label known but at most one (its values come from
         # the snapshot's mapping).
         self._bound = [
-            _Bound(metric, self.families[metric.name], values) for metric in catalog.METRICS
+            _Bound(metric, self.families[metric.name], values, self._counted)
+            for metric in catalog.METRICS
             if metric.attr is not None
             and sum(name not in values for name in metric.all_labels) <= 1]
         dropped = self.families["privacy_export_dropped_total"]
@@ -431,7 +448,8 @@ class PrometheusExporter(Exporter):
         # Every exporter, the publisher included, reports its drops here (0 is worth seeing).
         self._health = [(source, dropped.labels(**base, exporter=source.name))
                         for source in info.exporters]
-        self._health_last = [0.0] * len(self._health)
+        # Drops before this fit were counted in the session they happened in.
+        self._health_last = [float(source.dropped) for source, _ in self._health]
         if self.pushgateway is not None and self._pusher is None:
             self._pusher = _Pusher(self, {"session_id": info.session_id, "rank": str(info.rank)})
         self._base = base
@@ -442,7 +460,6 @@ class PrometheusExporter(Exporter):
                         **base)
                     self._auth_child.inc(self._auth_refused)
         self._violations = ()
-        self._violation_children = {}
 
     def export(self, snapshot: "PrivacySnapshot") -> None:
         for bound in self._bound:
