@@ -783,6 +783,20 @@ class PrivacyMonitor(Callback):
             "history": [list(seg) for seg in accountant.history] if accountant is not None else [],
         }
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # The state_key comes from the settings; a run resumed with other settings (a new
+        # target, another exporter, no session name) must still find the privacy spent. Lightning
+        # loads our own key after this hook; with no such key, a checkpoint holding a single
+        # monitor's state is ours.
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states or self._legacy_state_key in states:
+            return
+        mine = [state for key, state in states.items()
+                if isinstance(key, str) and key.startswith(type(self).__qualname__)]
+        if len(mine) == 1:
+            self.load_state_dict(mine[0])
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = dict(state_dict)
         saved_id = state_dict.get("session_id")
