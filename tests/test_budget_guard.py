@@ -67,7 +67,8 @@ def test_stops_mid_epoch_one_step_before_the_target(caplog, tmp_path):
         opacus_epsilon(history)
     messages = [r.getMessage() for r in caplog.records]
     assert any("planned training" in m and "only 9 more steps fit" in m for m in messages)
-    assert any("budget guard: stopping training at step 9" in m for m in messages)
+    assert any("budget guard: stopping training at trainer step 9 (9 steps accounted)" in m
+               for m in messages)
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     stop = next(r["data"] for r in audit if r["event"] == "budget_guard_stop")
     assert stop["step"] == 9 and stop["epsilon"] == opacus_epsilon(history)

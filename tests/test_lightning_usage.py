@@ -115,6 +115,21 @@ def test_named_session_counts_every_fit_of_it():
         + other.privacy_engine.accountant.get_epsilon(DELTA), rel=1e-12))
 
 
+def test_named_session_resumed_from_a_checkpoint_counts_on(tmp_path):
+    first = PrometheusExporter(port=0, serve=False)
+    model = DPModel()
+    fit(model, PrivacyMonitor(delta=DELTA, exporters=[first], session_id="resumed"),
+        max_steps=3, enable_checkpointing=True, default_root_dir=str(tmp_path))
+    path = next(tmp_path.rglob("*.ckpt"))
+    second = PrometheusExporter(port=0, serve=False)  # a new process: a new registry
+    resumed = DPModel()
+    fit(resumed, PrivacyMonitor(delta=DELTA, exporters=[second], session_id="resumed"),
+        max_steps=6, max_epochs=5, ckpt_path=str(path))
+    assert sum(s for _, _, s in resumed.privacy_engine.accountant.history) == 6
+    assert counters(second, "resumed") == (6, pytest.approx(
+        resumed.privacy_engine.accountant.get_epsilon(DELTA), rel=1e-12))
+
+
 def gateway_counters(text: str, session: str) -> tuple[float, float]:
     def value(name: str) -> float:
         found = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -241,6 +256,8 @@ def test_gan_with_only_the_discriminator_private(private):
     assert trainer.global_step == 32  # two optimizer steps per batch, one of them accounted
     assert monitor.last_snapshot.epsilon == accountant.get_epsilon(DELTA)
     assert monitor.last_snapshot.steps == 16
+    # Only the discriminator's parameters got per-sample gradient hooks.
+    assert not any(hasattr(p, "grad_sample") for p in gan.generator.parameters())
 
 
 def test_gan_with_every_optimizer_private_names_the_callback_and_the_fix():
