@@ -212,11 +212,12 @@ def test_two_monitors_in_one_trainer(tmp_path):
 class GAN(pl.LightningModule):
     """A tiny GAN: only the discriminator sees the (private) training data."""
 
-    def __init__(self) -> None:
+    def __init__(self, batchnorm: bool = True) -> None:
         super().__init__()
         self.automatic_optimization = False
         # BatchNorm is fine in the generator: it never sees private data.
-        self.generator = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+        self.generator = nn.Sequential(nn.Linear(4, 8),
+                                       nn.BatchNorm1d(8) if batchnorm else nn.Identity())
         self.discriminator = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
         self.data = TensorDataset(make_data(256).tensors[0])
 
@@ -260,12 +261,21 @@ def test_gan_with_only_the_discriminator_private(private):
     assert not any(hasattr(p, "grad_sample") for p in gan.generator.parameters())
 
 
-def test_gan_with_every_optimizer_private_names_the_callback_and_the_fix():
+@pytest.mark.parametrize("modules", [None, ["discriminator"]], ids=["all-hooked", "named"])
+def test_gan_with_every_optimizer_private_names_the_callback_and_the_fix(modules):
+    # Without the check Opacus fails inside the generator's step: "Per sample gradient is not
+    # initialized. Not updated in backward pass?", naming neither the callback nor the fix.
     dp = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0,
-                             modules=["discriminator"])
+                             **({} if modules is None else {"modules": modules}))
     with pytest.raises(ValueError, match=r"DifferentialPrivacy.*optimizer 0 \(SGD\).*"
                                          r"generator\.0\.weight.*optimizers="):
-        fit(GAN(), dp)
+        fit(GAN(batchnorm=False), dp)
+
+
+def test_gan_generator_with_batchnorm_is_named_with_the_way_out():
+    with pytest.raises(ValueError, match=r"(?s)generator\.1 \(BatchNorm1d\).*"
+                                         r"optimizers=\.\.\., modules=\.\.\."):
+        fit(GAN(), DifferentialPrivacy(noise_multiplier=1.0))
 
 
 def test_bad_optimizer_choice_names_the_value():
