@@ -61,7 +61,7 @@ __all__ = ["HOW_TO_WIRE", "MechanismProbe", "accounted_sample_rate", "discard_sk
 HOW_TO_WIRE = (
     "Wire Opacus as its Lightning example does: create `self.privacy_engine = PrivacyEngine()` in "
     "your LightningModule and return the optimizer from `self.privacy_engine.make_private(...)` "
-    "in `configure_optimizers`, or add the `DifferentialPrivacy` callback before `PrivacyMonitor`."
+    "in `configure_optimizers`, or add the `DifferentialPrivacy` callback (in any order)."
 )
 
 
