@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from privacy_callbacks import catalog
 from privacy_callbacks.__main__ import main
 from privacy_callbacks.ops import ALERTS, RECEIVERS, Receivers, RuleOptions, alertmanager_config
 from privacy_callbacks.ops.dashboards import DATASOURCE, dashboards, panel_metrics, panels
 from privacy_callbacks.ops.rules import CATEGORIES, rule_file, rule_tests
+from privacy_callbacks.ops.template import render, selector_query
 from servers import require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,13 +59,94 @@ def test_promtool_unit_tests_every_alert_both_ways(generated: Path):
         assert any(not case.fires for case in alert.cases), f"{alert.name} never shown quiet"
 
 
-def test_promtool_unit_tests_catch_a_changed_threshold(tmp_path: Path):
+CHANGED = [
+    ({"budget_low_ratio": 0.9}, "PrivacyBudgetLow: most of the budget spent"),
+    ({"attack_score_threshold": 0.9}, "PrivacyAttackDetected: attack succeeds"),
+    ({"attack_risk_threshold": 0.97}, "MembershipRiskBoundHigh: bound above the limit"),
+    ({"auth_failure_burst": 30}, "MetricsAuthenticationFailures: burst of wrong passwords"),
+    ({"overhead_ratio_threshold": 5.0}, "HighPrivacyOverhead: slow for long"),
+]
+
+
+@pytest.mark.parametrize("changed,case", CHANGED, ids=[c[1].split(":")[0] for c in CHANGED])
+def test_promtool_unit_tests_catch_a_changed_threshold(tmp_path: Path, changed: dict, case: str):
+    """Rules deployed with another threshold than their tests were written for fail those tests."""
     promtool = require_binary("promtool", "prometheus")
-    (tmp_path / "rules.yml").write_text(rule_file(RuleOptions(budget_low_ratio=0.9)))
+    (tmp_path / "rules.yml").write_text(rule_file(RuleOptions(**changed)))
     (tmp_path / "tests.yml").write_text(rule_tests("rules.yml"))
     result = run([promtool, "test", "rules", "tests.yml"], tmp_path)
     assert result.returncode != 0
-    assert "PrivacyBudgetLow: most of the budget spent" in result.stdout + result.stderr
+    assert case in result.stdout + result.stderr
+
+
+def test_promtool_unit_tests_compare_the_alert_text(tmp_path: Path):
+    """The expected annotations come from the rules' own templates, yet an edited text fails."""
+    promtool = require_binary("promtool", "prometheus")
+    rules = rule_file()
+    assert rules.count("ε spent is") == 1
+    (tmp_path / "rules.yml").write_text(rules.replace("ε spent is", "epsilon spent is"))
+    (tmp_path / "tests.yml").write_text(rule_tests("rules.yml"))
+    result = run([promtool, "test", "rules", "tests.yml"], tmp_path)
+    assert result.returncode != 0
+    assert "PrivacyBudgetExhausted: epsilon past target" in result.stdout + result.stderr
+    assert "ε spent is 11.00 (rdp accountant) for a target of 8.00" in result.stderr
+    assert "epsilon spent is 11.00 (rdp accountant)" in result.stderr
+
+
+def test_expected_annotations_are_the_rules_templates_rendered():
+    tests = yaml.safe_load(rule_tests("rules.yml"))["tests"]
+    by_name = {t["name"]: t["alert_rule_test"][0]["exp_alerts"] for t in tests}
+    low = by_name["PrivacyBudgetLow: most of the budget spent"][0]["exp_annotations"]
+    assert low["description"] == "85% of the ε budget is spent (alert at 80%; target 8.00)."
+    stale = by_name["PrivacyMetricsStale: last push long ago"][0]["exp_annotations"]
+    assert stale["summary"] == "Pushed privacy metrics are stale: job train"
+    assert "last pushed 20m 0s ago" in stale["description"]
+    audit = by_name["PrivacyAttackDetected: audit bound above the reported epsilon"][0]
+    assert audit["exp_annotations"]["description"].startswith(
+        "The one-run privacy audit proves ε ≥ 1.80 (95 % confidence)")
+    for alert in ALERTS:
+        for case in alert.cases:
+            for expected in by_name[f"{alert.name}: {case.name}"]:
+                assert "{{" not in str(expected["exp_annotations"]), (alert.name, case.name)
+
+
+def test_an_annotation_the_renderer_cannot_expand_fails_generation(monkeypatch):
+    from privacy_callbacks.ops import rules
+
+    made = rules._alerts
+
+    def humanized(options):
+        return tuple(replace(a, description="{{ $value | humanize }} refused")
+                     if a.name == "MetricsAuthenticationFailures" else a for a in made(options))
+
+    monkeypatch.setattr(rules, "_alerts", humanized)
+    with pytest.raises(ValueError, match="MetricsAuthenticationFailures: burst of wrong "
+                                         "passwords: .*humanize"):
+        rule_tests("rules.yml")
+
+
+@pytest.mark.parametrize("text", [
+    "{{ $value | humanize }}", "{{ $value }}", "{{- $labels.job }}", "{{ range . }}{{ end }}",
+    "{{ if $labels.job }}open", "{{ $value | printf \"%d\" }}",
+    "{{ with query `up` }}{{ . | first | value | printf \"%.2f\" }}{{ end }}",
+    "{{ with query `rate(up[5m])` }}x{{ end }}",
+])
+def test_renderer_refuses_what_it_does_not_implement(text: str):
+    with pytest.raises(ValueError):
+        render(text, labels={"job": "j"}, value=1.0, query=selector_query({"up{job=\"j\"}": None}))
+
+
+def test_renderer_expands_the_constructs_of_the_rules():
+    query = selector_query({'target{session_id="s1",accountant="rdp"}': 8.0})
+    text = ('{{ if $labels.attack_type }}{{ $labels.attack_type }}{{ else }}none{{ end }} '
+            '{{ $value | printf "%.2f" }} {{ $value | humanizeDuration }} '
+            '{{ with printf `target{session_id=%q,accountant=%q}` $labels.session_id '
+            '$labels.accountant | query }}{{ . | first | value | printf "%.1f" }}{{ end }}')
+    assert render(text, labels={"session_id": "s1", "accountant": "rdp"}, value=3725.0,
+                  query=query) == "none 3725.00 1h 2m 5s 8.0"
+    assert render(text, labels={"attack_type": "lira", "session_id": "s2"}, value=59.0,
+                  query=query) == "lira 59.00 59s "
+    assert render("{{ $value | humanizePercentage }}", labels={}, value=0.85) == "85%"
 
 
 def test_configurable_budget_low_ratio_is_proven_too(tmp_path: Path):
@@ -120,20 +204,11 @@ def test_changed_attack_thresholds_are_proven_too(tmp_path: Path):
     assert "> 0.6" in rule_file(options) and "[2m]) > 20" in rule_file(options)
 
 
-def test_not_yet_fed_metrics_are_marked():
-    attack = next(a for a in ALERTS if a.name == "PrivacyAttackDetected")
-    assert attack.needs == ()  # attack callbacks and the audit publish through the monitor
-    noise = next(a for a in ALERTS if a.name == "NoiseGenerationFailure")
-    assert noise.needs == ()  # the monitor publishes the noise magnitude on every step
-    assert next(a for a in ALERTS if a.name == "PrivacyBudgetLow").needs == ()
+def test_every_panel_queries_a_catalog_metric():
     for _, (_, ps) in panels().items():
         for panel in ps:
             used = [m for expr, _ in panel.targets for m in panel_metrics(expr)]
             assert used, f"panel {panel.title!r} names no catalog metric"
-            assert panel.needs == [m for m in used if catalog.by_name(m).attr is None
-                                   and m not in ("privacy_export_dropped_total",
-                                                 "privacy_compliance_violations_total",
-                                                 "authentication_failures_total")]
 
 
 def test_dashboards_take_the_datasource_as_a_variable(generated: Path):
@@ -146,8 +221,6 @@ def test_dashboards_take_the_datasource_as_a_variable(generated: Path):
         for panel in board["panels"]:
             assert panel["datasource"] == DATASOURCE
             assert all(t["datasource"] == DATASOURCE for t in panel["targets"])
-            if "needs" in panel:
-                assert "arrives with a later release" in panel["description"]
 
 
 def test_amtool_checks_the_alertmanager_config(generated: Path):

@@ -115,7 +115,7 @@ def test_every_dashboard_query_returns_data_from_a_real_fit():
                     for target in panel["targets"]:
                         key = f"{board['title']} / {panel['title']} / {target['refId']}"
                         # A panel of an opt-in release has no data in a default fit.
-                        results[key] = (panel.get("needs") or panel.get("opt_in"),
+                        results[key] = (panel.get("opt_in"),
                                         prometheus_query(server,
                                                          substitute(target["expr"], "dash")))
 
@@ -125,10 +125,9 @@ def test_every_dashboard_query_returns_data_from_a_real_fit():
     finally:
         server.stop()
     assert "dash" in results.pop("session variable")
-    empty = [key for key, (needs, rows) in results.items() if not needs and not rows]
+    empty = [key for key, (opt_in, rows) in results.items() if not opt_in and not rows]
     assert not empty, f"panels without data: {empty}"
-    marked = sorted(key for key, (needs, _) in results.items() if needs)
-    # What a user sees today: everything but the later metrics' panels shows data.
+    marked = sorted(key for key, (opt_in, _) in results.items() if opt_in)
     assert len(marked) < len(results) / 2, marked
     by_title = {key: rows for key, (_, rows) in results.items()}
     used = float(by_title["Privacy Budget / Budget used / A"][0]["value"][1])

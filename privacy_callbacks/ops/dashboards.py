@@ -2,8 +2,7 @@
 
 Three dashboards: Privacy Budget, Performance, Security & Compliance. The data source is the
 template variable ``$datasource`` and the sessions shown are ``$session``. Every query names its
-metrics through :func:`~privacy_callbacks.ops.rules.metric`; a panel whose metric no exporter of
-this release feeds yet says so in its description and carries a ``needs`` list.
+metrics through :func:`~privacy_callbacks.ops.rules.metric`.
 """
 
 from __future__ import annotations
@@ -12,13 +11,12 @@ import re
 from dataclasses import dataclass
 
 from .. import catalog
-from .rules import fed, metric
+from .rules import metric
 
 __all__ = ["Panel", "dashboards", "panel_metrics", "panels"]
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SESSION = 'session_id=~"$session"'
-LATER = "arrives with a later release"
 
 _METRIC_NAMES = re.compile(
     r"\b(" + "|".join(sorted((m.name for m in catalog.METRICS), key=len, reverse=True))
@@ -55,16 +53,8 @@ class Panel:
     max: float | None = None
     opt_in: str = ""
 
-    @property
-    def needs(self) -> list[str]:
-        """Metrics of this panel no exporter of this release feeds yet."""
-        return [name for expr, _ in self.targets for name in panel_metrics(expr)
-                if not fed(name)]
-
     def to_json(self, panel_id: int, x: int, y: int, w: int, h: int) -> dict:
         description = self.description
-        if self.needs:
-            description += f" Needs {', '.join(self.needs)}, which {LATER}."
         if self.opt_in:
             description += f" Published only with {self.opt_in}."
         defaults: dict = {"unit": self.unit}
@@ -80,8 +70,6 @@ class Panel:
                                                         if self.type == "table" else {})}
                         for i, (expr, legend) in enumerate(self.targets)],
         }
-        if self.needs:
-            panel["needs"] = self.needs
         if self.opt_in:
             panel["opt_in"] = self.opt_in
         return panel

@@ -3,17 +3,21 @@
 Every metric name in an expression comes from :func:`privacy_callbacks.catalog.by_name`, so a
 renamed metric changes the rules and a removed one makes generation fail with a ``KeyError``.
 Each alert carries example series that make it fire and that keep it quiet; :func:`rule_tests`
-turns them into a ``promtool test rules`` file, so every alert is proven both ways.
+turns them into a ``promtool test rules`` file, so every alert is proven both ways. The expected
+annotations of a firing case are the rule's own templates rendered (:mod:`.template`) for the
+case's labels and value, so each alert's text is written once.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import yaml
 
 from .. import catalog
+from .template import render, selector_query
 
 __all__ = ["ALERTS", "CATEGORIES", "Alert", "Case", "RuleOptions", "prometheus_config",
            "rule_file", "rule_tests"]
@@ -118,13 +122,14 @@ class Case:
     Attributes:
         name: What the case shows.
         series: ``(series selector, promtool values)`` pairs, one sample per minute.
-        fires: Expected alerts as ``(extra labels, summary, description)``; empty: stays quiet.
-        eval_time: When the rule is checked.
+        fires: Expected alerts as ``(labels of the firing series, its value)``; the value is
+            ``$value`` in the annotations, ``None`` where they do not read it. Empty: stays quiet.
+        eval_time: When the rule is checked (whole minutes, e.g. ``"10m"``).
     """
 
     name: str
     series: tuple[tuple[str, str], ...]
-    fires: tuple[tuple[dict[str, str], str, str], ...] = ()
+    fires: tuple[tuple[dict[str, str], float | None], ...] = ()
     eval_time: str = "10m"
 
 
@@ -139,7 +144,6 @@ class Alert:
     summary: str
     description: str
     runbook: str
-    metrics: tuple[str, ...]
     cases: tuple[Case, ...] = ()
     for_: str = "0s"
     labels: dict[str, str] = field(default_factory=dict)
@@ -149,11 +153,6 @@ class Alert:
             raise ValueError(f"{self.name}: severity {self.severity!r} / category "
                              f"{self.category!r} not in {SEVERITIES} / {CATEGORIES}")
 
-    @property
-    def needs(self) -> tuple[str, ...]:
-        """Catalog metrics of this rule that no released exporter feeds yet."""
-        return tuple(name for name in self.metrics if not fed(name))
-
     def rule(self, runbook_url: str | None) -> dict:
         annotations = {"summary": self.summary, "description": self.description,
                        "runbook": self.runbook}
@@ -162,18 +161,6 @@ class Alert:
         return {"alert": self.name, "expr": self.expr, "for": self.for_,
                 "labels": {"severity": self.severity, "category": self.category, **self.labels},
                 "annotations": annotations}
-
-
-# Fed by every exporter's drop count rather than by a snapshot attribute.
-_FED_WITHOUT_SNAPSHOT = frozenset({metric("privacy_export_dropped_total"),
-                                   metric("privacy_compliance_violations_total"),
-                                   metric("authentication_failures_total")})
-
-
-def fed(name: str) -> bool:
-    """Whether an exporter of this release publishes ``name`` (catalog ``attr`` set)."""
-    m = catalog.by_name(name)
-    return m.attr is not None or m.name in _FED_WITHOUT_SNAPSHOT
 
 
 _RUN = 'session_id="s1",model_name="m1",job="privacy",instance="127.0.0.1:9108"'
@@ -223,20 +210,14 @@ def _alerts(o: RuleOptions) -> tuple[Alert, ...]:
             "Stop the run now (or confirm the budget guard stopped it). Do not release the model "
             "or checkpoints saved after the target was passed; retrain with a larger noise "
             "multiplier, fewer epochs or an approved larger target.",
-            ("privacy_epsilon_consumed", "privacy_epsilon_target", "privacy_budget_exhausted"),
             cases=(
-                Case("epsilon past target", ((_sel(eps, acc), "1+1x10"), (_sel(target, acc), "8x10"))
-                     , fires=((_ACC, "Privacy budget exhausted: session s1 (model m1)",
-                               "ε spent is 11.00 (rdp accountant) for a target of 8.00, or the budget "
-                               "guard allows no further step. Every further step weakens the "
-                               "privacy guarantee."),)),
+                Case("epsilon past target",
+                     ((_sel(eps, acc), "1+1x10"), (_sel(target, acc), "8x10")),
+                     fires=((_ACC, 11.0),)),
                 Case("guard stopped before target",
                      ((_sel(eps, acc), "7.5x10"), (_sel(target, acc), "8x10"),
                       (_sel(exhausted, acc), "0x8 1 1")),
-                     fires=((_ACC, "Privacy budget exhausted: session s1 (model m1)",
-                             "ε spent is 7.50 (rdp accountant) for a target of 8.00, or the budget "
-                             "guard allows no further step. Every further step weakens the "
-                             "privacy guarantee."),)),
+                     fires=((_ACC, 7.5),)),
                 Case("epsilon below target", ((_sel(eps, acc), "7.9x10"),
                                               (_sel(target, acc), "8x10"),
                                               (_sel(exhausted, acc), "0x10"))),
@@ -250,12 +231,10 @@ def _alerts(o: RuleOptions) -> tuple[Alert, ...]:
             "Check the forecast (privacy_epsilon_forecast) and the steps left "
             "(privacy_budget_exhaustion_steps); shorten training or raise the noise multiplier "
             "before the target is reached.",
-            ("privacy_epsilon_consumed", "privacy_epsilon_target"),
             cases=(
                 Case("most of the budget spent", ((_sel(eps, acc), "6.8x10"),
                                                   (_sel(target, acc), "8x10")),
-                     fires=((_ACC, "Privacy budget nearly spent: session s1 (model m1)",
-                             f"85% of the ε budget is spent (alert at {low_pct}; target 8.00)."),)),
+                     fires=((_ACC, 6.8 / 8),)),
                 Case("half the budget spent", ((_sel(eps, acc), "4x10"),
                                                (_sel(target, acc), "8x10"))),
                 Case("target passed: the critical alert speaks",
@@ -276,22 +255,14 @@ def _alerts(o: RuleOptions) -> tuple[Alert, ...]:
             "Treat the model as leaking its training data: do not release it or its checkpoints, "
             "restrict access to its outputs, and check the mechanism (noise multiplier, sample "
             "rate, accountant wiring) before retraining; the audit trail holds the audit record.",
-            ("privacy_attack_score", "privacy_audit_epsilon_lower_bound",
-             "privacy_epsilon_consumed"),
             cases=(
                 Case("attack succeeds", ((_sel(score, _RUN + ',attack_type="loss_threshold"'),
                                           f"{score_hi!r}x10"),),
-                     fires=(({**_RUN_LABELS, "attack_type": "loss_threshold"},
-                             "Privacy attack evidence: session s1 (model m1)",
-                             "The loss_threshold membership attack guesses with accuracy "
-                             f"{score_hi:.2f} (threshold {o.attack_score_threshold!r}, chance 0.5)."),)),
+                     fires=(({**_RUN_LABELS, "attack_type": "loss_threshold"}, score_hi),)),
                 Case("audit bound above the reported epsilon",
                      ((_sel(audit_bound), "1.8x10"), (_sel(eps, acc), "0.58x10"),
                       (_sel(score, _RUN + ',attack_type="one_run_audit"'), f"{score_hi!r}x10")),
-                     fires=((_RUN_LABELS, "Privacy attack evidence: session s1 (model m1)",
-                             "The one-run privacy audit proves ε ≥ 1.80 (95 % confidence), "
-                             "above the reported ε: the privacy mechanism is weaker than "
-                             "reported."),)),
+                     fires=((_RUN_LABELS, 1.8),)),
                 Case("audit bound below the reported epsilon, chance-level attack",
                      ((_sel(audit_bound), "0.06x10"), (_sel(eps, acc), "0.58x10"),
                       (_sel(score, _RUN + ',attack_type="one_run_audit"'), f"{score_lo!r}x10"),
@@ -308,16 +279,9 @@ def _alerts(o: RuleOptions) -> tuple[Alert, ...]:
             "This is what ε allows, not a measured attack.",
             "Review ε against the data owners' requirements; to measure what an attack "
             "achieves, add MembershipInferenceProbe or OneRunAudit to the run.",
-            ("membership_inference_risk_score",),
             cases=(
                 Case("bound above the limit", ((_sel(risk), f"{risk_hi!r}x10"),),
-                     fires=((_RUN_LABELS,
-                             "Membership-inference bound above the policy limit: session s1 "
-                             "(model m1)",
-                             "At the ε spent, the proven bound lets a membership attack reach an "
-                             f"advantage of {risk_hi:.2f} (policy limit "
-                             f"{o.attack_risk_threshold!r}). This is what ε allows, not a "
-                             "measured attack."),)),
+                     fires=((_RUN_LABELS, risk_hi),)),
                 Case("bound below the limit", ((_sel(risk), f"{risk_lo!r}x10"),)),
             )),
         Alert(
@@ -330,15 +294,10 @@ def _alerts(o: RuleOptions) -> tuple[Alert, ...]:
             "Find who is scraping with wrong credentials (a misconfigured scraper after a "
             "password rotation, or someone guessing): check the network logs of the exporter's "
             "host; rotate the credentials if guessing is likely.",
-            ("authentication_failures_total",),
             cases=(
                 Case("burst of wrong passwords", ((_sel(auth), "0x8 25"),),
                      eval_time="9m",
-                     fires=((_RUN_LABELS, "Refused requests to protected /metrics: session s1 "
-                             "(model m1)",
-                             f"25 requests to /metrics were refused for missing or wrong "
-                             f"credentials within {o.auth_failure_window} (alert above "
-                             f"{o.auth_failure_burst!r})."),)),
+                     fires=((_RUN_LABELS, 25.0),)),
                 Case("one mistyped password", ((_sel(auth), "0 0 1 1 1 1 1 1 1 1"),),
                      eval_time="9m"),
             )),
@@ -350,15 +309,12 @@ def _alerts(o: RuleOptions) -> tuple[Alert, ...]:
             f"last {o.violation_window}.",
             "Record the violation in the audit trail, pause releases of this model and inform "
             "the compliance owner of the policy.",
-            ("privacy_compliance_violations_total",),
             cases=(
                 Case("new violation", ((_sel(violations,
                                              _RUN + ',policy="gdpr",violation_type="epsilon"'),
                                         "_x8 1 1"),),
                      fires=(({**_RUN_LABELS, "policy": "gdpr", "violation_type": "epsilon"},
-                             "Privacy policy violated: session s1 (model m1)",
-                             "Policy gdpr was violated (epsilon) within the last "
-                             f"{o.violation_window}."),)),
+                             None),)),
                 Case("old violation only", ((_sel(violations,
                                                   _RUN + ',policy="gdpr",violation_type="epsilon"'),
                                              "2x30"),), eval_time="30m"),
@@ -372,27 +328,17 @@ def _alerts(o: RuleOptions) -> tuple[Alert, ...]:
             "noise norms of 0 / NaN): the updates of this run are not private.",
             "Stop the run. Check the privacy engine's noise_multiplier (and any scheduler "
             "changing it) and the optimizer wiring; discard checkpoints trained without noise.",
-            ("privacy_noise_multiplier", "privacy_noise_magnitude"),
             cases=(
                 Case("sigma is zero", ((_sel(sigma), "0x10"),),
-                     fires=((_RUN_LABELS, "No privacy noise: session s1 (model m1)",
-                             "The noise added to the gradients is zero or not a number (noise "
-                             "multiplier 0, or noise norms of 0 / NaN): the updates of this run "
-                             "are not private."),)),
+                     fires=((_RUN_LABELS, None),)),
                 Case("noise norms are NaN", ((_sel(sigma), "1x10"),
                                              (_sel(noise_sum), "1 2 3 NaN NaN NaN NaN NaN NaN NaN"),
                                              (_sel(noise_count), "1+1x10")),
                      eval_time="9m",
-                     fires=((_RUN_LABELS, "No privacy noise: session s1 (model m1)",
-                             "The noise added to the gradients is zero or not a number (noise "
-                             "multiplier 0, or noise norms of 0 / NaN): the updates of this run "
-                             "are not private."),)),
+                     fires=((_RUN_LABELS, None),)),
                 Case("noise norms are zero", ((_sel(sigma), "1x10"), (_sel(noise_sum), "0x10"),
                                               (_sel(noise_count), "1+1x10")),
-                     fires=((_RUN_LABELS, "No privacy noise: session s1 (model m1)",
-                             "The noise added to the gradients is zero or not a number (noise "
-                             "multiplier 0, or noise norms of 0 / NaN): the updates of this run "
-                             "are not private."),)),
+                     fires=((_RUN_LABELS, None),)),
                 Case("noise present", ((_sel(sigma), "1x10"), (_sel(noise_sum), "0+2x10"),
                                        (_sel(noise_count), "1+1x10"))),
             )),
@@ -405,15 +351,11 @@ def _alerts(o: RuleOptions) -> tuple[Alert, ...]:
             "Look at privacy_overhead_ratio by operation: per-sample gradients dominate with "
             "large models (try ghost clipping or a smaller batch per device); noise generation "
             "dominates when it runs on the CPU.",
-            ("privacy_overhead_ratio",),
             for_=o.overhead_for,
             cases=(
                 Case("slow for long", ((_sel(overhead, _RUN + ',operation="total"'), "4x20"),),
                      eval_time="15m",
-                     fires=(({**_RUN_LABELS, "operation": "total"},
-                             "High DP overhead: session s1 (model m1)",
-                             "A private step takes 4.0 times a plain step (threshold "
-                             f"{o.overhead_ratio_threshold!r}, for {o.overhead_for})."),)),
+                     fires=(({**_RUN_LABELS, "operation": "total"}, 4.0),)),
                 Case("modest overhead", ((_sel(overhead, _RUN + ',operation="total"'), "1.5x20"),),
                      eval_time="15m"),
             )),
@@ -425,12 +367,9 @@ def _alerts(o: RuleOptions) -> tuple[Alert, ...]:
             f"{o.violation_window}; the reported ε may be stale.",
             "Read the training log for the accountant's exception; until ε is computed again, "
             "treat the budget as unknown and do not extend training.",
-            ("privacy_accounting_errors_total",),
             cases=(
                 Case("first error", ((_sel(errors), "_x8 1 1"),),
-                     fires=((_RUN_LABELS, "Privacy accounting failed: session s1 (model m1)",
-                             "ε could not be computed 1 time(s) within the last "
-                             f"{o.violation_window}; the reported ε may be stale."),)),
+                     fires=((_RUN_LABELS, 1.0),)),
                 Case("no errors", ((_sel(errors), "0x10"),)),
             )),
         Alert(
@@ -442,12 +381,9 @@ def _alerts(o: RuleOptions) -> tuple[Alert, ...]:
             "Check the training process (stack dump, GPU utilisation) and the exporter's "
             "privacy_export_dropped_total; a stuck publisher never blocks training, a stuck "
             "trainer does.",
-            ("training_steps_with_privacy_total",),
             cases=(
                 Case("steps stopped", ((_sel(steps), "16x20"),), eval_time="15m",
-                     fires=((_RUN_LABELS, f"No training step for {stall}: session s1 (model m1)",
-                             f"The run still serves its metrics but accounted no optimizer step "
-                             f"in {stall}: training or the metrics publisher is stuck."),)),
+                     fires=((_RUN_LABELS, None),)),
                 Case("steps advance", ((_sel(steps), "0+8x20"),), eval_time="15m"),
             )),
         Alert(
@@ -459,17 +395,13 @@ def _alerts(o: RuleOptions) -> tuple[Alert, ...]:
             "{{ $value | humanizeDuration }} ago " + f"(limit {o.push_stale_minutes}m).",
             "If the run ended, delete its group from the Pushgateway; if it runs, check that "
             "it can reach the Pushgateway (privacy_export_dropped_total counts failed pushes).",
-            ("training_steps_with_privacy_total",),
             cases=(
                 Case("last push long ago",
                      ((f'{PUSH_TIME_SECONDS}{{job="train",instance=""}}', "0x20"),
                       (f'{steps}{{job="train",instance="",session_id="s1",model_name="m1"}}',
                        "16x20")),
                      eval_time="20m",
-                     fires=(({"job": "train"},
-                             "Pushed privacy metrics are stale: job train",
-                             "The Pushgateway group of job train was last pushed 20m 0s ago "
-                             f"(limit {o.push_stale_minutes}m)."),)),
+                     fires=(({"job": "train"}, 20 * 60.0),)),
                 Case("recent push",
                      ((f'{PUSH_TIME_SECONDS}{{job="train",instance=""}}', "0+60x20"),
                       (f'{steps}{{job="train",instance="",session_id="s1",model_name="m1"}}',
@@ -503,13 +435,17 @@ def rule_tests(rule_file_name: str, options: RuleOptions | None = None) -> str:
     options = options or RuleOptions()
     tests = []
     for alert in alerts(options):
+        templates = alert.rule(options.runbook_url)["annotations"]
         for case in alert.cases:
+            minute = _minutes(case.eval_time)
+            query = selector_query({s: _value_at(v, minute) for s, v in case.series})
             expected = []
-            for labels, summary, description in case.fires:
-                annotations = {"summary": summary, "description": description,
-                               "runbook": alert.runbook}
-                if options.runbook_url:
-                    annotations["runbook_url"] = f"{options.runbook_url}#{alert.name.lower()}"
+            for labels, value in case.fires:
+                try:
+                    annotations = {key: render(text, labels=labels, value=value, query=query)
+                                   for key, text in templates.items()}
+                except ValueError as e:
+                    raise ValueError(f"{alert.name}: {case.name}: {e}") from None
                 expected.append({"exp_labels": {**labels, "severity": alert.severity,
                                                 "category": alert.category, **alert.labels},
                                  "exp_annotations": annotations})
@@ -521,6 +457,37 @@ def rule_tests(rule_file_name: str, options: RuleOptions | None = None) -> str:
                                      "exp_alerts": expected}],
             })
     return _dump({"rule_files": [rule_file_name], "evaluation_interval": "1m", "tests": tests})
+
+
+def _minutes(duration: str) -> int:
+    if not (duration[:-1].isdigit() and duration.endswith("m")):
+        raise ValueError(f"Unexpected eval_time {duration!r}: use whole minutes, e.g. '10m'")
+    return int(duration[:-1])
+
+
+_EXPANDING = re.compile(r"(?P<start>_|[^_+\-x]+)(?:(?P<op>[+-])(?P<step>[^x]+))?(?:x(?P<n>\d+))?")
+
+
+def _value_at(values: str, minute: int) -> float | None:
+    """The instant value at ``minute`` of promtool ``values`` (one sample per minute).
+
+    Promtool's expanding notation (``a+bxn``, ``axn``, ``_``, ``_xn``) with Prometheus' 5-minute
+    lookback; ``None`` where no sample is in reach.
+    """
+    samples: list[float | None] = []
+    for item in values.split():
+        m = _EXPANDING.fullmatch(item)
+        if not m or item == "stale":
+            raise ValueError(f"Unexpected promtool values item {item!r} in {values!r}")
+        n = int(m["n"] or 0)
+        if m["start"] == "_":
+            samples += [None] * max(n, 1)
+            continue
+        start = float(m["start"])
+        step = float(m["step"] or 0) * (-1 if m["op"] == "-" else 1)
+        samples += [start + i * step for i in range(n + 1)]
+    recent = [v for v in samples[max(0, minute - 4):minute + 1] if v is not None]
+    return recent[-1] if recent else None
 
 
 def prometheus_config(targets: list[str], *, rule_files: tuple[str, ...] = (),
