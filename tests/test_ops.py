@@ -127,13 +127,14 @@ def test_an_annotation_the_renderer_cannot_expand_fails_generation(monkeypatch):
 
 @pytest.mark.parametrize("text", [
     "{{ $value | humanize }}", "{{ $value }}", "{{- $labels.job }}", "{{ range . }}{{ end }}",
-    "{{ if $labels.job }}open", "{{ $value | printf \"%d\" }}",
+    "{{ if $labels.job }}open", "{{ $x := 1 }}", "{{ $value | printf \"%d\" }}",
     "{{ with query `up` }}{{ . | first | value | printf \"%.2f\" }}{{ end }}",
-    "{{ with query `rate(up[5m])` }}x{{ end }}",
+    "{{ with query `rate(up[5m])` }}x{{ end }}", "{{ with query `up{}` }}x{{ end }}",
 ])
 def test_renderer_refuses_what_it_does_not_implement(text: str):
-    with pytest.raises(ValueError):
-        render(text, labels={"job": "j"}, value=1.0, query=selector_query({"up{job=\"j\"}": None}))
+    query = selector_query({'up{job="j"}': 1.0, 'up{job="k"}': 1.0})
+    with pytest.raises(ValueError, match="not supported|matches 2|has no {{ end }}"):
+        render(text, labels={"job": "j"}, value=1.0, query=query)
 
 
 def test_renderer_expands_the_constructs_of_the_rules():

@@ -80,6 +80,8 @@ def _parse(tokens: list[tuple[str, str]], text: str) -> tuple[list, list[tuple[s
             tokens = tokens[1:]
             continue
         word = body.split(None, 1)[0] if body else ""
+        if word in ("range", "define", "template", "block", "break", "continue") or ":=" in body:
+            raise ValueError(f"Template construct {{{{ {body} }}}} is not supported in {text!r}")
         if word in ("else", "end"):
             return nodes, tokens
         if word in ("if", "with"):
@@ -271,7 +273,8 @@ def selector_query(series: Mapping[str, list[float | None]]) -> Query:
     """A ``query`` answering an exact-match selector from ``series`` (selector -> latest value).
 
     ``series`` maps each input series (``name{a="b",...}``) to its value at evaluation time
-    (``None``: no sample). Any query but ``name{label="value",...}`` raises ``ValueError``.
+    (``None``: no sample). Any query but ``name{label="value",...}``, or one that selects more
+    than one series, raises ``ValueError``.
     """
     parsed = []
     for selector, value in series.items():
@@ -280,9 +283,14 @@ def selector_query(series: Mapping[str, list[float | None]]) -> Query:
 
     def query(promql: str) -> list[Sample]:
         name, matchers = _parse_selector(promql)
-        return [Sample(labels, value) for n, labels, value in parsed
-                if n == name and value is not None
-                and all(labels.get(k) == v for k, v in matchers.items())]
+        found = [Sample(labels, value) for n, labels, value in parsed
+                 if n == name and value is not None
+                 and all(labels.get(k) == v for k, v in matchers.items())]
+        if len(found) > 1:
+            # Prometheus' order of several results is not ours to guess.
+            raise ValueError(f"Query {promql!r} matches {len(found)} input series; "
+                             "make the case's series or the query select one")
+        return found
 
     return query
 
