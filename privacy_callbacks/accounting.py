@@ -15,12 +15,14 @@ below the true epsilon, so they err on the side of stopping early.
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import math
 import threading
 import time
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from opacus.accountants import RDPAccountant
@@ -29,7 +31,7 @@ from opacus.accountants.analysis import rdp as _rdp_analysis
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Accounting", "BackgroundAccounting", "RdpAccounting", "make_accounting"]
+__all__ = ["Accounting", "BackgroundAccounting", "Epsilon", "RdpAccounting", "make_accounting"]
 
 Segment = tuple[float, float, int]
 
@@ -131,13 +133,32 @@ class _RdpMath:
         return guess
 
 
+@dataclass(frozen=True, slots=True)
+class Epsilon:
+    """One epsilon and what it is, replaced as a whole so no thread sees half of it.
+
+    Attributes:
+        value: Epsilon at the accounting's delta.
+        step: The accounted step count (steps in the accountant's history) it belongs to.
+        exact: ``True`` when ``value`` is the accountant's own ``get_epsilon`` for that history;
+            ``False`` when it is an upper bound of it, published until the exact value is known.
+    """
+
+    value: float
+    step: int
+    exact: bool
+
+
 class Accounting:
     """Epsilon for one accountant and delta; :meth:`update` is called once per step.
 
     Attributes:
         mechanism: The accountant's name (``"rdp"``, ``"prv"``, ``"gdp"``).
-        epsilon: Latest epsilon, or ``None`` before the first value is known.
-        epsilon_step: The accounted step count ``epsilon`` belongs to.
+        latest: The latest :class:`Epsilon` (value, accounted step, exact or bound), or ``None``
+            before the first update. Read it once and use its fields: it is replaced, never
+            changed, so value, step and kind always belong together.
+        listener: Called with the new :class:`Epsilon` when a background computation improves
+            the value of the last accounted step (from the worker thread); ``None`` for none.
         steps: Steps accounted so far.
         errors: Failures while computing epsilon.
     """
@@ -147,14 +168,28 @@ class Accounting:
     def __init__(self, accountant: IAccountant, delta: float) -> None:
         self.accountant = accountant
         self.delta = delta
-        self.epsilon: float | None = None
-        self.epsilon_step = 0
+        self.latest: Epsilon | None = None
+        self.listener: Callable[[Epsilon], None] | None = None
         self.steps = 0
         self.errors = 0
         self._rdp = _RdpMath(delta)
+        # Added to every RDP-derived epsilon so that it bounds this accountant's own value.
+        self._margin = 0.0
         self._forecast_key: tuple | None = None
         self._forecast_value: float | None = None
         self._exhaustion: tuple | None = None
+
+    @property
+    def epsilon(self) -> float | None:
+        """``latest.value``, or ``None`` before the first update."""
+        latest = self.latest
+        return None if latest is None else latest.value
+
+    @property
+    def epsilon_step(self) -> int:
+        """``latest.step``: the accounted step count :attr:`epsilon` belongs to."""
+        latest = self.latest
+        return 0 if latest is None else latest.step
 
     def update(self) -> None:
         raise NotImplementedError
@@ -171,16 +206,20 @@ class Accounting:
                                (noise_multiplier, sample_rate, extra_steps))[0]
 
     def epsilon_after(self, extra_steps: int, noise_multiplier: float, sample_rate: float) -> float:
-        """Epsilon (RDP bound) after ``extra_steps`` more steps at (sigma, q)."""
+        """Epsilon after ``extra_steps`` more steps at (sigma, q): exact for RDP, else a bound.
+
+        For PRV and GDP this is the RDP bound described in the module docstring, never below
+        the accountant's own value, so a guard using it stops early, never late.
+        """
         rdp, _ = self._rdp.total(self.accountant.history,
                                  (noise_multiplier, sample_rate, extra_steps))
-        return self._rdp.epsilon(rdp)
+        return self._rdp.epsilon(rdp) + self._margin
 
     def steps_until(self, target: float, noise_multiplier: float,
                     sample_rate: float) -> int | None:
-        """Further steps at (sigma, q) before epsilon (RDP bound) would pass ``target``."""
-        return self._rdp.steps_until(self.accountant.history, target, noise_multiplier,
-                                     sample_rate)
+        """Further steps at (sigma, q) before :meth:`epsilon_after` would pass ``target``."""
+        return self._rdp.steps_until(self.accountant.history, target - self._margin,
+                                     noise_multiplier, sample_rate)
 
     def forecast(self, extra_steps: int, noise_multiplier: float, sample_rate: float) -> float | None:
         """Epsilon after ``extra_steps`` more steps at (sigma, q): the planned end of training."""
@@ -208,7 +247,7 @@ class Accounting:
         return left
 
     def settle(self, timeout: float = 10.0) -> bool:
-        """Wait (bounded) until :attr:`epsilon` belongs to the last accounted step."""
+        """Wait (bounded) until :attr:`latest` is exact for the last accounted step."""
         return True
 
     def close(self, timeout: float = 5.0) -> None:
@@ -224,107 +263,224 @@ class RdpAccounting(Accounting):
         history = self.accountant.history
         try:
             rdp, steps = self._rdp.total(history)
-            self.epsilon = self._rdp.epsilon(rdp)
+            eps = self._rdp.epsilon(rdp)
         except Exception:  # never raise into the training step
             self.errors += 1
             if self.errors == 1:
                 logger.exception("Computing epsilon failed; training continues")
             return
-        self.steps = self.epsilon_step = steps
+        self.steps = steps
+        self.latest = Epsilon(eps, steps, True)
+
+
+# Opacus' PRVAccountant.get_epsilon defaults: eps_error, and delta_error as a fraction of delta.
+_PRV_EPS_ERROR = 0.01
+_PRV_DELTA_ERROR = 1e-3
+# Results of the background computation kept for reuse (the current and a few later steps).
+_KEEP = 8
+
+
+def _prefix_key(history: Sequence[Segment]) -> tuple[int, Segment | None]:
+    """Identifies everything but the last segment: Opacus only appends or extends the last one."""
+    return len(history), (history[-2] if len(history) > 1 else None)
 
 
 class BackgroundAccounting(Accounting):
-    """Epsilon from the accountant's own ``get_epsilon`` on a background thread.
+    """The accountant's own ``get_epsilon``, on a background thread, computed ahead.
 
-    The training thread only hands over a copy of the history; the worker computes the newest
-    one it has and publishes ``(epsilon, epsilon_step)`` together.
+    Each step the training thread publishes the best value it holds for the step just accounted
+    (microseconds): the exact value when the worker has computed this very history, else the
+    smallest known upper bound -- the accountant's value for a later step at the same (sigma, q)
+    (epsilon grows with steps), or the RDP bound of the module docstring (PRV only). The worker
+    runs one Opacus computation at a time, always on the newest history, for the step training
+    will have reached when it finishes (from the measured step rate and computation time), so
+    the result is a tight bound when it arrives and exact once training gets there; it is
+    handed to :attr:`listener` at once.
     """
 
     def __init__(self, accountant: IAccountant, delta: float, min_interval: float = 0.5) -> None:
         super().__init__(accountant, delta)
         self.mechanism = accountant.mechanism()
         self.min_interval = min_interval
+        self._bounded = self.mechanism == "prv"
+        if self._bounded:
+            self._rdp = _RdpMath(delta * (1 - 2 * _PRV_DELTA_ERROR))
+            self._margin = 2 * _PRV_EPS_ERROR
+        self._lock = threading.Lock()
         self._cv = threading.Condition()
-        self._pending: tuple[list, int] | None = None
+        self._job: tuple[tuple[Segment, ...], int, float] | None = None
+        self._seen: tuple | None = None
+        self._known: collections.deque[tuple] = collections.deque(maxlen=_KEEP)
         self._stopping = False
         self._urgent = False
+        self._idle = False
         self._attempted = 0
+        self._done: tuple | None = None
+        self._rate: float | None = None
+        self._cost: float | None = None
         self._forecast_request: tuple[int, float, float] | None = None
         self._forecast: float | None = None
         self._thread: threading.Thread | None = None
 
     def update(self) -> None:
         history = self.accountant.history
-        steps = sum(s for _, _, s in history)
+        try:
+            if self._bounded:
+                rdp, steps = self._rdp.total(history)
+                bound = self._rdp.epsilon(rdp) + self._margin
+            else:
+                steps, bound = sum(s for _, _, s in history), math.inf
+        except Exception:  # never raise into the training step
+            self.errors += 1
+            if self.errors == 1:
+                logger.exception("Computing the %s epsilon bound failed; training continues",
+                                 self.mechanism)
+            return
         self.steps = steps
-        with self._cv:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name=f"privacy-accounting-{self.mechanism}", daemon=True)
-                self._thread.start()
-            self._pending = (list(history), steps)
-            self._cv.notify()
+        if not history:
+            self.latest = Epsilon(0.0, 0, True)
+            return
+        sigma, q, k = history[-1]
+        seen = (_prefix_key(history), sigma, q, k, steps, bound)
+        with self._lock:
+            self._seen = seen
+            self.latest = self._best(seen)
+        self._job = (tuple(history), steps, time.monotonic())
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"privacy-accounting-{self.mechanism}", daemon=True)
+            self._thread.start()
+        elif self._idle:
+            with self._cv:
+                self._cv.notify()
+
+    def _best(self, seen: tuple) -> Epsilon:
+        """The exact value for ``seen`` if known, else the smallest valid bound (under the lock)."""
+        key, sigma, q, k, steps, value = seen
+        for kkey, ksigma, kq, kk, kvalue in self._known:
+            if (kk >= k and ksigma == sigma and kq == q and kkey[0] == key[0]
+                    and kkey[1] is key[1]):
+                if kk == k:
+                    return Epsilon(kvalue, steps, True)
+                value = min(value, kvalue)
+        return Epsilon(value, steps, False)
 
     def forecast(self, extra_steps: int, noise_multiplier: float, sample_rate: float) -> float | None:
         self._forecast_request = (extra_steps, noise_multiplier, sample_rate)
         return self._forecast
 
-    def _clone(self, history: list) -> IAccountant:
+    def _clone(self, history: Sequence[Segment]) -> IAccountant:
         clone = copy.copy(self.accountant)
-        clone.history = history
+        clone.history = list(history)
         return clone
 
+    def _ahead(self) -> int:
+        """Steps training will have taken by the time the next computation is done."""
+        if self._rate is None or self._cost is None:
+            return 1
+        return 1 + math.ceil(1.25 * self._rate * self._cost)
+
     def _run(self) -> None:
+        done: tuple | None = None
+        last_pick: tuple[int, float] | None = None
+        next_forecast = 0.0
         while True:
             with self._cv:
-                while self._pending is None and not self._stopping:
-                    self._cv.wait()
+                while not self._stopping and (self._job is None or self._job is done):
+                    self._idle = True
+                    self._cv.wait(0.05)  # also covers a wake-up that raced with going idle
+                self._idle = False
                 if self._stopping:
                     return
-                history, steps = self._pending
-                self._pending = None
+                job, urgent = self._job, self._urgent
+            history, steps, submitted = job
+            if last_pick is not None and steps > last_pick[0] and submitted > last_pick[1]:
+                rate = (steps - last_pick[0]) / (submitted - last_pick[1])
+                self._rate = rate if self._rate is None else 0.7 * self._rate + 0.3 * rate
+            last_pick = (steps, submitted)
+            sigma, q, k = history[-1]
+            target = k + (0 if urgent else self._ahead())
+            planned = history[:-1] + ((sigma, q, target),)
+            t0 = time.monotonic()
             try:
-                self.epsilon = float(self._clone(history).get_epsilon(self.delta))
-                self.epsilon_step = steps
-                request = self._forecast_request
-                if request is not None and history:
-                    extra, sigma, q = request
-                    planned = list(history)
-                    s_last, q_last, n_last = planned[-1]
-                    if extra <= 0:
-                        pass
-                    elif (s_last, q_last) == (sigma, q):
-                        planned[-1] = (sigma, q, n_last + extra)
-                    else:
-                        planned.append((sigma, q, extra))
-                    self._forecast = float(self._clone(planned).get_epsilon(self.delta))
+                value = float(self._clone(planned).get_epsilon(self.delta))
             except Exception:
+                value = None
                 self.errors += 1
                 if self.errors == 1:
                     logger.exception("Computing %s epsilon failed; training continues",
                                      self.mechanism)
+            cost = time.monotonic() - t0
+            self._cost = cost if self._cost is None else 0.7 * self._cost + 0.3 * cost
+            if value is not None:
+                self._learn((_prefix_key(history), sigma, q, target, value))
+            done = job
+            request = self._forecast_request
+            if request is not None and not urgent and time.monotonic() >= next_forecast:
+                next_forecast = time.monotonic() + self.min_interval
+                self._compute_forecast(history, request)
             with self._cv:
                 self._attempted = steps
+                self._done = job
                 self._cv.notify_all()
-                if self._cv.wait_for(lambda: self._stopping or self._urgent,
-                                     timeout=self.min_interval) and self._stopping:
-                    return
+
+    def _learn(self, known: tuple) -> None:
+        """Keep a computed value; publish it at once if it improves the last step's value."""
+        listener = None
+        with self._lock:
+            self._known.append(known)
+            seen, latest = self._seen, self.latest
+            if seen is not None:
+                better = self._best(seen)
+                if latest is None or better.value < latest.value or (
+                        better.exact and not latest.exact):
+                    self.latest = latest = better
+                    listener = self.listener
+        if listener is not None:
+            try:
+                listener(latest)
+            except Exception:
+                logger.exception("Publishing a background epsilon failed")
+
+    def _compute_forecast(self, history: tuple[Segment, ...],
+                          request: tuple[int, float, float]) -> None:
+        extra, sigma, q = request
+        planned = list(history)
+        s_last, q_last, n_last = planned[-1]
+        if extra > 0:
+            if (s_last, q_last) == (sigma, q):
+                planned[-1] = (sigma, q, n_last + extra)
+            else:
+                planned.append((sigma, q, extra))
+        try:
+            self._forecast = float(self._clone(planned).get_epsilon(self.delta))
+        except Exception:
+            pass  # a forecast is an estimate; epsilon itself is counted when it fails
 
     def settle(self, timeout: float = 10.0) -> bool:
-        """Wait (bounded) until epsilon belongs to the last accounted step."""
+        """Wait (bounded) until :attr:`latest` is exact for the last accounted step."""
+        latest = self.latest
+        if latest is None or (latest.exact and latest.step == self.steps):
+            return True
         deadline = time.monotonic() + timeout
         with self._cv:
             self._urgent = True
+            job = self._job
+            if job is not None:
+                self._job = (job[0], job[1], job[2])  # a new job object: computed again, exact
             self._cv.notify_all()
             try:
-                while self._attempted < self.steps and self._thread is not None:
+                while True:
+                    latest = self.latest
+                    if latest is not None and latest.exact and latest.step == self.steps:
+                        return True
                     left = deadline - time.monotonic()
-                    if left <= 0 or not self._thread.is_alive():
+                    if (left <= 0 or self._thread is None or not self._thread.is_alive()
+                            or self._done is self._job):
                         return False
-                    self._cv.wait(left)
+                    self._cv.wait(min(left, 0.05))
             finally:
                 self._urgent = False
-        return self.epsilon_step >= self.steps
 
     def close(self, timeout: float = 5.0) -> None:
         with self._cv:
