@@ -84,6 +84,13 @@ METRICS: tuple[Metric, ...] = (
     Metric("privacy_epsilon_consumed", "gauge",
            "Privacy loss epsilon spent so far, from the privacy accountant's own history.",
            labels=_ACC, attr="epsilon", field="epsilon"),
+    Metric("privacy_epsilon_step", "gauge",
+           "Accounted optimizer step the reported epsilon belongs to.",
+           unit="steps", labels=_ACC, attr="epsilon_step", field="epsilon_step"),
+    Metric("privacy_epsilon_exact", "gauge",
+           "1 if the reported epsilon is the accountant's exact value for its step, 0 if it is an "
+           "upper bound (published until the exact value is computed).",
+           labels=_ACC, attr="epsilon_exact", field="epsilon_exact"),
     Metric("privacy_delta_consumed", "gauge",
            "Delta the reported epsilon is computed for.",
            labels=_ACC, attr="delta", field="delta"),

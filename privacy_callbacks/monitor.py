@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from . import probe
-from .accounting import Accounting, make_accounting
+from .accounting import Accounting, Epsilon, make_accounting
 from .audit import AuditTrail
 from .compliance import DPPolicy, check_start
 from .device import DeviceStats
@@ -51,7 +51,7 @@ def _rank_only(snapshot: PrivacySnapshot) -> PrivacySnapshot:
     """What a rank other than 0 exports: its own throughput and step time, no privacy values."""
     return PrivacySnapshot(
         step=snapshot.step, timestamp_ns=snapshot.timestamp_ns, accountant=snapshot.accountant,
-        delta=None, epsilon=None, epsilon_step=snapshot.epsilon_step, steps=None,
+        delta=None, epsilon=None, epsilon_step=None, steps=None,
         noise_multiplier=None, max_grad_norm=None, sample_rate=None, noise_std=None,
         throughput=snapshot.throughput, step_seconds=snapshot.step_seconds,
         accounting_errors=None, rank=snapshot.rank)
@@ -286,6 +286,7 @@ class PrivacyMonitor(Callback):
             logger.warning("No DPOptimizer has an accountant hook attached: Opacus will account "
                            "no steps and epsilon stays 0. Use PrivacyEngine.make_private.")
         self.accounting = make_accounting(accountant, self.delta)
+        self.accounting.listener = self._on_epsilon
         self._risk = RiskBound(self.accounting, self.delta)
         self._mia = next((cb for cb in trainer.callbacks
                           if isinstance(cb, MembershipInferenceProbe)), None)
@@ -491,7 +492,8 @@ class PrivacyMonitor(Callback):
         if getattr(opt, "loss_reduction", "mean") == "mean" and size:
             noise_std /= size * max(1, batches)
 
-        eps = accounting.epsilon
+        latest = accounting.latest  # one record: value, step and kind belong together
+        eps = None if latest is None else latest.value
         target = self.target_epsilon
         forecast = exhaustion = remaining = exhausted = None
         if q is not None:
@@ -513,8 +515,8 @@ class PrivacyMonitor(Callback):
         scores, audit_bound = attack_results(self._attacks)
         return PrivacySnapshot(
             step=step, timestamp_ns=time.time_ns(), accountant=accounting.mechanism,
-            delta=self.delta, epsilon=eps, epsilon_step=accounting.epsilon_step,
-            steps=accounting.steps, noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q,
+            delta=self.delta, epsilon=eps, epsilon_step=0 if latest is None else latest.step,
+            epsilon_exact=None if latest is None else int(latest.exact), steps=accounting.steps, noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q,
             noise_std=noise_std, throughput=throughput, step_seconds=seconds,
             accounting_errors=accounting.errors,
             target_epsilon=target, budget_remaining=remaining, epsilon_forecast=forecast,
@@ -663,9 +665,10 @@ class PrivacyMonitor(Callback):
                 or self._logged_step == snap.step):
             return
         accounting.settle(timeout=10.0)
-        if accounting.epsilon_step != accounting.steps:
-            return  # no exact epsilon for the last step: log nothing rather than less
-        eps = accounting.epsilon
+        latest = accounting.latest
+        if latest is None or not latest.exact or latest.step != accounting.steps:
+            return  # no exact epsilon for the last step: log nothing rather than a bound
+        eps = latest.value
         remaining = None if self.target_epsilon is None or eps is None else self.target_epsilon - eps
         self._log_to_loggers(trainer, dataclasses.replace(snap, epsilon=eps,
                                                           budget_remaining=remaining))
@@ -684,14 +687,16 @@ class PrivacyMonitor(Callback):
             self._publish_final()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The exact final epsilon goes out before fit returns: to the exporters (and from there
+        # to /metrics, served until teardown, and the last InfluxDB point), last_snapshot, the
+        # audit trail and the log line.
+        self._publish_final()
         self._log_final(trainer)
         snap = self.last_snapshot
         if snap is not None and self._exporting and self._oversight.active:
-            if self.accounting is not None:
-                self.accounting.settle(timeout=10.0)
             accounting = self.accounting
             self.audit_event(
-                "fit_end", epsilon=accounting.epsilon if accounting else snap.epsilon,
+                "fit_end", epsilon=snap.epsilon, epsilon_exact=bool(snap.epsilon_exact),
                 delta=snap.delta, steps_accounted=accounting.steps if accounting else snap.steps,
                 global_step=trainer.global_step, accountant=snap.accountant,
                 accounting_errors=accounting.errors if accounting else snap.accounting_errors,
@@ -699,9 +704,11 @@ class PrivacyMonitor(Callback):
                 audit_epsilon_lower_bound=attack_results(self._attacks)[1],
                 violations=[list(v) for v in self._oversight.violations])
         if snap is not None and self._exporting:
-            logger.info("Privacy spent: epsilon=%.4g at delta=%g after %d steps (%s)",
+            logger.info("Privacy spent: epsilon=%.4g at delta=%g after %d steps (%s%s)",
                         snap.epsilon if snap.epsilon is not None else float("nan"), snap.delta,
-                        snap.steps, snap.accountant)
+                        snap.steps, snap.accountant,
+                        "" if snap.epsilon_exact else ", an upper bound: the exact value was not "
+                        "computed in time")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
@@ -716,9 +723,7 @@ class PrivacyMonitor(Callback):
             self._probe.close()
             self._probe = None
         if self._publisher is not None:
-            if self._exporting and self.accounting is not None and self.last_snapshot is not None:
-                self.accounting.settle(timeout=10.0)
-                self._publish_final()
+            self._publish_final()
             self._publisher.close(timeout=10.0)
             self._publisher = None
         if self._started:
@@ -741,31 +746,50 @@ class PrivacyMonitor(Callback):
                 and self.last_snapshot is not None):
             self._publish_final()
 
-    def _publish_final(self) -> None:
-        """Export what arrived after the last step: a background epsilon, a validation's attack."""
+    def _on_epsilon(self, value: Epsilon) -> None:
+        """Worker thread: a better epsilon for the last step goes out now, not with the next one."""
+        snap, publisher = self.last_snapshot, self._publisher
+        if snap is None or publisher is None or not self._exporting or snap.steps != value.step:
+            return  # the training thread's next snapshot carries it
+        publisher.publish(self._with_epsilon(snap, value))
+
+    def _with_epsilon(self, snap: PrivacySnapshot, value: Epsilon) -> PrivacySnapshot:
+        """``snap`` with another epsilon for the same step (device statistics already exported)."""
+        target = self.target_epsilon
+        return dataclasses.replace(
+            snap, epsilon=value.value, epsilon_step=value.step, epsilon_exact=int(value.exact),
+            budget_remaining=None if target is None else target - value.value, device_stats=None)
+
+    def _publish_final(self, timeout: float = 10.0) -> None:
+        """Export the exact final epsilon, and what arrived after the last step (an attack AUC)."""
         accounting, last = self.accounting, self.last_snapshot
-        assert accounting is not None and last is not None and self._publisher is not None
+        if accounting is None or last is None or not self._exporting:
+            return
+        accounting.settle(timeout=timeout)
+        latest = accounting.latest
         mia = self._mia
         auc, advantage = (None, None) if mia is None else (mia.auc, mia.advantage)
         scores, audit_bound = attack_results(self._attacks)
-        if (accounting.epsilon_step == last.epsilon_step
+        if latest is None or latest.step < (last.epsilon_step or 0):
+            latest = None  # never replace a value with one for fewer steps
+        if ((latest is None or (latest.value, latest.step, int(latest.exact))
+             == (last.epsilon, last.epsilon_step, last.epsilon_exact))
                 and accounting.errors == last.accounting_errors
                 and auc == last.membership_inference_auc
                 and advantage == last.membership_inference_advantage
                 and scores == last.attack_scores
                 and audit_bound == last.audit_epsilon_lower_bound):
             return  # nothing new since the last step (a validation may have run after it)
-        eps = accounting.epsilon
-        remaining = None if self.target_epsilon is None or eps is None else self.target_epsilon - eps
-        final = dataclasses.replace(last, epsilon=eps, epsilon_step=accounting.epsilon_step,
-                                    budget_remaining=remaining,
-                                    accounting_errors=accounting.errors, throughput=None,
+        final = last if latest is None else self._with_epsilon(last, latest)
+        final = dataclasses.replace(final, accounting_errors=accounting.errors, throughput=None,
                                     step_seconds=None, membership_inference_auc=auc,
                                     membership_inference_advantage=advantage,
                                     attack_scores=scores, audit_epsilon_lower_bound=audit_bound,
                                     device_stats=None)
         self.last_snapshot = final
-        self._publisher.publish(final)
+        if self._publisher is not None:
+            self._publisher.publish(final)
+            self._publisher.flush(timeout)
 
     # -- checkpoint state -------------------------------------------------------------------
 

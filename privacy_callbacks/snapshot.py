@@ -18,8 +18,11 @@ class PrivacySnapshot:
         step: The trainer's global step after this optimizer step.
         timestamp_ns: Wall-clock end of the step, in ns since the epoch.
         epsilon: Epsilon spent, for ``delta``.
-        epsilon_step: The accounted step count ``epsilon`` belongs to. Equal to ``steps`` for RDP;
-            may trail it for accountants computed in the background (PRV, GDP).
+        epsilon_step: The accounted step count ``epsilon`` belongs to (``steps``; less only
+            while computing epsilon fails).
+        epsilon_exact: 1 when ``epsilon`` is the accountant's own value for ``epsilon_step``; 0
+            when it is an upper bound of it (PRV and GDP, until the background computation for
+            that history is done). Never below the accountant's value either way.
         steps: Optimizer steps the accountant has accounted so far.
         membership_inference_risk: Largest membership advantage any attack can have at this
             step's privacy loss (:class:`~privacy_callbacks.security.RiskBound`).
@@ -48,7 +51,7 @@ class PrivacySnapshot:
     accountant: str
     delta: float | None
     epsilon: float | None
-    epsilon_step: int
+    epsilon_step: int | None
     steps: int | None
     noise_multiplier: float | None
     max_grad_norm: float | None
@@ -57,6 +60,7 @@ class PrivacySnapshot:
     throughput: float | None
     step_seconds: float | None
     accounting_errors: int | None
+    epsilon_exact: int | None = None
     target_epsilon: float | None = None
     budget_remaining: float | None = None
     epsilon_forecast: float | None = None
