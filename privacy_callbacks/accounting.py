@@ -35,6 +35,9 @@ __all__ = ["Accounting", "BackgroundAccounting", "Epsilon", "RdpAccounting", "ma
 
 Segment = tuple[float, float, int]
 
+# RDP vectors kept per accounting (151 orders: 1.2 kB each).
+_VECTORS = 64
+
 
 class _RdpMath:
     """Exact RDP composition over a history, with a cached per-(sigma, q) vector."""
@@ -45,7 +48,10 @@ class _RdpMath:
         # Same expression and evaluation order as Opacus' get_privacy_spent.
         self._sub = (np.log(delta) + np.log(self.orders)) / (self.orders - 1)
         self._add = np.log((self.orders - 1) / self.orders)
-        self._vectors: dict[tuple[float, float], np.ndarray] = {}
+        # Least recently used last; bounded, since a noise scheduler brings a new sigma every
+        # step and finished segments live on in the prefix sum.
+        self._vectors: collections.OrderedDict[tuple[float, float], np.ndarray] = (
+            collections.OrderedDict())
         # Sum of all history segments but the last one, kept between calls.
         self._hist: list | None = None
         self._n_prefix = 0
@@ -55,11 +61,16 @@ class _RdpMath:
 
     def vector(self, noise_multiplier: float, sample_rate: float) -> np.ndarray:
         key = (noise_multiplier, sample_rate)
-        vec = self._vectors.get(key)
+        vectors = self._vectors
+        vec = vectors.get(key)
         if vec is None:
             vec = _rdp_analysis.compute_rdp(
                 q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=self.orders)
-            self._vectors[key] = vec
+            vectors[key] = vec
+            if len(vectors) > _VECTORS:
+                vectors.popitem(last=False)
+        elif len(vectors) > 1:
+            vectors.move_to_end(key)
         return vec
 
     def _sync_prefix(self, history: list) -> None:
@@ -303,6 +314,8 @@ class BackgroundAccounting(Accounting):
         self.mechanism = accountant.mechanism()
         self.min_interval = min_interval
         self._bounded = self.mechanism == "prv"
+        self._gdp = self.mechanism == "gdp"
+        self._gdp_scale = math.sqrt(2.0 * math.log(1.0 / delta))
         if self._bounded:
             self._rdp = _RdpMath(delta * (1 - 2 * _PRV_DELTA_ERROR))
             self._margin = 2 * _PRV_EPS_ERROR
@@ -330,6 +343,8 @@ class BackgroundAccounting(Accounting):
                 bound = self._rdp.epsilon(rdp) + self._margin
             else:
                 steps, bound = sum(s for _, _, s in history), math.inf
+                if self._gdp and history:
+                    bound = self._gdp_bound(*history[-1])
         except Exception:  # never raise into the training step
             self.errors += 1
             if self.errors == 1:
@@ -353,6 +368,18 @@ class BackgroundAccounting(Accounting):
         elif self._idle:
             with self._cv:
                 self._cv.notify()
+
+    def _gdp_bound(self, sigma: float, q: float, steps: int) -> float:
+        """An upper bound of Opacus' GDP epsilon: ``mu^2/2 + mu sqrt(2 ln(1/delta))``.
+
+        ``mu`` is Opacus' ``compute_mu_poisson``; for mu-GDP, delta(eps) <= Phi(mu/2 - eps/mu)
+        <= exp(-(eps/mu - mu/2)^2 / 2), which is delta at this eps, so the root Opacus finds lies
+        below it.
+        """
+        if sigma <= 0:
+            return math.inf
+        mu = math.sqrt(math.expm1(sigma ** -2)) * math.sqrt(steps) * q
+        return mu * mu / 2.0 + mu * self._gdp_scale
 
     def _best(self, seen: tuple) -> Epsilon:
         """The exact value for ``seen`` if known, else the smallest valid bound (under the lock)."""

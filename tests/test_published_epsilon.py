@@ -97,3 +97,48 @@ def test_every_published_epsilon_is_at_least_opacus_and_the_final_is_exact(mecha
     assert spy.snapshot.epsilon_exact == 1
     assert f"Privacy spent: epsilon={final:.4g} at delta=1e-05 after 8 steps ({mechanism})" \
         in caplog.text
+
+
+class ScheduledModel(DPModel):
+    """Decays sigma every batch with Opacus' ExponentialNoise, as a noise schedule does."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.history_seen: list[list] = []
+
+    def configure_optimizers(self):
+        from opacus.schedulers import ExponentialNoise
+        optimizer = super().configure_optimizers()
+        self.scheduler = ExponentialNoise(optimizer, gamma=0.99)
+        return optimizer
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.scheduler.step()
+
+
+def test_noise_schedule_epsilon_equals_opacus_with_bounded_memory():
+    recorder = Recorder()
+    monitor = PrivacyMonitor(delta=1e-5, exporters=[recorder], session_id="t", mechanism=False)
+    model = ScheduledModel(n=800, batch_size=8)
+    fit(model, monitor, max_epochs=1)
+    history = model.privacy_engine.accountant.history
+    assert len(history) == 100  # a new sigma every step
+    final = _opacus_epsilon("rdp", history)
+    assert monitor.last_snapshot.epsilon == final
+    assert recorder.seen[-1] == (final, 100, 1)
+    assert len(monitor.accounting._rdp._vectors) <= 64  # not one cached vector per sigma
+
+
+def test_gdp_refuses_a_changing_sigma_and_nothing_published_drops():
+    """Opacus' GaussianAccountant raises on a new sigma (and drops its history while at it)."""
+    recorder = Recorder()
+    monitor = PrivacyMonitor(delta=1e-5, exporters=[recorder], session_id="t", mechanism=False)
+    model = ScheduledModel(accountant="gdp")
+    with pytest.raises(ValueError, match="constant in GaussianAccountant"):
+        fit(model, monitor, max_epochs=1)
+    assert recorder.seen
+    steps = recorder.seen[-1][1]
+    assert steps == 1
+    truth = _opacus_epsilon("gdp", [(1.0, 1 / 8, steps)])
+    assert all(eps >= truth for eps, step, _ in recorder.seen if step == steps)
+    assert recorder.seen[-1][0] == pytest.approx(truth, rel=1e-9)
