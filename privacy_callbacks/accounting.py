@@ -381,6 +381,33 @@ class BackgroundAccounting(Accounting):
         mu = math.sqrt(math.expm1(sigma ** -2)) * math.sqrt(steps) * q
         return mu * mu / 2.0 + mu * self._gdp_scale
 
+    def epsilon_after(self, extra_steps: int, noise_multiplier: float, sample_rate: float) -> float:
+        eps = super().epsilon_after(extra_steps, noise_multiplier, sample_rate)
+        if not self._gdp:
+            return eps
+        # GDP's value can exceed the RDP bound (small sigma, large q): bound both.
+        steps = sum(s for _, _, s in self.accountant.history) + extra_steps
+        return max(eps, self._gdp_bound(noise_multiplier, sample_rate, steps))
+
+    def steps_until(self, target: float, noise_multiplier: float,
+                    sample_rate: float) -> int | None:
+        left = super().steps_until(target, noise_multiplier, sample_rate)
+        if not self._gdp or noise_multiplier <= 0 or sample_rate <= 0:
+            return left
+        # Largest total n with mu^2/2 + mu s <= target, mu = c sqrt(n); then settle rounding.
+        c = math.sqrt(math.expm1(noise_multiplier ** -2)) * sample_rate
+        s = self._gdp_scale
+        mu = -s + math.sqrt(s * s + 2.0 * target)
+        done = sum(n for _, _, n in self.accountant.history)
+        k = max(0, int((mu / c) ** 2) - done) if c > 0 else None
+        if k is None:
+            return left
+        while k > 0 and self._gdp_bound(noise_multiplier, sample_rate, done + k) > target:
+            k -= 1
+        while self._gdp_bound(noise_multiplier, sample_rate, done + k + 1) <= target:
+            k += 1
+        return k if left is None else min(left, k)
+
     def _best(self, seen: tuple) -> Epsilon:
         """The exact value for ``seen`` if known, else the smallest valid bound (under the lock)."""
         key, sigma, q, k, steps, value = seen

@@ -33,7 +33,8 @@ class Recorder(Exporter):
 
     def export(self, snapshot) -> None:
         if snapshot.epsilon is not None:
-            self.seen.append((snapshot.epsilon, snapshot.epsilon_step, snapshot.epsilon_exact))
+            self.seen.append((snapshot.epsilon, snapshot.epsilon_step,
+                              getattr(snapshot, "epsilon_exact", None)))
 
 
 class AtTeardown(pl.Callback):
