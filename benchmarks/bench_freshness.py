@@ -13,7 +13,8 @@ Measured per step n:
   for every ``--check-every``-th step), and that it is never below it;
 * exact lag: n minus the latest step whose exact value has been published, in steps and in
   seconds since that step was accounted;
-* the training thread's cost of ``update()``.
+* the training thread's cost of ``update()``: the first step apart (it computes the RDP vector
+  of the new (sigma, q), milliseconds, once), then mean / 99th percentile / max of the rest.
 """
 
 from __future__ import annotations
@@ -95,14 +96,14 @@ def run(mechanism: str, cadence: float, steps: int, check_every: int) -> dict:
         truth = truth_acc.get_epsilon(DELTA)
         below += e.value < truth
         gaps.append(e.value / truth - 1)
-    costs.sort()
+    first, costs = costs[0], sorted(costs[1:])
     return {
         "accountant": mechanism, "cadence_ms": cadence * 1e3, "steps": steps,
         "exact_share": exact_steps / len(seen), "final_exact": settled and seen[-1].exact,
         "lag_steps_mean": statistics.mean(lag_steps), "lag_steps_max": max(lag_steps),
         "lag_s_mean": statistics.mean(lag_seconds), "lag_s_max": max(lag_seconds),
         "gap_mean": statistics.mean(gaps), "gap_max": max(gaps), "below": below,
-        "checked": len(gaps), "cost_mean_us": statistics.mean(costs),
+        "checked": len(gaps), "cost_first_us": first, "cost_mean_us": statistics.mean(costs),
         "cost_p99_us": costs[int(0.99 * (len(costs) - 1))], "cost_max_us": costs[-1],
     }
 
@@ -126,14 +127,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
           "get_epsilon for the same step - 1, checked at every "
           f"{args.check_every}th step and the last\n")
     print("| accountant | step | exact share | exact lag steps mean / max | exact lag s mean / max "
-          "| gap mean / max | below Opacus | final exact | update() µs mean / p99 / max |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+          "| gap mean / max | below Opacus | final exact | update() µs first | then mean / p99 / max |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for r in rows:
         print(f"| {r['accountant']} | {r['cadence_ms']:.0f} ms | {r['exact_share']:.0%} | "
               f"{r['lag_steps_mean']:.2f} / {r['lag_steps_max']} | "
               f"{r['lag_s_mean']:.3f} / {r['lag_s_max']:.3f} | "
               f"{r['gap_mean']:.2%} / {r['gap_max']:.2%} | {r['below']} of {r['checked']} | "
-              f"{'yes' if r['final_exact'] else 'NO'} | {r['cost_mean_us']:.1f} / "
+              f"{'yes' if r['final_exact'] else 'NO'} | {r['cost_first_us']:.0f} | "
+              f"{r['cost_mean_us']:.1f} / "
               f"{r['cost_p99_us']:.1f} / {r['cost_max_us']:.1f} |")
     return rows
 

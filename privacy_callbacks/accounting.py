@@ -432,7 +432,7 @@ class BackgroundAccounting(Accounting):
         """Steps training will have taken by the time the next computation is done."""
         if self._rate is None or self._cost is None:
             return 1
-        return 1 + math.ceil(1.25 * self._rate * self._cost)
+        return 1 + math.ceil(2.0 * self._rate * self._cost)
 
     def _run(self) -> None:
         done: tuple | None = None
