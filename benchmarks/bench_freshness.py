@@ -2,6 +2,7 @@
 
     python benchmarks/bench_freshness.py                 # 1000 steps at 20 ms and 60 ms, PRV and GDP
     python benchmarks/bench_freshness.py --steps 200     # shorter
+    python benchmarks/bench_freshness.py --alone         # update() alone, no computation running
 
 Simulates training at a fixed step cadence: every ``cadence`` seconds one accountant step
 (constant sigma, q) and ``Accounting.update()`` on this thread, as the monitor does; the
@@ -108,6 +109,33 @@ def run(mechanism: str, cadence: float, steps: int, check_every: int) -> dict:
     }
 
 
+def alone(mechanism: str, steps: int = 3000) -> dict:
+    """``update()`` on the training thread with no background computation running."""
+    from opacus.accountants import RDPAccountant
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        accountant = {**CLASSES, "rdp": RDPAccountant}[mechanism]()
+    accountant.history = [(SIGMA, Q, 100)]
+    accounting = make_accounting(accountant, DELTA)
+    if mechanism != "rdp":
+        accounting._thread = threading.current_thread()  # keeps the worker from starting
+    accounting.update()
+    costs = []
+    for n in range(steps):
+        accountant.step(noise_multiplier=SIGMA, sample_rate=Q)
+        if n % 100 == 0:
+            time.sleep(0.02)
+        t0 = time.perf_counter_ns()
+        accounting.update()
+        costs.append((time.perf_counter_ns() - t0) / 1e3)
+    accounting._thread = None
+    costs.sort()
+    return {"accountant": mechanism, "median": costs[len(costs) // 2],
+            "mean": statistics.mean(costs), "p99": costs[int(0.99 * (len(costs) - 1))],
+            "max": costs[-1]}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,7 +144,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--accountants", nargs="+", default=["prv", "gdp"])
     parser.add_argument("--check-every", type=int, default=10,
                         help="compare with Opacus at every this many steps (PRV costs ms-s)")
+    parser.add_argument("--alone", action="store_true",
+                        help="time update() alone (3000 steps, no background computation)")
     args = parser.parse_args(argv)
+    if args.alone:
+        print("| accountant | update() µs median | mean | p99 | max |\n|---|---:|---:|---:|---:|")
+        for mechanism in ("rdp", *args.accountants):
+            r = alone(mechanism)
+            print(f"| {r['accountant']} | {r['median']:.1f} | {r['mean']:.1f} | {r['p99']:.1f} | "
+                  f"{r['max']:.1f} |")
+        return []
     rows = []
     for mechanism in args.accountants:
         for cadence in args.cadence_ms:
