@@ -1,6 +1,6 @@
 """How fresh and how tight the published epsilon is for PRV and GDP (computed in the background).
 
-    python benchmarks/bench_freshness.py                 # 1000 steps at 20 ms and 60 ms, PRV and GDP
+    python benchmarks/bench_freshness.py                 # 1000 steps, 20 and 60 ms, PRV and GDP
     python benchmarks/bench_freshness.py --steps 200     # shorter
     python benchmarks/bench_freshness.py --alone         # update() alone, no computation running
 
@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
           "get_epsilon for the same step - 1, checked at every "
           f"{args.check_every}th step and the last\n")
     print("| accountant | step | exact share | exact lag steps mean / max | exact lag s mean / max "
-          "| gap mean / max | below Opacus | final exact | update() µs first | then mean / p99 / max |")
+          "| gap mean / max | below Opacus | final exact | update() µs first "
+          "| then mean / p99 / max |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for r in rows:
         print(f"| {r['accountant']} | {r['cadence_ms']:.0f} ms | {r['exact_share']:.0%} | "

@@ -101,10 +101,11 @@ def main(argv: list[str] | None = None) -> float:
                          logger=False, enable_checkpointing=False, log_every_n_steps=5)
     trainer.fit(model)
     snap = monitor.last_snapshot
+    opacus_epsilon = model.privacy_engine.get_epsilon(args.delta)
     print(f"Final: epsilon={snap.epsilon:.4f} ({'exact' if snap.epsilon_exact else 'upper bound'} "
           f"for step {snap.epsilon_step}) at delta={snap.delta:g} after {snap.steps} steps "
           f"({snap.accountant}; target {args.target_epsilon}, remaining "
-          f"{snap.budget_remaining:.4f}; Opacus says {model.privacy_engine.get_epsilon(args.delta):.4f})")
+          f"{snap.budget_remaining:.4f}; Opacus says {opacus_epsilon:.4f})")
     return snap.epsilon
 
 

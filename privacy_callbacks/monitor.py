@@ -516,7 +516,8 @@ class PrivacyMonitor(Callback):
         return PrivacySnapshot(
             step=step, timestamp_ns=time.time_ns(), accountant=accounting.mechanism,
             delta=self.delta, epsilon=eps, epsilon_step=0 if latest is None else latest.step,
-            epsilon_exact=None if latest is None else int(latest.exact), steps=accounting.steps, noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q,
+            epsilon_exact=None if latest is None else int(latest.exact), steps=accounting.steps,
+            noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q,
             noise_std=noise_std, throughput=throughput, step_seconds=seconds,
             accounting_errors=accounting.errors,
             target_epsilon=target, budget_remaining=remaining, epsilon_forecast=forecast,
