@@ -62,15 +62,17 @@ class PrivacyMonitor(Callback):
 
     After each optimizer step it reads the accountant's history and the DP optimizer's settings
     (host-side values only: no device synchronisation), computes epsilon (microseconds for RDP;
-    on a background thread for PRV and GDP), builds a :class:`PrivacySnapshot` and hands it to a
+    on a background thread for PRV and GDP, with a proven upper bound labelled as such until the
+    exact value for the step is known), builds a :class:`PrivacySnapshot` and hands it to a
     background publisher that feeds the exporters. Epsilon also goes to the progress bar and the
     trainer's loggers at the trainer's ``log_every_n_steps`` cadence.
 
     Budget guard: with ``target_epsilon`` set, after each optimizer step the monitor computes
     epsilon for one more step at the noise multiplier and sample rate Opacus will account next,
     and stops the fit (on every rank together) if that step would pass the target. Epsilon after
-    the fit is at most the target. For PRV and GDP accountants the guard uses the RDP bound on the
-    same history, which is never below their epsilon: it may stop a little early, never late.
+    the fit is at most the target. For PRV and GDP accountants the guard uses the upper bounds of
+    :mod:`privacy_callbacks.accounting`, never below their epsilon: it may stop a little early,
+    never late.
 
     Resume: the accountant's history is saved in Lightning checkpoints and put back into the
     Opacus accountant on ``trainer.fit(ckpt_path=...)``, so epsilon continues where it stopped.
@@ -780,7 +782,11 @@ class PrivacyMonitor(Callback):
                 and advantage == last.membership_inference_advantage
                 and scores == last.attack_scores
                 and audit_bound == last.audit_epsilon_lower_bound):
-            return  # nothing new since the last step (a validation may have run after it)
+            # Nothing new since the last step (a validation may have run after it); what was
+            # published may still be queued.
+            if self._publisher is not None:
+                self._publisher.flush(timeout)
+            return
         final = last if latest is None else self._with_epsilon(last, latest)
         final = dataclasses.replace(final, accounting_errors=accounting.errors, throughput=None,
                                     step_seconds=None, membership_inference_auc=auc,

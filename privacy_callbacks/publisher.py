@@ -46,6 +46,7 @@ class Publisher:
         self._done = 0
         self._stop = False
         self._failed: set[str] = set()
+        self._last_step = -1
         self._thread = threading.Thread(target=self._run, name="privacy-publisher", daemon=True)
         self._thread.start()
 
@@ -79,6 +80,11 @@ class Publisher:
                 return
 
     def _deliver(self, snapshot: PrivacySnapshot) -> None:
+        if snapshot.step < self._last_step:
+            # A value for an earlier step, published from another thread (a background epsilon)
+            # after a later step's: the later one already went out and stays the latest.
+            return
+        self._last_step = snapshot.step
         stats = snapshot.device_stats
         if stats is not None:
             try:

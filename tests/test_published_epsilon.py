@@ -91,7 +91,7 @@ def test_every_published_epsilon_is_at_least_opacus_and_the_final_is_exact(mecha
     assert last_eps == pytest.approx(final, rel=1e-9)
 
     # Before the fit returned: /metrics (still served), last_snapshot, the log line.
-    assert spy.scraped["privacy_epsilon_consumed"] == pytest.approx(final, rel=1e-9)
+    assert spy.scraped["privacy_epsilon_consumed"] == pytest.approx(final, rel=1e-9), spy.scraped
     assert spy.scraped["privacy_epsilon_exact"] == 1.0
     assert spy.scraped["privacy_epsilon_step"] == 8.0
     assert spy.snapshot.epsilon == pytest.approx(final, rel=1e-9)
