@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--target-epsilon", type=float, default=8.0)
     parser.add_argument("--accountant", choices=["prv", "rdp", "gdp"], default="prv")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # force=True: importing Opacus already configured the root logger (a WARNING handler), and
+    # without it this call does nothing and the monitor's INFO lines never show.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        force=True)
     warnings.filterwarnings("ignore", module="opacus")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
