@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
@@ -198,6 +199,10 @@ class MembershipInferenceProbe(Callback):
     Costs one forward pass over ``2 * samples`` examples per validation, in eval mode, without
     gradients. The sample is drawn once (``seed``) so successive values are comparable.
 
+    Its results are computed from training records without noise, so they are a release outside
+    the reported epsilon (a warning says so when the probe is built): use it on evaluation runs,
+    or keep its metrics where the training data may be seen.
+
     Args:
         members: The training dataset (or a subset of it); items are ``(input, target)``.
         nonmembers: Held-out examples from the same distribution, never trained on.
@@ -225,6 +230,10 @@ class MembershipInferenceProbe(Callback):
                  batch_size: int = 256, seed: int = 0) -> None:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
             raise ValueError(f"Unexpected value for samples: {samples!r}; use an int >= 2")
+        warnings.warn(
+            "MembershipInferenceProbe scores training records without noise: its AUC, advantage "
+            "and attack score are released outside the reported epsilon. Use it on evaluation "
+            "runs, or keep its metrics where the training data may be seen.", stacklevel=2)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Unexpected value for batch_size: {batch_size!r}; use an int >= 1")
         for name, data in (("members", members), ("nonmembers", nonmembers)):

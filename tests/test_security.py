@@ -195,3 +195,15 @@ def test_probe_rejects_bad_arguments():
         MembershipInferenceProbe(data, data, samples=1)
     with pytest.raises(ValueError, match="nonmembers"):
         MembershipInferenceProbe(data, object())
+
+
+def test_the_loss_probe_warns_that_its_results_fall_outside_epsilon():
+    import warnings as _warnings
+
+    from dp_models import make_data
+    from privacy_callbacks import MembershipInferenceProbe
+
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        MembershipInferenceProbe(make_data(64), make_data(64, seed=1), samples=8)
+    assert any("outside the reported epsilon" in str(w.message) for w in caught)
