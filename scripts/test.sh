@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the tests need -- the monitoring servers from Debian packages and the
-# Python dev dependencies -- then runs the test suite. Extra arguments go to pytest.
+# Python dev dependencies -- then lints and type-checks the code (any finding fails the script)
+# and runs the test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,4 +21,6 @@ fi
 python3 -m pip install -q --disable-pip-version-check torch==2.13.0
 python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
 
+python3 -m ruff check privacy_callbacks tests benchmarks examples
+python3 -m mypy privacy_callbacks
 python3 -m pytest -q "$@"
