@@ -56,7 +56,8 @@ logger = logging.getLogger("finetune_dp")
 REPO = Path(__file__).resolve().parents[1]
 PACKAGED_NAME = "all-MiniLM-L6-v2"
 HALF_COPY = REPO / ".model" / "all-MiniLM-L6-v2-fp16"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                   "special_tokens_map.json")
 
 # -- data ------------------------------------------------------------------------------------
 
@@ -383,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     epoch_len = min(batches, args.max_steps) if args.max_steps > 0 else batches
     trainer = pl.Trainer(accelerator=args.accelerator, devices=1, max_epochs=args.epochs,
                          max_steps=args.max_steps, limit_train_batches=epoch_len,
-                         callbacks=[private, monitor, report], logger=False, enable_checkpointing=False,
+                         callbacks=[private, monitor, report], logger=False,
+                         enable_checkpointing=False,
                          enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
                          log_every_n_steps=10)
     t0 = time.perf_counter()

@@ -77,7 +77,7 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> "Server":
+    def start(self, timeout: float = 30.0) -> Server:
         log = open(self.workdir / f"{self.name}.log", "ab")
         self.proc = subprocess.Popen(self.argv, cwd=self.workdir, stdout=log, stderr=log,
                                      env={**os.environ, **self.env}, start_new_session=True)

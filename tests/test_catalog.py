@@ -18,7 +18,8 @@ def test_readme_metrics_table_is_generated_from_the_catalog():
     table = re.search(r"<!-- metrics:start -->\n(.*?)\n<!-- metrics:end -->", readme, re.S)
     assert table, "README.md lost its metrics table markers"
     assert table.group(1) == catalog.markdown_table(), (
-        "README metrics table is stale: run `python -m privacy_callbacks metrics --readme README.md`")
+        "README metrics table is stale: "
+        "run `python -m privacy_callbacks metrics --readme README.md`")
 
 
 def test_contract_names_are_present():

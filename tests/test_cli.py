@@ -11,7 +11,7 @@ import pytest
 HEAVY = ("torch", "lightning", "opacus")
 
 # Runs the CLI in a fresh interpreter, then reports which heavy packages it imported.
-PROBE = """
+PROBE = f"""
 import runpy, sys
 sys.argv = ["privacy-callbacks", *sys.argv[1:]]
 try:
@@ -20,9 +20,9 @@ except SystemExit as exc:
     code = exc.code
 else:
     code = 0
-print("IMPORTED=" + ",".join(m for m in %r if m in sys.modules))
-print("CODE=%%s" %% code)
-""" % (HEAVY,)
+print("IMPORTED=" + ",".join(m for m in {HEAVY!r} if m in sys.modules))
+print("CODE=%s" % code)
+"""
 
 
 def run_cli(*args: str, cwd: Path) -> tuple[str, str]:

@@ -24,7 +24,7 @@ from dp_models import DPModel, fit, make_data
 from privacy_callbacks import (DifferentialPrivacy, InfluxDBExporter, PrivacyMonitor,
                                PrometheusExporter)
 from privacy_callbacks.wiring import _unsupported_modules
-from servers import http_get, influxdb1, influxdb1_query, pushgateway, wait_for
+from servers import http_get, influxdb1, influxdb1_query, pushgateway
 
 DELTA = 1e-5
 QUIET = dict(enable_progress_bar=False, logger=False, enable_checkpointing=False,
@@ -403,8 +403,8 @@ class OpacusExampleStyle(pl.LightningModule):
 
 def scraped_epsilon(url: str, session: str) -> float | None:
     text = http_get(url)[1].decode()
-    pattern = re.compile(r'^privacy_epsilon_consumed\{[^}]*session_id="%s"[^}]*\} (\S+)$'
-                         % re.escape(session), re.M)
+    pattern = re.compile(r'^privacy_epsilon_consumed\{[^}]*session_id="' + re.escape(session)
+                         + r'"[^}]*\} (\S+)$', re.M)
     found = pattern.findall(text)
     return float(found[0]) if found else None
 

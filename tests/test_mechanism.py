@@ -480,7 +480,7 @@ def test_by_default_nothing_published_reveals_the_canary():
     reg = exporter.registry
     assert reg.get_sample_value("privacy_per_sample_grad_norm_count", CANARY_LABELS) is None
     assert reg.get_sample_value("privacy_clipped_fraction", CANARY_LABELS) is None
-    for present, snap, top in rows:
+    for _, snap, top in rows:
         assert top is None and snap.per_sample_grad_norms is None
         assert snap.clipped_fraction is None
         # Throughput counts the expected batch (32 here), not the Poisson batch's real size.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import warnings
 
 import lightning.pytorch as pl
 import pytest

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("text,expected", [
     ("mail alice.smith+dp@example.co.uk", "mail [email]"),
-    ("call +1 555 123 4567 or (555) 123-4567 or 555.123.4567", "call [phone] or [phone] or [phone]"),
+    ("call +1 555 123 4567 or (555) 123-4567 or 555.123.4567",
+     "call [phone] or [phone] or [phone]"),
     ("uk +44 20 7946 0958, national 020 7946 0958", "uk [phone], national [phone]"),
     ("ssn 123-45-6789", "ssn [national-id]"),
     ("card 4111 1111 1111 1111 and 5500-0000-0000-0004", "card [card] and [card]"),

@@ -49,7 +49,8 @@ def test_real_prometheus_reads_opacus_epsilon():
                                 'accountant="rdp"}')
                     return result and float(result[0]["value"][1]) == expected and result
 
-                seen["result"] = wait_for(scraped, 60, what="Prometheus to scrape the final epsilon")
+                seen["result"] = wait_for(scraped, 60,
+                                          what="Prometheus to scrape the final epsilon")
 
         model = DPModel()
         with warnings.catch_warnings():

@@ -77,7 +77,8 @@ def test_changed_delta_or_accountant_is_an_error(tmp_path, changed, match):
     delta = changed.get("delta", DELTA)
     model_kwargs = {"accountant": changed["accountant"]} if "accountant" in changed else {}
     with pytest.raises(RuntimeError, match=f"{match}.*allow_privacy_reset=True"):
-        fit(DPModel(**model_kwargs), PrivacyMonitor(delta=delta), max_steps=6, max_epochs=5, ckpt_path=path)
+        fit(DPModel(**model_kwargs), PrivacyMonitor(delta=delta), max_steps=6, max_epochs=5,
+            ckpt_path=path)
     # Opted in, the saved history is carried over, not dropped.
     model = DPModel(**model_kwargs)
     fit(model, PrivacyMonitor(delta=delta, allow_privacy_reset=True), max_steps=6, max_epochs=5,
