@@ -9,19 +9,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .pii import PIIFilter, protect_loggers
+from .pii import PIIFilter as PIIFilter, protect_loggers
 
-if TYPE_CHECKING:
-    from .audit import AuditTrail
-    from .compliance import DPPolicy
-    from .exporters.base import Exporter, RunInfo
-    from .exporters.influxdb import InfluxDBExporter
-    from .exporters.prometheus import PrometheusExporter
-    from .monitor import PrivacyMonitor
-    from .privacy_audit import OneRunAudit
-    from .security import MembershipInferenceProbe
-    from .snapshot import PrivacySnapshot
-    from .wiring import DifferentialPrivacy
+if TYPE_CHECKING:  # `X as X`: an explicit re-export, for type checkers and linters
+    from .audit import AuditTrail as AuditTrail
+    from .compliance import DPPolicy as DPPolicy
+    from .exporters.base import Exporter as Exporter, RunInfo as RunInfo
+    from .exporters.influxdb import InfluxDBExporter as InfluxDBExporter
+    from .exporters.prometheus import PrometheusExporter as PrometheusExporter
+    from .monitor import PrivacyMonitor as PrivacyMonitor
+    from .privacy_audit import OneRunAudit as OneRunAudit
+    from .security import MembershipInferenceProbe as MembershipInferenceProbe
+    from .snapshot import PrivacySnapshot as PrivacySnapshot
+    from .wiring import DifferentialPrivacy as DifferentialPrivacy
 
 # Public name -> the module that defines it.
 _LAZY = {

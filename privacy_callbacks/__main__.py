@@ -34,7 +34,7 @@ def _metrics(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rule_options(args: argparse.Namespace) -> "RuleOptions":
+def _rule_options(args: argparse.Namespace) -> RuleOptions:
     from .ops import RuleOptions
 
     return RuleOptions(budget_low_ratio=args.budget_low_ratio,
@@ -44,7 +44,7 @@ def _rule_options(args: argparse.Namespace) -> "RuleOptions":
                        runbook_url=args.runbook_url)
 
 
-def _receivers(args: argparse.Namespace) -> "Receivers":
+def _receivers(args: argparse.Namespace) -> Receivers:
     from .ops import Receivers
 
     receivers = Receivers.from_file(args.receivers) if args.receivers else Receivers.from_env()

@@ -193,8 +193,9 @@ def verify(path: str | os.PathLike[str], *, key_env: str | None = DEFAULT_KEY_EN
         expected = count + 1
         line = raw.rstrip(b"\n")
 
+        # Called only within this iteration, so the loop variables it reads are the current ones.
         def broken(reason: str) -> VerifyResult:
-            return VerifyResult(False, count, number, expected, reason, prev)
+            return VerifyResult(False, count, number, expected, reason, prev)  # noqa: B023
 
         try:
             record = json.loads(line)

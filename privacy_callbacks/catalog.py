@@ -170,7 +170,8 @@ METRICS: tuple[Metric, ...] = (
            attr="signal_to_noise_ratio", field="signal_to_noise_ratio"),
     # The snapshot attribute is a mapping {operation: ratio}; its keys are the label values.
     Metric("privacy_overhead_ratio", "gauge",
-           "Time of a DP step part relative to the same step without DP (total: DP step / plain step).",
+           "Time of a DP step part relative to the same step without DP "
+           "(total: DP step / plain step).",
            labels=("operation",), attr="overhead"),
     # Budget guard.
     Metric("privacy_budget_exhausted", "gauge",

@@ -62,7 +62,7 @@ class DPPolicy:
                              "positive finite number or None")
 
     @classmethod
-    def preset(cls, preset: str, **overrides: Any) -> "DPPolicy":
+    def preset(cls, preset: str, **overrides: Any) -> DPPolicy:
         """A named starting point: ``"default"`` or ``"strict"`` (secure mode, epsilon <= 8).
 
         ``overrides`` replace fields, e.g. ``DPPolicy.preset("strict", name="hipaa")`` to label
@@ -77,7 +77,7 @@ class DPPolicy:
         return dataclasses.replace(presets[preset], **overrides)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "DPPolicy":
+    def from_file(cls, path: str | Path) -> DPPolicy:
         """Read a policy from JSON or TOML; keys are the field names, plus ``preset``."""
         path = Path(path)
         text = path.read_text()

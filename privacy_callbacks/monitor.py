@@ -672,7 +672,8 @@ class PrivacyMonitor(Callback):
         if latest is None or not latest.exact or latest.step != accounting.steps:
             return  # no exact epsilon for the last step: log nothing rather than a bound
         eps = latest.value
-        remaining = None if self.target_epsilon is None or eps is None else self.target_epsilon - eps
+        target = self.target_epsilon
+        remaining = None if target is None or eps is None else target - eps
         self._log_to_loggers(trainer, dataclasses.replace(snap, epsilon=eps,
                                                           budget_remaining=remaining))
 
@@ -870,8 +871,9 @@ class PrivacyMonitor(Callback):
             problems.append(f"accountant {mechanism!r} in the checkpoint, "
                             f"{accounting.mechanism!r} now")
         if current and current != saved:
-            problems.append(f"the accountant already holds {sum(s for _, _, s in current)} "
-                            f"steps that differ from the checkpoint's {sum(s for _, _, s in saved)}")
+            held, saved_steps = sum(s for _, _, s in current), sum(s for _, _, s in saved)
+            problems.append(f"the accountant already holds {held} "
+                            f"steps that differ from the checkpoint's {saved_steps}")
         if problems and not self.allow_privacy_reset:
             raise RuntimeError(
                 f"Resuming from {trainer.ckpt_path}: the privacy state does not match "

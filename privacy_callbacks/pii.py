@@ -1,10 +1,11 @@
 """Personal data out of logs and labels: a scrubbing log filter, a JSON formatter, label checks.
 
 :class:`PIIFilter` replaces e-mail addresses, phone numbers, US social security numbers, payment
-card numbers (Luhn-checked), IBANs (mod-97-checked) and IPv4/IPv6 addresses (but loopback) in log records with
-``[email]``, ``[phone]``, … It is attached to this library's own loggers and works on any
-``logging.Logger`` or ``Handler``. Checksums keep step counts and hashes from being scrubbed as card
-numbers; only numbers written like phone numbers (a leading ``+`` or separators) count as phones.
+card numbers (Luhn-checked), IBANs (mod-97-checked) and IPv4/IPv6 addresses (but loopback) in log
+records with ``[email]``, ``[phone]``, … It is attached to this library's own loggers and works on
+any ``logging.Logger`` or ``Handler``. Checksums keep step counts and hashes from being scrubbed as
+card numbers; only numbers written like phone numbers (a leading ``+`` or separators) count as
+phones.
 
 :func:`check_label` validates ``session_id`` and ``model_name`` before they become Prometheus
 labels and InfluxDB tags: a value that looks like personal data is replaced by a keyed hash (HMAC

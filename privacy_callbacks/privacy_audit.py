@@ -7,7 +7,8 @@ canary, guesses "in" for the ``k+`` highest scores and "out" for the ``k-`` lowe
 on the rest), and counts its correct guesses. If the run is (epsilon, delta)-DP with respect to
 each canary, the paper's Theorem 5.2 bounds the count: for all ``v``,
 
-    P[correct >= v] <= P[Binomial(r, p) >= v] + 2 m delta * max_{i=1..v} P[v > Binomial(r, p) >= v - i] / i,
+    P[correct >= v] <= P[Binomial(r, p) >= v]
+                       + 2 m delta * max_{i=1..v} P[v > Binomial(r, p) >= v - i] / i,
 
 with ``r = k+ + k-`` guesses and ``p = e^epsilon / (1 + e^epsilon)`` (the accuracy of
 epsilon-DP randomised response). Every epsilon whose right-hand side is below ``1 - confidence``
@@ -52,7 +53,6 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from scipy.stats import binom
 
 from . import probe
@@ -275,7 +275,8 @@ class OneRunAudit(Callback):
             raise ValueError("OneRunAudit needs a PrivacyMonitor in the same Trainer: it compares "
                              "its bound with the monitor's epsilon and exports through it. Add "
                              "PrivacyMonitor(delta=...) to callbacks.")
-        if trainer.global_step or self._monitor.accounting is None or self._monitor.accounting.steps:
+        accounting = self._monitor.accounting
+        if trainer.global_step or accounting is None or accounting.steps:
             raise ValueError("OneRunAudit must see the whole training run: it cannot audit a "
                              "resumed fit (the canaries' coins of the earlier part are gone). "
                              "Start a new fit with it.")

@@ -133,8 +133,8 @@ def training_data_facts(trainer: Any) -> tuple[int | None, bool | None]:
             size = None
             break
     poisson = all(isinstance(getattr(loader, "batch_sampler", None),
-                             (UniformWithReplacementSampler, DistributedUniformWithReplacementSampler,
-                              _PoissonBatchSampler))
+                             (UniformWithReplacementSampler,
+                              DistributedUniformWithReplacementSampler, _PoissonBatchSampler))
                   for loader in loaders)
     return size, poisson
 

@@ -64,7 +64,8 @@ class _PoissonBatchSampler(Sampler[list[int]]):
 
 
 def _entropy_seed() -> int:
-    """A seed from the operating system's entropy, which no ``seed_everything`` or resume replays."""
+    """A seed from the operating system's entropy, which no ``seed_everything`` or resume
+    replays."""
     return secrets.randbits(62)
 
 
@@ -285,7 +286,8 @@ class DifferentialPrivacy(Callback):
             raise ValueError(f"Unexpected value for seed: {seed!r}; use an integer or None")
         self.seed = seed
         if not isinstance(secure_mode, bool):
-            raise ValueError(f"Unexpected value for secure_mode: {secure_mode!r}; use True or False")
+            raise ValueError(f"Unexpected value for secure_mode: {secure_mode!r}; "
+                             "use True or False")
         if secure_mode and seed is not None:
             raise ValueError(f"Unexpected combination seed={seed!r}, secure_mode=True: secure mode "
                              "draws from the operating system's generator and cannot be "
@@ -496,8 +498,9 @@ class DifferentialPrivacy(Callback):
         if missing:
             shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
             raise ValueError(
-                f"DifferentialPrivacy made optimizer {index} ({type(dp.original_optimizer).__name__}"
-                f") private, but its parameters {shown} got no per-sample gradients in this "
+                f"DifferentialPrivacy made optimizer {index} "
+                f"({type(dp.original_optimizer).__name__}) private, but its parameters {shown} "
+                "got no per-sample gradients in this "
                 "backward pass (e.g. a GAN's generator, which never sees the private data, or a "
                 "submodule left out of modules=). Choose the private optimizer(s) with "
                 "DifferentialPrivacy(optimizers=[...]) (an index or a predicate), and the hooked "
@@ -605,8 +608,9 @@ class DifferentialPrivacy(Callback):
             collate_fn=dataloader.collate_fn,
             sample_empty_shapes=None if fields is None else [(0, *shape_safe(x)) for x in fields],
             dtypes=None if fields is None else [dtype_safe(x) for x in fields])
-        extra = {"prefetch_factor": dataloader.prefetch_factor,
-                 "persistent_workers": dataloader.persistent_workers} if dataloader.num_workers else {}
+        extra = ({"prefetch_factor": dataloader.prefetch_factor,
+                  "persistent_workers": dataloader.persistent_workers}
+                 if dataloader.num_workers else {})
         return DataLoader(dataloader.dataset, batch_sampler=sampler, collate_fn=collate,
                           num_workers=dataloader.num_workers, pin_memory=dataloader.pin_memory,
                           timeout=dataloader.timeout, worker_init_fn=dataloader.worker_init_fn,

@@ -33,7 +33,7 @@ class RunInfo:
     world_size: int = 1
     delta: float = 0.0
     target_epsilon: float | None = None
-    exporters: tuple["Exporter", ...] = field(default=(), compare=False)
+    exporters: tuple[Exporter, ...] = field(default=(), compare=False)
 
 
 class Exporter:
@@ -70,7 +70,7 @@ class Exporter:
     def open(self, info: RunInfo) -> None:
         """Bind the run's labels. Called when fitting starts."""
 
-    def export(self, snapshot: "PrivacySnapshot") -> None:
+    def export(self, snapshot: PrivacySnapshot) -> None:
         """Publish one snapshot. Called on the publisher's thread; must not block for long."""
         raise NotImplementedError
 

@@ -398,7 +398,8 @@ class InfluxDBExporter(Exporter):
                 self._lock.notify_all()
             write_api = self._write_api
             if write_api is not None:
-                write_api.write(self.bucket or "", self.org, lines, write_precision=WritePrecision.NS)
+                write_api.write(self.bucket or "", self.org, lines,
+                                write_precision=WritePrecision.NS)
 
     def _batch_ready(self) -> bool:
         if not self._running:

@@ -150,7 +150,7 @@ class _Pusher:
     flight once its time is up: a silent gateway cannot hold the process at exit.
     """
 
-    def __init__(self, exporter: "PrometheusExporter", grouping_key: dict[str, str]) -> None:
+    def __init__(self, exporter: PrometheusExporter, grouping_key: dict[str, str]) -> None:
         self.exporter = exporter
         self.grouping_key = grouping_key
         self._conn: http.client.HTTPConnection | None = None
@@ -461,7 +461,7 @@ class PrometheusExporter(Exporter):
                     self._auth_child.inc(self._auth_refused)
         self._violations = ()
 
-    def export(self, snapshot: "PrivacySnapshot") -> None:
+    def export(self, snapshot: PrivacySnapshot) -> None:
         for bound in self._bound:
             value = getattr(snapshot, bound.attr)
             if value is not None:

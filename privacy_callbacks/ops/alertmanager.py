@@ -76,13 +76,13 @@ class Receivers:
         return f"Receivers(set={sorted(self.values)})"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Receivers":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Receivers:
         """Receivers from ``PRIVACY_ALERTS_*`` variables (see :data:`RECEIVERS`)."""
         env = os.environ if env is None else env
         return cls({name: env[var] for name, var in RECEIVERS.items() if env.get(var)})
 
     @classmethod
-    def from_file(cls, path: str | Path, env: Mapping[str, str] | None = None) -> "Receivers":
+    def from_file(cls, path: str | Path, env: Mapping[str, str] | None = None) -> Receivers:
         """Receivers from a YAML mapping ``receiver: value``; environment variables win."""
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):

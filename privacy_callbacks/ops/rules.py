@@ -112,7 +112,8 @@ class RuleOptions:
         for name in ("overhead_for", "violation_window", "auth_failure_window"):
             value = getattr(self, name)
             if not (isinstance(value, str) and value[:-1].isdigit() and value[-1] in "smh"):
-                raise ValueError(f"Unexpected value for {name}: {value!r}; use a duration like '5m'")
+                raise ValueError(f"Unexpected value for {name}: {value!r}; "
+                                 "use a duration like '5m'")
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,8 @@ def _alerts(o: RuleOptions) -> tuple[Alert, ...]:
             "PrivacyBudgetExhausted", "critical", "privacy_violation",
             f"({eps} >= {target}) or ({eps} and ({exhausted} == 1))",
             "Privacy budget exhausted: " + who,
-            "ε spent is {{ $value | printf \"%.2f\" }} (" + "{{ $labels.accountant }} accountant) for a "
+            "ε spent is {{ $value | printf \"%.2f\" }} ("
+            "{{ $labels.accountant }} accountant) for a "
             "target of " + target_of + ", or the budget guard allows no further step. Every "
             "further step weakens the privacy guarantee.",
             "Stop the run now (or confirm the budget guard stopped it). Do not release the model "

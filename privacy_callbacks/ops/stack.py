@@ -193,7 +193,7 @@ class Stack:
             remote_write=self.url("victoria-metrics") + "/api/v1/write",
             interval=self.interval))
 
-    def start(self, timeout: float = 60.0) -> "Stack":
+    def start(self, timeout: float = 60.0) -> Stack:
         """Write the configs, start every server and wait until each answers ready."""
         taken = [f"{name} port {port}" for name, port in self.ports.items() if _port_taken(port)]
         if taken:
