@@ -517,7 +517,7 @@ def prometheus_config(targets: list[str], *, rule_files: tuple[str, ...] = (),
         config["rule_files"] = list(rule_files)
     if alertmanager:
         config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
-    scrape = []
+    scrape: list[dict] = []
     if targets:
         scrape.append({"job_name": "privacy", "static_configs": [{"targets": list(targets)}]})
     if pushgateway:

@@ -269,7 +269,7 @@ def _duration(v: float, scope: _Scope) -> str:
     return f"{sign}{_g4(abs(v))}s"
 
 
-def selector_query(series: Mapping[str, list[float | None]]) -> Query:
+def selector_query(series: Mapping[str, float | None]) -> Query:
     """A ``query`` answering an exact-match selector from ``series`` (selector -> latest value).
 
     ``series`` maps each input series (``name{a="b",...}``) to its value at evaluation time
