@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ..publisher import Publisher
     from ..snapshot import PrivacySnapshot
 
 __all__ = ["Exporter", "RunInfo"]
@@ -23,7 +24,8 @@ class RunInfo:
         world_size: Number of processes.
         delta: Delta epsilon is reported for.
         target_epsilon: The budget, if one was set.
-        exporters: Every exporter of the monitor, so one can report the others' health.
+        exporters: Every exporter of the monitor and its publisher, so one can report the others'
+            health (``name`` and ``dropped``).
     """
 
     session_id: str
@@ -33,7 +35,7 @@ class RunInfo:
     world_size: int = 1
     delta: float = 0.0
     target_epsilon: float | None = None
-    exporters: tuple[Exporter, ...] = field(default=(), compare=False)
+    exporters: tuple[Exporter | Publisher, ...] = field(default=(), compare=False)
 
 
 class Exporter:

@@ -181,11 +181,12 @@ class InfluxDBExporter(Exporter):
         for key, value in (("buffer_size", buffer_size), ("batch_size", batch_size)):
             _check_number(key, value, integer=True)
         _check_number("max_retries", max_retries, integer=True, zero=True)
-        for key, value in (("flush_interval", flush_interval), ("retry_interval", retry_interval),
-                           ("request_timeout", request_timeout)):
-            _check_number(key, value)
-        for key, value in (("max_retry_time", max_retry_time), ("close_timeout", close_timeout)):
-            _check_number(key, value, zero=True)
+        for key, seconds in (("flush_interval", flush_interval),
+                             ("retry_interval", retry_interval),
+                             ("request_timeout", request_timeout)):
+            _check_number(key, seconds)
+        for key, seconds in (("max_retry_time", max_retry_time), ("close_timeout", close_timeout)):
+            _check_number(key, seconds, zero=True)
         self.api = api
         self.org, self.bucket = org, bucket
         self.database, self.retention_policy, self.username = database, retention_policy, username
@@ -279,7 +280,10 @@ class InfluxDBExporter(Exporter):
             return
         with _logging_untouched():
             if self.api == "v2":
-                client = InfluxDBClient(url=self.url, token=self._token, org=self.org,
+                # influxdb-client annotates token and org `str = None`: None is what it expects
+                # when there is no token (org is set: __init__ requires it with api="v2").
+                client = InfluxDBClient(url=self.url, token=self._token,  # type: ignore[arg-type]
+                                        org=self.org,  # type: ignore[arg-type]
                                         timeout=int(self.request_timeout * 1000))
             elif self.username is not None:
                 client = InfluxDBClient(url=self.url, token=f"{self.username}:{self._password}",
@@ -298,11 +302,13 @@ class InfluxDBExporter(Exporter):
             retry_interval=int(self.retry_interval * 1000), max_retries=self.max_retries,
             max_retry_time=int(self.max_retry_time * 1000),
             max_close_wait=int(self.close_timeout * 1000), write_scheduler=self._scheduler)
-        callbacks = {"success_callback": self._on_success, "error_callback": self._on_error,
-                     "retry_callback": self._on_retry}
+        callbacks: dict[str, Any] = {"success_callback": self._on_success,
+                                     "error_callback": self._on_error,
+                                     "retry_callback": self._on_retry}
         if self.api == "v2":
             self._write_api = WriteApi(client, self._options, **callbacks)
         else:
+            assert self.database is not None  # __init__ requires it with api="v1"
             self._write_api = _V1WriteApi(client, self._options, database=self.database,
                                           retention_policy=self.retention_policy, **callbacks)
         self._client = client
@@ -398,8 +404,10 @@ class InfluxDBExporter(Exporter):
                 self._lock.notify_all()
             write_api = self._write_api
             if write_api is not None:
-                write_api.write(self.bucket or "", self.org, lines,
-                                write_precision=WritePrecision.NS)
+                # influxdb-client annotates org `str = None` and write_precision as its
+                # WritePrecision class, whose members (WritePrecision.NS) are plain strings.
+                write_api.write(self.bucket or "", self.org, lines,  # type: ignore[arg-type]
+                                write_precision=WritePrecision.NS)  # type: ignore[arg-type]
 
     def _batch_ready(self) -> bool:
         if not self._running:
