@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,14 +79,18 @@ class DPPolicy:
         return dataclasses.replace(presets[preset], **overrides)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> DPPolicy:
+    def from_file(cls, path: str | os.PathLike[str]) -> DPPolicy:
         """Read a policy from JSON or TOML; keys are the field names, plus ``preset``."""
         path = Path(path)
         text = path.read_text()
         if path.suffix == ".toml":
-            import tomllib  # Python >= 3.11; JSON works everywhere
+            if sys.version_info >= (3, 11):
+                import tomllib
 
-            data = tomllib.loads(text)
+                data = tomllib.loads(text)
+            else:
+                raise ModuleNotFoundError(f"{path}: TOML policies need Python >= 3.11 (tomllib); "
+                                          "use a JSON policy", name="tomllib")
         else:
             data = json.loads(text)
         if not isinstance(data, dict):

@@ -218,7 +218,8 @@ class DeviceStats:
                  noise_multiplier: float = 0.0, entries: int = 0, scale: float = 1.0,
                  buckets: Buckets | None = None, expected_samples: float | None = None,
                  raw: bool = False) -> None:
-        self._pool, self._slot = pool, slot
+        self._pool = pool
+        self._slot: _Slot | None = slot
         self._norms, self._has_values = norms, has_values
         self._micro_batches, self._model = micro_batches, model
         self._clip, self._sigma, self._entries, self._scale = clip, noise_multiplier, entries, scale
@@ -254,7 +255,8 @@ class DeviceStats:
         tail = len(buckets.merge) if buckets is not None else n
         values = slot.host[:HEAD + tail].tolist()
         clipped, noise, clip, grad = values[:HEAD]
-        clip = self._clip if math.isnan(clip) else clip
+        if math.isnan(clip) and self._clip is not None:  # a float bound is passed, not stored
+            clip = self._clip
         # Post-processing of the noised update: its energy minus the noise's expected energy.
         expected_noise = (self._sigma * clip) ** 2 * self._entries
         expected_norm = math.sqrt(expected_noise)

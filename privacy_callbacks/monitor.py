@@ -279,7 +279,9 @@ class PrivacyMonitor(Callback):
         self._started = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for callback in trainer.callbacks:
+        # Lightning's connectors set Trainer.callbacks and .log_every_n_steps; the class does not
+        # declare them, hence the attr-defined ignores.
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, DifferentialPrivacy):  # in whatever order they were given
                 callback.make_private(trainer, pl_module)
         self._optimizers = probe.find_dp_optimizers(trainer)
@@ -290,9 +292,9 @@ class PrivacyMonitor(Callback):
         self.accounting = make_accounting(accountant, self.delta)
         self.accounting.listener = self._on_epsilon
         self._risk = RiskBound(self.accounting, self.delta)
-        self._mia = next((cb for cb in trainer.callbacks
+        self._mia = next((cb for cb in trainer.callbacks  # type: ignore[attr-defined]
                           if isinstance(cb, MembershipInferenceProbe)), None)
-        self._attacks = [cb for cb in trainer.callbacks
+        self._attacks = [cb for cb in trainer.callbacks  # type: ignore[attr-defined]
                          if isinstance(cb, (MembershipInferenceProbe, OneRunAudit))]
         self.model_name = self.model_name or check_label("model_name", type(pl_module).__name__)
         self._accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
@@ -455,12 +457,13 @@ class PrivacyMonitor(Callback):
         self.last_snapshot = snapshot
         if self._publisher is not None:
             self._publisher.publish(snapshot if self._exporting else _rank_only(snapshot))
+        every = max(1, trainer.log_every_n_steps)  # type: ignore[attr-defined]  # see on_fit_start
         if self.progress_bar and snapshot.epsilon is not None and (
-                batch_idx == 0 or step % max(1, trainer.log_every_n_steps) == 0):
+                batch_idx == 0 or step % every == 0):
             # Namespaced: a module's own self.log("epsilon", ...) keeps its key.
             pl_module.log("privacy/epsilon", torch.tensor(snapshot.epsilon), prog_bar=True,
                           logger=False, on_step=True, on_epoch=False)
-        if trainer.loggers and self._exporting and step % max(1, trainer.log_every_n_steps) == 0:
+        if trainer.loggers and self._exporting and step % every == 0:
             self._log_to_loggers(trainer, snapshot)
 
     def _snapshot(self, trainer: pl.Trainer, step: int,
@@ -656,9 +659,9 @@ class PrivacyMonitor(Callback):
                    "privacy/noise_multiplier": snapshot.noise_multiplier}
         if snapshot.budget_remaining is not None:
             metrics["privacy/budget_remaining"] = snapshot.budget_remaining
-        metrics = {k: v for k, v in metrics.items() if v is not None}
+        present = {k: v for k, v in metrics.items() if v is not None}
         for lg in trainer.loggers:
-            lg.log_metrics(metrics, step=snapshot.step)
+            lg.log_metrics(present, step=snapshot.step)
         self._logged_step = snapshot.step
 
     def _log_final(self, trainer: pl.Trainer) -> None:

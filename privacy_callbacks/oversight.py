@@ -101,7 +101,8 @@ class Oversight:
     def _rewatch(self) -> None:
         target = self.target_epsilon
         candidates = [math.inf]
-        if self._next < len(self.thresholds):
+        # Thresholds are empty without a target.
+        if target is not None and self._next < len(self.thresholds):
             candidates.append(self.thresholds[self._next] * target)
         policy = self.policy
         if policy is not None:
@@ -115,7 +116,8 @@ class Oversight:
     def crossed(self, epsilon: float, step: int) -> None:
         """Epsilon reached :attr:`watch` at ``step``: record what that means."""
         target = self.target_epsilon
-        while self._next < len(self.thresholds) and epsilon >= self.thresholds[self._next] * target:
+        while (target is not None and self._next < len(self.thresholds)
+               and epsilon >= self.thresholds[self._next] * target):
             fraction = self.thresholds[self._next]
             self._next += 1
             logger.info("Privacy budget %.0f%% reached at step %d: epsilon=%.4g of %.4g",

@@ -159,7 +159,8 @@ class AuditResult:
                 f"correct={self.correct}/{self.guesses}, canaries={self.canaries})")
 
 
-def audit(scores: Sequence[float], included: Sequence[bool], delta: float, *,
+def audit(scores: Sequence[float] | np.ndarray, included: Sequence[bool] | np.ndarray,
+          delta: float, *,
           confidence: float = 0.95) -> AuditResult:
     """The one-run bound from canary ``scores`` (higher: more likely included) and their coins.
 
@@ -269,8 +270,9 @@ class OneRunAudit(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from .monitor import PrivacyMonitor  # the monitor imports this module's siblings
 
-        self._monitor = next((cb for cb in trainer.callbacks if isinstance(cb, PrivacyMonitor)),
-                             None)
+        # Lightning's connectors set Trainer.callbacks; the class does not declare it.
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        self._monitor = next((cb for cb in callbacks if isinstance(cb, PrivacyMonitor)), None)
         if self._monitor is None:
             raise ValueError("OneRunAudit needs a PrivacyMonitor in the same Trainer: it compares "
                              "its bound with the monitor's epsilon and exports through it. Add "
@@ -369,7 +371,7 @@ class OneRunAudit(Callback):
 
     def measure(self) -> AuditResult:
         """Score the canaries on the model as it is now and compute the bound."""
-        if self._coins is None or self._monitor is None:
+        if self._coins is None or self._signs is None or self._monitor is None:
             raise RuntimeError("OneRunAudit.measure() runs only during a fit, after training "
                                "started")
         scores = np.empty(self.canaries)

@@ -125,13 +125,11 @@ def training_data_facts(trainer: Any) -> tuple[int | None, bool | None]:
     loaders = _loaders(getattr(trainer, "train_dataloader", None))
     if not loaders:
         return None, None
-    size = 0
-    for loader in loaders:
-        try:
-            size += len(loader.dataset)
-        except (AttributeError, TypeError):
-            size = None
-            break
+    size: int | None
+    try:
+        size = sum(len(loader.dataset) for loader in loaders)
+    except (AttributeError, TypeError):
+        size = None
     poisson = all(isinstance(getattr(loader, "batch_sampler", None),
                              (UniformWithReplacementSampler,
                               DistributedUniformWithReplacementSampler, _PoissonBatchSampler))
@@ -550,8 +548,9 @@ class MechanismProbe:
                     # averaged the ranks: undo both to get the global noised sum.
                     scale = (float(opt.expected_batch_size) * opt.accumulated_iterations
                              * opt.world_size if opt.loss_reduction == "mean" else 1.0)
-                    self._store(*pending, grad=self._norm([p.grad for p in self._with_grad]),
-                                scale=scale)
+                    # _reduce kept only parameters with a gradient; the all-reduce keeps it.
+                    grads = [p.grad for p in self._with_grad if p.grad is not None]
+                    self._store(*pending, grad=self._norm(grads), scale=scale)
                 except Exception:  # monitoring never breaks the training step
                     self._reducing = False
                     logger.exception("Mechanism metrics failed; they are off for this fit")
@@ -560,7 +559,7 @@ class MechanismProbe:
         return reduce_gradients
 
     @staticmethod
-    def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    def _norm(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
         # Parameters may mix dtypes; the norms are float32 alike.
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors,
                                                                         dtype=torch.float32)))

@@ -6,7 +6,7 @@ import hashlib
 import logging
 import math
 import secrets
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, Sized, cast
 
 import lightning.pytorch as pl
 import torch
@@ -103,10 +103,11 @@ class SplitNoise:
     noise schedulers) keeps reading and writing the accounted ``noise_multiplier``.
     """
 
+    noise_multiplier: float  # the DP optimizer's own attribute
     statistics_noise_multiplier: float
 
     def add_noise(self) -> None:
-        sigma = self.noise_multiplier  # type: ignore[attr-defined]
+        sigma = self.noise_multiplier
         self.noise_multiplier = split_noise(sigma, self.statistics_noise_multiplier)
         try:
             super().add_noise()  # type: ignore[misc]
@@ -351,7 +352,8 @@ class DifferentialPrivacy(Callback):
 
         # The strategy's process_dataloader sees the train dataloader after Lightning prepared it
         # (distributed sampler included) from any source: module hook, datamodule or fit().
-        strategy.process_dataloader = process_dataloader
+        # An instance attribute shadowing the method; teardown pops it.
+        vars(strategy)["process_dataloader"] = process_dataloader
         self._strategy = strategy
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -570,7 +572,7 @@ class DifferentialPrivacy(Callback):
                 "needs a torch DataLoader over a map-style dataset (Poisson sampling picks "
                 "samples by index)")
         batches = len(dataloader)
-        dataset_size = len(dataloader.dataset)
+        dataset_size = len(cast(Sized, dataloader.dataset))  # map-style, checked above
         world = trainer.world_size
         accumulate = max(1, min(int(trainer.accumulate_grad_batches), batches))
         self.sample_rate = 1.0 / batches
@@ -608,7 +610,7 @@ class DifferentialPrivacy(Callback):
             collate_fn=dataloader.collate_fn,
             sample_empty_shapes=None if fields is None else [(0, *shape_safe(x)) for x in fields],
             dtypes=None if fields is None else [dtype_safe(x) for x in fields])
-        extra = ({"prefetch_factor": dataloader.prefetch_factor,
+        extra: dict[str, Any] = ({"prefetch_factor": dataloader.prefetch_factor,
                   "persistent_workers": dataloader.persistent_workers}
                  if dataloader.num_workers else {})
         return DataLoader(dataloader.dataset, batch_sampler=sampler, collate_fn=collate,
