@@ -260,9 +260,11 @@ class Accounting:
         return self._rdp.steps_until(self.accountant.history, target - self._margin,
                                      noise_multiplier, sample_rate)
 
-    def forecast(self, extra_steps: int, noise_multiplier: float, sample_rate: float) -> float | None:
+    def forecast(self, extra_steps: int, noise_multiplier: float,
+                 sample_rate: float) -> float | None:
         """Epsilon after ``extra_steps`` more steps at (sigma, q): the planned end of training."""
-        key = (noise_multiplier, sample_rate, len(self.accountant.history), self.steps + extra_steps)
+        key = (noise_multiplier, sample_rate, len(self.accountant.history),
+               self.steps + extra_steps)
         if key != self._forecast_key:
             # Constant while the same (sigma, q) is accounted towards the same planned end.
             self._forecast_key = key
@@ -447,7 +449,8 @@ class BackgroundAccounting(Accounting):
                 value = min(value, kvalue)
         return Epsilon(value, steps, False)
 
-    def forecast(self, extra_steps: int, noise_multiplier: float, sample_rate: float) -> float | None:
+    def forecast(self, extra_steps: int, noise_multiplier: float,
+                 sample_rate: float) -> float | None:
         self._forecast_request = (extra_steps, noise_multiplier, sample_rate)
         return self._forecast
 
@@ -475,6 +478,7 @@ class BackgroundAccounting(Accounting):
                 if self._stopping:
                     return
                 job, urgent = self._job, self._urgent
+            assert job is not None  # the wait above ends only with a job
             history, steps, submitted = job
             if last_pick is not None and steps > last_pick[0] and submitted > last_pick[1]:
                 rate = (steps - last_pick[0]) / (submitted - last_pick[1])
@@ -519,6 +523,7 @@ class BackgroundAccounting(Accounting):
                     self.latest = latest = better
                     listener = self.listener
         if listener is not None:
+            assert latest is not None  # a listener is picked only with a better value
             try:
                 listener(latest)
             except Exception:

@@ -42,7 +42,8 @@ def advantage_from_epsilon(epsilon: float, delta: float) -> float:
 
 
 def advantage_from_mu(mu: float) -> float:
-    """Largest TPR - FPR against mu-GDP: ``2 Phi(mu/2) - 1 = erf(mu / (2 sqrt 2))`` (Dong et al.)."""
+    """Largest TPR - FPR against mu-GDP: ``2 Phi(mu/2) - 1 = erf(mu / (2 sqrt 2))``
+    (Dong et al.)."""
     return math.erf(mu / (2.0 * math.sqrt(2.0)))
 
 
@@ -129,8 +130,8 @@ class RiskBound:
         return self._eps_value
 
 
-def attack_metrics(member_losses: Sequence[float], nonmember_losses: Sequence[float]
-                   ) -> tuple[float, float]:
+def attack_metrics(member_losses: Sequence[float] | np.ndarray,
+                   nonmember_losses: Sequence[float] | np.ndarray) -> tuple[float, float]:
     """AUC and best advantage of the loss-threshold attack ("member if loss <= t").
 
     Args:

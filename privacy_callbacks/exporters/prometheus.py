@@ -51,6 +51,7 @@ class _Bound:
 
     def __init__(self, metric: catalog.Metric, family: Any, values: dict[str, str],
                  counted: dict[Any, float]) -> None:
+        assert metric.attr is not None  # only metrics fed from a snapshot attribute are bound
         self.attr, self.family, self.kind = metric.attr, family, metric.kind
         self.counted = counted
         self.labels = {name: values[name] for name in metric.all_labels if name in values}
@@ -66,6 +67,7 @@ class _Bound:
             return self.child
         child = self.children.get(key)
         if child is None:
+            assert self.free is not None  # a keyed value is for the one label the run leaves free
             child = self.children[key] = self.family.labels(**self.labels, **{self.free: key})
         return child
 
@@ -304,7 +306,8 @@ class PrometheusExporter(Exporter):
         self.tls_keyfile = tls_keyfile
         self.tls_client_cafile = tls_client_cafile
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"Unexpected value for port: {port!r}; use 0-65535 (0 = any free port)")
+            raise ValueError(f"Unexpected value for port: {port!r}; "
+                             "use 0-65535 (0 = any free port)")
         if not host:
             raise ValueError(f"Unexpected value for host: {host!r}; use e.g. '127.0.0.1'")
         if pushgateway is not None and (not isinstance(pushgateway, str) or not pushgateway):
@@ -415,9 +418,10 @@ class PrometheusExporter(Exporter):
                 self._server, self._thread = start_http_server(port, addr=self.host,
                                                                registry=self.registry)
         except ssl.SSLError as exc:
-            raise ValueError(f"PrometheusExporter cannot use the TLS files "
-                             f"({os.fspath(self.tls_certfile)!r}, {os.fspath(self.tls_keyfile)!r}"
-                             f"): {exc.reason or exc}. Pass a PEM certificate and its key") from None
+            files = ", ".join(repr(os.fspath(f)) for f in (self.tls_certfile, self.tls_keyfile)
+                              if f is not None)
+            raise ValueError(f"PrometheusExporter cannot use the TLS files ({files}): "
+                             f"{exc.reason or exc}. Pass a PEM certificate and its key") from None
         except OSError as exc:
             raise OSError(
                 f"PrometheusExporter cannot listen on {self.host}:{port} ({exc.strerror or exc})."
