@@ -56,6 +56,37 @@ class DPModel(pl.LightningModule):
         return optimizer
 
 
+class PlainModel(pl.LightningModule):
+    """No Opacus anywhere: what a user has before adding the callback."""
+
+    def __init__(self, scheduler: bool = False, norm: nn.Module | None = None,
+                 dataset: TensorDataset | None = None, lr: float = 0.1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        self.bn = norm
+        self.scheduler = scheduler
+        self.dataset = make_data(256) if dataset is None else dataset
+        self.lr = lr
+        self.batch_sizes: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.batch_sizes.append(len(x))
+        if self.bn is not None:
+            x = self.bn(x)
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=32)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        if not self.scheduler:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)}
+
+
 def fit(model: pl.LightningModule, *callbacks: pl.Callback, ckpt_path: str | None = None,
         fit_kwargs: dict[str, Any] | None = None, **trainer_kwargs: Any) -> pl.Trainer:
     """A quiet one-epoch fit on CPU; ``trainer_kwargs`` override the Trainer's settings."""

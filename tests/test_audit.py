@@ -45,6 +45,18 @@ def write_trail(path: Path, n: int = 5) -> None:
         trail.record("event", i=i)
 
 
+def write_signed_trail(path: Path, n: int = 3) -> AuditTrail:
+    """A trail HMAC'd with the auditor's key, the key gone from the environment afterwards."""
+    os.environ[KEY_ENV] = "k3y-only-the-auditor-has"
+    try:
+        trail = AuditTrail(path, fsync=False)
+        for i in range(n):
+            trail.record("event", i=i)
+    finally:
+        del os.environ[KEY_ENV]
+    return trail
+
+
 def lines(path: Path) -> list[str]:
     return path.read_text().splitlines(keepends=True)
 
@@ -113,14 +125,8 @@ def test_reordered_records_are_named(tmp_path):
 
 def test_hmac_catches_a_forger_without_the_key(tmp_path):
     path = tmp_path / "audit.jsonl"
-    os.environ[KEY_ENV] = "k3y-only-the-auditor-has"
-    try:
-        trail = AuditTrail(path, fsync=False)
-        assert trail.hmac_enabled and "k3y" not in repr(trail)
-        for i in range(3):
-            trail.record("event", i=i)
-    finally:
-        del os.environ[KEY_ENV]
+    trail = write_signed_trail(path)
+    assert trail.hmac_enabled and "k3y" not in repr(trail)
     # A forger rewrites record 2 and recomputes every plain hash after it.
     import hashlib
     from privacy_callbacks.audit import _canonical
@@ -147,13 +153,7 @@ def test_hmac_check_refuses_a_record_whose_hmac_was_removed_or_replaced(tmp_path
     import hashlib
     from privacy_callbacks.audit import _canonical
     path = tmp_path / "audit.jsonl"
-    os.environ[KEY_ENV] = "k3y-only-the-auditor-has"
-    try:
-        trail = AuditTrail(path, fsync=False)
-        for i in range(3):
-            trail.record("event", i=i)
-    finally:
-        del os.environ[KEY_ENV]
+    write_signed_trail(path)
     rows = [json.loads(r) for r in lines(path)]
     rows[2]["data"]["i"] = 42
     if forged == "dropped":

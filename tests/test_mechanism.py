@@ -8,8 +8,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
-from dp_models import DPModel
+from dp_models import DPModel, PlainModel, make_data
 from privacy_callbacks import PrivacyMonitor, PrometheusExporter
 
 BASE = {"session_id": "t", "model_name": "DPModel"}
@@ -345,25 +346,8 @@ def test_bad_overhead_every_names_the_value(value):
 def test_module_made_private_by_the_callback_gets_every_mechanism_metric():
     from privacy_callbacks import DifferentialPrivacy
 
-    class Plain(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self.net(x), y)
-
-        def train_dataloader(self):
-            from torch.utils.data import DataLoader
-            from dp_models import make_data
-            return DataLoader(make_data(256), batch_size=32)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     monitor = PrivacyMonitor(delta=1e-5, overhead_every=2)
-    fit(Plain(), DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=0.5,
+    fit(PlainModel(), DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=0.5,
                                      statistics_noise_multiplier=10.0), monitor)
     assert monitor.flush(60)
     snap = monitor.last_snapshot
@@ -402,27 +386,14 @@ def test_mechanism_fields_reach_a_real_influxdb():
 CANARY = 1e3  # the canary's features: its per-sample gradient norm is far above every other
 
 
-class CanaryModule(pl.LightningModule):
+class CanaryModule(PlainModel):
     """A plain module made private by the callback; record 0 of the data is a canary."""
 
     def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def train_dataloader(self):
-        from torch.utils.data import DataLoader, TensorDataset
-        from dp_models import make_data
         x, y = make_data(256).tensors
         x = x.clone()
         x[0] = CANARY
-        return DataLoader(TensorDataset(x, y), batch_size=32)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+        super().__init__(dataset=TensorDataset(x, y), lr=0.05)
 
 
 class Releases(pl.Callback):

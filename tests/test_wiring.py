@@ -3,45 +3,14 @@
 from __future__ import annotations
 
 
-import lightning.pytorch as pl
 import pytest
-import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dp_models import DPModel, fit, make_data
+from dp_models import DPModel, PlainModel, fit, make_data
 from privacy_callbacks import DifferentialPrivacy, PrivacyMonitor
-
-
-class PlainModel(pl.LightningModule):
-    """No Opacus anywhere: what a user has before adding the callback."""
-
-    def __init__(self, scheduler: bool = False, norm: nn.Module | None = None) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-        self.bn = norm
-        self.scheduler = scheduler
-        self.dataset = make_data(256)
-        self.batch_sizes: list[int] = []
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        self.batch_sizes.append(len(x))
-        if self.bn is not None:
-            x = self.bn(x)
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=32)
-
-    def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
-        if not self.scheduler:
-            return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)}
 
 
 def opacus_epsilon(sigma: float, q: float, steps: int, delta: float = 1e-5) -> float:
