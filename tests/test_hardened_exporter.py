@@ -5,13 +5,16 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import socket
 import ssl
 import urllib.error
 import urllib.request
 
+import lightning.pytorch as pl
 import pytest
 
-from privacy_callbacks import PrometheusExporter
+from dp_models import DPModel, fit
+from privacy_callbacks import PrivacyMonitor, PrivacySnapshot, PrometheusExporter
 from privacy_callbacks.exporters.base import RunInfo
 from servers import free_port, http_get, new_workdir, prometheus, prometheus_query, tls_files, \
     wait_for
@@ -63,8 +66,11 @@ def test_prometheus_scrapes_over_mutual_tls_with_basic_auth(caplog):
         exporter.start()
     try:
         assert exporter.url == f"https://127.0.0.1:{port}/metrics"
-        exporter.families["privacy_epsilon_consumed"].labels(
-            session_id="tls", model_name="m", accountant="rdp").set(1.25)
+        exporter.open(RunInfo(session_id="tls", model_name="m", accountant="rdp"))
+        exporter.export(PrivacySnapshot(
+            step=1, timestamp_ns=0, accountant="rdp", delta=1e-5, epsilon=1.25, epsilon_step=1,
+            steps=1, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, noise_std=0.1,
+            throughput=None, step_seconds=None, accounting_errors=0))
         server.start()
 
         def scraped():
@@ -116,6 +122,51 @@ def test_basic_auth_without_tls_on_loopback():
         assert value == exporter.authentication_failures == 2
     finally:
         exporter.close()
+
+
+# The start of a TLS 1.2 ClientHello record that never gets its body: the server waits for it.
+PARTIAL_CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+
+
+def test_scrape_answered_while_idle_and_half_open_clients_hold_connections():
+    """Idle TCP clients and stalled TLS handshakes hold connections open during a fit; a scrape
+    with the right credentials still gets its answer (prometheus_client's own TLS server stops
+    answering in this situation)."""
+    files = tls_files(new_workdir("tls-idle"))
+    exporter = PrometheusExporter(port=0, tls_certfile=files["server.pem"],
+                                  tls_keyfile=files["server.key"], basic_auth=("prom", PASSWORD))
+    monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="idle",
+                             model_name="mlp")
+    client = ssl.create_default_context(cafile=str(files["ca.pem"]))
+    auth = "Basic " + base64.b64encode(f"prom:{PASSWORD}".encode()).decode()
+    held: list[socket.socket] = []
+    scraped: list[bytes] = []
+
+    class HoldConnections(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step != 3:
+                return
+            monitor._publisher.flush()
+            port = int(exporter.url.rsplit(":", 1)[1].split("/")[0])
+            for i in range(45):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                held.append(sock)
+                if i >= 40:
+                    sock.sendall(PARTIAL_CLIENT_HELLO)
+            request = urllib.request.Request(exporter.url, headers={"Authorization": auth})
+            # A hung server fails here: the scrape must be answered within the timeout.
+            with urllib.request.urlopen(request, context=client, timeout=10) as resp:
+                assert resp.status == 200
+                scraped.append(resp.read())
+
+    try:
+        fit(DPModel(), monitor, HoldConnections())
+    finally:
+        for sock in held:
+            sock.close()
+    assert len(held) == 45
+    line = (b'privacy_epsilon_step{accountant="rdp",model_name="mlp",session_id="idle"} 3.0')
+    assert scraped and line in scraped[0].splitlines()
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -19,8 +19,9 @@ from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, delete_from_gateway,
+from prometheus_client import (CollectorRegistry, Counter, Histogram, delete_from_gateway,
                                make_wsgi_app, push_to_gateway, start_http_server)
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from .. import catalog
 from .base import Exporter, RunInfo
@@ -32,15 +33,94 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PrometheusExporter"]
 
-_TYPES = {"gauge": Gauge, "counter": Counter, "histogram": Histogram}
+_TYPES = {"counter": Counter, "histogram": Histogram}
+
+# Gauges whose values a later snapshot may lack although nothing changed: the step time (none on
+# the first step after a validation, nor in the final snapshot) and the device statistics (none
+# in snapshots that only bring a newer epsilon). They come from the newest snapshot that has them.
+_TIMED = frozenset({"throughput", "step_seconds"})
+_MEASURED = frozenset({"clipped_fraction", "signal_magnitude", "signal_to_noise_ratio",
+                       "overhead"})
+
+
+class _Gauge:
+    """How one gauge is read at scrape time: its label values and which snapshot holds it."""
+
+    __slots__ = ("values", "free", "source")
+
+    def __init__(self, metric: catalog.Metric, values: dict[str, str]) -> None:
+        names = metric.all_labels
+        free = [i for i, name in enumerate(names) if name not in values]
+        self.free = free[0] if free else None
+        self.values = [values[name] for name in names if name in values]
+        attr = metric.attr
+        self.source = 1 if attr in _TIMED else 2 if attr in _MEASURED else 0
+
+    def add(self, family: GaugeMetricFamily, value: Any) -> None:
+        if isinstance(value, Mapping):
+            i = self.free
+            for key, item in value.items():
+                if item is not None:
+                    family.add_metric(self.values[:i] + [key] + self.values[i:], float(item))
+        else:
+            family.add_metric(self.values, float(value))
+
+
+class _Collector:
+    """Every catalog metric, in catalog order, built when the registry is collected.
+
+    Gauges are read at scrape time from :attr:`state`, replaced whole for each snapshot, so a
+    step costs them nothing. Counters and histograms are prometheus_client objects fed per
+    snapshot, so every observation is counted and counters never go down. The exporter holds
+    :attr:`lock` while it feeds one snapshot, and a scrape while it reads: one scrape is one
+    snapshot's record, counters and gauges alike.
+    """
+
+    def __init__(self, families: dict[str, Any]) -> None:
+        self.families = families
+        self.lock = threading.Lock()
+        # (gauges by name, newest snapshot, newest with a step time, newest with device stats)
+        self.state: tuple[dict[str, _Gauge], Any, Any, Any] = ({}, None, None, None)
+
+    def publish(self, snapshot: "PrivacySnapshot") -> None:
+        gauges, _, timed, measured = self.state
+        self.state = (gauges, snapshot,
+                      snapshot if snapshot.step_seconds is not None else timed,
+                      snapshot if snapshot.device_stats is not None else measured)
+
+    def describe(self) -> Iterable[Metric]:
+        for metric in catalog.METRICS:
+            if metric.kind == "gauge":
+                yield GaugeMetricFamily(metric.name, metric.help, labels=metric.all_labels)
+            else:
+                yield from self.families[metric.name].describe()
+
+    def collect(self) -> Iterable[Metric]:
+        families: list[Metric] = []
+        with self.lock:
+            gauges, *snapshots = self.state
+            for metric in catalog.METRICS:
+                if metric.kind != "gauge":
+                    families += self.families[metric.name].collect()
+                    continue
+                family = GaugeMetricFamily(metric.name, metric.help, labels=metric.all_labels)
+                gauge = gauges.get(metric.name)
+                snapshot = None if gauge is None else snapshots[gauge.source]
+                if snapshot is not None:
+                    value = getattr(snapshot, metric.attr)
+                    if value is not None:
+                        gauge.add(family, value)
+                families.append(family)
+        return families
 
 
 class _Bound:
-    """One metric fed from one snapshot attribute; label children are bound on first use.
+    """A counter or histogram fed from one snapshot attribute; label children are bound on
+    first use.
 
     The attribute holds a number, ``None`` (nothing to report), or, for a metric with one label
-    the run does not fix (``operation``), a mapping from that label's value to the number. A
-    histogram's attribute may also hold a sequence: each element is one observation.
+    the run does not fix, a mapping from that label's value to the number. A histogram's
+    attribute may also hold a sequence: each element is one observation.
 
     A counter's attribute holds the session's running total; ``counted`` (shared by every fit of
     the exporter) holds what each counter child has counted so far, so a session's second fit
@@ -84,9 +164,7 @@ class _Bound:
             self._one(None, value)
 
     def _one(self, key: str | None, value: float) -> None:
-        if self.kind == "gauge":
-            self.bind(key).set(value)
-        elif self.kind == "histogram":
+        if self.kind == "histogram":
             self.bind(key).observe(value)
         else:
             # Bound at 0 too: a counter exists from the first snapshot, so increase() and
@@ -231,8 +309,10 @@ class PrometheusExporter(Exporter):
 
     The endpoint runs from ``setup`` to ``teardown``. Under DDP each rank serves on ``port`` plus
     its local rank (rank 0 has the privacy metrics; every rank its throughput and step time).
-    Each snapshot only sets label-bound children (one locked float each), on the publisher's
-    thread.
+    Gauges are built from the newest snapshot when ``/metrics`` is scraped (or the registry
+    collected), so every gauge in one scrape comes from the same snapshot and a step costs them
+    nothing; on the publisher's thread a snapshot only replaces that reference and feeds the
+    counters and histograms (every observation counted).
 
     For batch jobs, ``pushgateway="host:9091"`` pushes the registry from a background thread
     every ``push_interval`` seconds and once more at the end of the fit, each request bounded by
@@ -328,13 +408,17 @@ class PrometheusExporter(Exporter):
         self.delete_on_close = delete_on_close
         self._pusher: _Pusher | None = None
         self.registry = registry if registry is not None else CollectorRegistry()
+        # Counters and histograms; the collector serves them with the gauges, in catalog order.
         self.families: dict[str, Any] = {}
         for metric in catalog.METRICS:
-            cls = _TYPES[metric.kind]
-            kwargs: dict[str, Any] = {"labelnames": metric.all_labels, "registry": self.registry}
+            if metric.kind == "gauge":
+                continue
+            kwargs: dict[str, Any] = {"labelnames": metric.all_labels, "registry": None}
             if metric.kind == "histogram":
                 kwargs["buckets"] = metric.buckets
-            self.families[metric.name] = cls(metric.name, metric.help, **kwargs)
+            self.families[metric.name] = _TYPES[metric.kind](metric.name, metric.help, **kwargs)
+        self._collector = _Collector(self.families)
+        self.registry.register(self._collector)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._bound: list[_Bound] = []
@@ -429,12 +513,14 @@ class PrometheusExporter(Exporter):
         logger.info("Privacy metrics at %s", self.url)
 
     def open(self, info: RunInfo) -> None:
+        snapshots = self._collector.state[1:]
         if info.session_id != self._session:
             # A new session: the finished one's series are neither served nor pushed on (its
             # Pushgateway group keeps its last push), and its counters start from zero.
             if self._session is not None:
                 for family in self.families.values():
                     family.clear()
+            snapshots = (None, None, None)
             self._counted.clear()
             self._violation_children = {}
             self._session = info.session_id
@@ -442,11 +528,12 @@ class PrometheusExporter(Exporter):
                   "accountant": info.accountant, "rank": str(info.rank)}
         # Snapshot-fed metrics: every run label known but at most one (its values come from
         # the snapshot's mapping).
-        self._bound = [
-            _Bound(metric, self.families[metric.name], values, self._counted)
-            for metric in catalog.METRICS
-            if metric.attr is not None
-            and sum(name not in values for name in metric.all_labels) <= 1]
+        fed = [metric for metric in catalog.METRICS if metric.attr is not None
+               and sum(name not in values for name in metric.all_labels) <= 1]
+        self._collector.state = ({m.name: _Gauge(m, values) for m in fed if m.kind == "gauge"},
+                                 *snapshots)
+        self._bound = [_Bound(metric, self.families[metric.name], values, self._counted)
+                       for metric in fed if metric.kind != "gauge"]
         dropped = self.families["privacy_export_dropped_total"]
         base = {"session_id": info.session_id, "model_name": info.model_name}
         # Every exporter, the publisher included, reports its drops here (0 is worth seeing).
@@ -466,12 +553,15 @@ class PrometheusExporter(Exporter):
         self._violations = ()
 
     def export(self, snapshot: PrivacySnapshot) -> None:
-        for bound in self._bound:
-            value = getattr(snapshot, bound.attr)
-            if value is not None:
-                bound.update(value)
-        if snapshot.compliance_violations is not self._violations:
-            self._count_violations(snapshot.compliance_violations)
+        collector = self._collector
+        with collector.lock:
+            collector.publish(snapshot)
+            for bound in self._bound:
+                value = getattr(snapshot, bound.attr)
+                if value is not None:
+                    bound.update(value)
+            if snapshot.compliance_violations is not self._violations:
+                self._count_violations(snapshot.compliance_violations)
         for i, (source, child) in enumerate(self._health):
             value = source.dropped
             if value > self._health_last[i]:
