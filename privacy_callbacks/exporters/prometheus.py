@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import hmac
 import http.client
 import ipaddress
 import logging
+import math
 import os
 import socket
 import ssl
@@ -19,9 +21,10 @@ from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import (CollectorRegistry, Counter, Histogram, delete_from_gateway,
+from prometheus_client import (CollectorRegistry, Counter, delete_from_gateway,
                                make_wsgi_app, push_to_gateway, start_http_server)
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from .. import catalog
 from .base import Exporter, RunInfo
@@ -33,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PrometheusExporter"]
 
-_TYPES = {"counter": Counter, "histogram": Histogram}
 
 # Gauges whose values a later snapshot may lack although nothing changed: the step time (none on
 # the first step after a validation, nor in the final snapshot) and the device statistics (none
@@ -66,18 +68,76 @@ class _Gauge:
             family.add_metric(self.values, float(value))
 
 
+class _Observations:
+    """One histogram series, counted in plain Python (the collector's lock guards it).
+
+    A noised norm histogram brings dozens of observations per step; prometheus_client's
+    ``observe`` takes two locks for each. Same buckets, same sum, same exposition.
+    """
+
+    __slots__ = ("bounds", "counts", "sum", "created")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds  # the catalog's, then +Inf
+        self.counts = [0.0] * len(bounds)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        if value == value:  # a NaN lands in no bucket, as with prometheus_client
+            self.counts[bisect.bisect_left(self.bounds, value)] += 1.0
+
+
+class _Histogram:
+    """The series of one catalog histogram, with the part of ``Histogram``'s API the exporter
+    uses (``labels``, ``clear``) and the families a collector yields."""
+
+    def __init__(self, metric: catalog.Metric) -> None:
+        self.metric = metric
+        self.bounds = (*metric.buckets, math.inf)
+        self.series: dict[tuple[str, ...], _Observations] = {}
+
+    def labels(self, **values: str) -> _Observations:
+        key = tuple(values[name] for name in self.metric.all_labels)
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = _Observations(self.bounds)
+        return series
+
+    def clear(self) -> None:
+        self.series = {}
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self.metric.name, self.metric.help,
+                                      labels=self.metric.all_labels)]
+
+    def collect(self) -> list[Metric]:
+        name, names = self.metric.name, self.metric.all_labels
+        family = HistogramMetricFamily(name, self.metric.help, labels=names)
+        edges = [floatToGoString(bound) for bound in self.bounds]
+        for key, series in self.series.items():
+            total, buckets = 0.0, []
+            for edge, count in zip(edges, series.counts):
+                total += count
+                buckets.append((edge, total))
+            family.add_metric(list(key), buckets, series.sum)
+            family.add_sample(f"{name}_created", dict(zip(names, key)), series.created)
+        return [family]
+
+
 class _Collector:
     """Every catalog metric, in catalog order, built when the registry is collected.
 
     Gauges are read at scrape time from :attr:`state`, replaced whole for each snapshot, so a
-    step costs them nothing. Counters and histograms are prometheus_client objects fed per
-    snapshot, so every observation is counted and counters never go down. The exporter holds
+    step costs them nothing. Counters and histograms are fed per snapshot, so every observation
+    is counted and counters never go down. The exporter holds
     :attr:`lock` while it feeds one snapshot, and a scrape while it reads: one scrape is one
     snapshot's record, counters and gauges alike.
     """
 
     def __init__(self, families: dict[str, Any]) -> None:
-        self.families = families
+        self.families = families  # counters and histograms
         self.lock = threading.Lock()
         # (gauges by name, newest snapshot, newest with a step time, newest with device stats)
         self.state: tuple[dict[str, _Gauge], Any, Any, Any] = ({}, None, None, None)
@@ -409,14 +469,10 @@ class PrometheusExporter(Exporter):
         self._pusher: _Pusher | None = None
         self.registry = registry if registry is not None else CollectorRegistry()
         # Counters and histograms; the collector serves them with the gauges, in catalog order.
-        self.families: dict[str, Any] = {}
-        for metric in catalog.METRICS:
-            if metric.kind == "gauge":
-                continue
-            kwargs: dict[str, Any] = {"labelnames": metric.all_labels, "registry": None}
-            if metric.kind == "histogram":
-                kwargs["buckets"] = metric.buckets
-            self.families[metric.name] = _TYPES[metric.kind](metric.name, metric.help, **kwargs)
+        self.families: dict[str, Any] = {
+            metric.name: _Histogram(metric) if metric.kind == "histogram" else Counter(
+                metric.name, metric.help, labelnames=metric.all_labels, registry=None)
+            for metric in catalog.METRICS if metric.kind != "gauge"}
         self._collector = _Collector(self.families)
         self.registry.register(self._collector)
         self._server: Any = None
