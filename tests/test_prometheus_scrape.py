@@ -1,0 +1,80 @@
+"""A scrape of the PrometheusExporter is one snapshot's record, read while snapshots arrive."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+from privacy_callbacks import PrivacySnapshot, PrometheusExporter
+from privacy_callbacks.exporters.base import RunInfo
+
+BASE = {"session_id": "s", "model_name": "m"}
+ACC = {**BASE, "accountant": "rdp"}
+
+
+def snapshot(step: int) -> PrivacySnapshot:
+    return PrivacySnapshot(
+        step=step, timestamp_ns=step, accountant="rdp", delta=1e-5, epsilon=0.01 * step,
+        epsilon_step=step, steps=step, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1,
+        noise_std=0.1, throughput=100.0 + step, step_seconds=0.01, accounting_errors=0,
+        target_epsilon=1e6, budget_remaining=1e6 - 0.01 * step)
+
+
+def values(exporter: PrometheusExporter) -> dict[str, float]:
+    out = {}
+    for family in exporter.registry.collect():
+        for sample in family.samples:
+            if sample.labels in (BASE, ACC):
+                out[sample.name] = sample.value
+    return out
+
+
+def test_every_scrape_reads_counters_and_gauges_of_one_snapshot():
+    exporter = PrometheusExporter(port=0, serve=False)
+    exporter.open(RunInfo(session_id="s", model_name="m", accountant="rdp",
+                          exporters=(exporter,)))
+    steps = 3000
+    done = threading.Event()
+
+    def publish() -> None:
+        for step in range(1, steps + 1):
+            exporter.export(snapshot(step))
+        done.set()
+
+    thread = threading.Thread(target=publish, name="privacy-test-publisher")
+    thread.start()
+    scrapes = torn = 0
+    try:
+        while not done.is_set():
+            seen = values(exporter)
+            if "privacy_epsilon_step" not in seen:
+                continue
+            scrapes += 1
+            step = seen["privacy_epsilon_step"]
+            if not (seen["training_steps_with_privacy_total"] == step
+                    and seen["privacy_epsilon_consumed"] == 0.01 * step
+                    # The counter adds up differences: equal up to rounding, 0.01 off if torn.
+                    and abs(seen["privacy_budget_consumed_total"] - 0.01 * step) < 1e-6):
+                torn += 1
+    finally:
+        thread.join()
+    assert scrapes > 0
+    assert torn == 0, f"{torn} of {scrapes} scrapes mixed values of different snapshots"
+    exporter.close()
+
+
+def test_gauges_keep_the_step_time_a_later_snapshot_lacks_and_drop_other_missing_values():
+    exporter = PrometheusExporter(port=0, serve=False)
+    exporter.open(RunInfo(session_id="s", model_name="m", accountant="rdp"))
+    exporter.export(snapshot(1))
+    # The final snapshot of a fit: a newer epsilon, no step time; a target no longer set.
+    exporter.export(dataclasses.replace(snapshot(1), epsilon=0.005, throughput=None,
+                                        step_seconds=None, target_epsilon=None))
+    reg = exporter.registry
+    assert reg.get_sample_value("privacy_epsilon_consumed", ACC) == 0.005
+    assert reg.get_sample_value("training_throughput_private", {**BASE, "rank": "0"}) == 101.0
+    assert reg.get_sample_value("privacy_epsilon_target", ACC) is None
+    # Counters count the highest total seen: the exact epsilon below its upper bound does not
+    # take anything back.
+    assert reg.get_sample_value("privacy_budget_consumed_total", ACC) == 0.01
+    exporter.close()
