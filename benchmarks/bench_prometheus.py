@@ -2,6 +2,7 @@
 
     python benchmarks/bench_prometheus.py --before f0c4eb9       # 7 rounds of 2000 snapshots
     python benchmarks/bench_prometheus.py --before f0c4eb9 --quick
+    python benchmarks/bench_prometheus.py --before f0c4eb9 --fits 5   # + training-step cost
 
 ``--before REV`` loads ``privacy_callbacks/exporters/prometheus.py`` as it was at git revision
 ``REV`` (the exporter that set one Gauge child per metric and snapshot) next to the current one,
@@ -12,6 +13,13 @@ snapshot a background epsilon for the same step (no device statistics) and a fin
 without step time, as a fit publishes them. Timed: ``export(snapshot)`` per snapshot, and one
 scrape (``generate_latest`` of the registry) after the round. Both exporters must serve the same
 text (``_created`` timestamps aside); the script fails otherwise.
+
+``--fits N`` also runs N rounds of four 300-step fits of ``tests/dp_models.DPModel`` (a tiny
+Opacus MLP, batch 8, one torch thread), rows rotated: ``dp`` (no monitor), and ``PrivacyMonitor``
+with its defaults and a target, without exporters or with the earlier or the current exporter
+serving ``/metrics``. Per
+step: the gap between consecutive ``on_train_batch_end`` calls (the training thread's whole
+step), median and mean over the steps after 20 warm-up steps, and each against ``dp``.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from typing import Any
 from prometheus_client import generate_latest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
 
 from privacy_callbacks import PrivacySnapshot, PrometheusExporter  # noqa: E402
 from privacy_callbacks.exporters.base import RunInfo  # noqa: E402
@@ -112,6 +121,61 @@ def run_round(cls: type, snaps: list[PrivacySnapshot], session: str) -> tuple[li
     return times, scrape, exporter
 
 
+class _NoExporter:
+    """Row marker: the monitor without exporters."""
+
+
+def fit_gaps(exporter_cls: type | None, steps: int, warmup: int = 20) -> list[int]:
+    """Nanoseconds between consecutive ``on_train_batch_end`` calls of one fit."""
+    import lightning.pytorch as pl
+
+    from dp_models import DPModel, fit
+
+    from privacy_callbacks import PrivacyMonitor
+
+    stamps: list[int] = []
+
+    class Gaps(pl.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            stamps.append(time.perf_counter_ns())
+
+    callbacks: list[Any] = []
+    if exporter_cls is not None:
+        exporters = [] if exporter_cls is _NoExporter else [exporter_cls(port=0)]
+        callbacks.append(PrivacyMonitor(delta=1e-5, target_epsilon=8.0, exporters=exporters,
+                                        session_id="bench"))
+    fit(DPModel(n=8 * steps, batch_size=8), *callbacks, Gaps(), max_steps=steps)
+    return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
+
+
+def fits(rounds: int, variants: dict[str, type], steps: int = 300) -> None:
+    import logging
+
+    import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import)
+    import torch
+    torch.set_num_threads(1)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    rows: dict[str, type | None] = {"dp": None, "dp+monitor, no exporter": _NoExporter}
+    rows.update({f"dp+monitor, {name}": cls for name, cls in variants.items()})
+    names = list(rows)
+    gaps: dict[str, list[int]] = {name: [] for name in names}
+    for r in range(rounds):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            gaps[name] += fit_gaps(rows[name], steps)
+    base_median = statistics.median(gaps["dp"])
+    base_mean = statistics.fmean(gaps["dp"])
+    print(f"\n{rounds} rounds x {len(names)} fits of {steps} steps, rows rotated\n")
+    print("| row | step median µs | over dp | step mean µs | over dp |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        median, mean = statistics.median(gaps[name]), statistics.fmean(gaps[name])
+        print(f"| {name} | {median / 1e3:.0f} | {(median - base_median) / 1e3:+.0f} µs "
+              f"({100 * (median / base_median - 1):+.1f} %) | {mean / 1e3:.0f} | "
+              f"{(mean - base_mean) / 1e3:+.0f} µs ({100 * (mean / base_mean - 1):+.1f} %) |"
+              .replace("+-", "-"))
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,6 +185,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         "quick 200)")
     parser.add_argument("--quick", action="store_true", help="1 round of 200 snapshots")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+    parser.add_argument("--fits", type=int, default=0,
+                        help="also time training steps over this many rounds of fits")
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 7)
     count = args.snapshots or (200 if args.quick else 2000)
@@ -160,6 +226,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               f"{row['scrape_median_ms']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+    if args.fits:
+        fits(args.fits, variants)
     return rows
 
 
