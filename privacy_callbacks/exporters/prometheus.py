@@ -48,15 +48,16 @@ _MEASURED = frozenset({"clipped_fraction", "signal_magnitude", "signal_to_noise_
 class _Gauge:
     """How one gauge is read at scrape time: its label values and which snapshot holds it."""
 
-    __slots__ = ("values", "free", "source")
+    __slots__ = ("attr", "values", "free", "source")
 
     def __init__(self, metric: catalog.Metric, values: dict[str, str]) -> None:
+        assert metric.attr is not None  # only metrics fed from a snapshot attribute are read
+        self.attr = metric.attr
         names = metric.all_labels
         free = [i for i, name in enumerate(names) if name not in values]
         self.free = free[0] if free else None
         self.values = [values[name] for name in names if name in values]
-        attr = metric.attr
-        self.source = 1 if attr in _TIMED else 2 if attr in _MEASURED else 0
+        self.source = 1 if self.attr in _TIMED else 2 if self.attr in _MEASURED else 0
 
     def add(self, family: GaugeMetricFamily, value: Any) -> None:
         if isinstance(value, Mapping):
@@ -142,7 +143,7 @@ class _Collector:
         # (gauges by name, newest snapshot, newest with a step time, newest with device stats)
         self.state: tuple[dict[str, _Gauge], Any, Any, Any] = ({}, None, None, None)
 
-    def publish(self, snapshot: "PrivacySnapshot") -> None:
+    def publish(self, snapshot: PrivacySnapshot) -> None:
         gauges, _, timed, measured = self.state
         self.state = (gauges, snapshot,
                       snapshot if snapshot.step_seconds is not None else timed,
@@ -166,8 +167,8 @@ class _Collector:
                 family = GaugeMetricFamily(metric.name, metric.help, labels=metric.all_labels)
                 gauge = gauges.get(metric.name)
                 snapshot = None if gauge is None else snapshots[gauge.source]
-                if snapshot is not None:
-                    value = getattr(snapshot, metric.attr)
+                if gauge is not None and snapshot is not None:
+                    value = getattr(snapshot, gauge.attr)
                     if value is not None:
                         gauge.add(family, value)
                 families.append(family)
