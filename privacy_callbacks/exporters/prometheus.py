@@ -132,9 +132,9 @@ class _Collector:
 
     Gauges are read at scrape time from :attr:`state`, replaced whole for each snapshot, so a
     step costs them nothing. Counters and histograms are fed per snapshot, so every observation
-    is counted and counters never go down. The exporter holds
-    :attr:`lock` while it feeds one snapshot, and a scrape while it reads: one scrape is one
-    snapshot's record, counters and gauges alike.
+    is counted and counters never go down. The exporter holds :attr:`lock` while it feeds one
+    snapshot, and a scrape while it reads: one scrape is one snapshot's record, counters and
+    gauges alike.
     """
 
     def __init__(self, families: dict[str, Any]) -> None:
