@@ -3,9 +3,13 @@
 The accountant's history is a run-length list ``(noise_multiplier, sample_rate, steps)``.
 For RDP, the privacy loss of a segment is ``steps`` times a per-(sigma, q) vector over the RDP
 orders, so the vector is computed once per (sigma, q) (with Opacus' own ``compute_rdp``; a
-bounded LRU cache, as a noise scheduler brings a new sigma every step), the finished segments
-are summed once, and each step costs one vector multiply, one add and a ``nanargmin``. The
-summation order is Opacus' own, so the result is bit-identical to ``RDPAccountant.get_epsilon``.
+bounded LRU cache), the finished segments are summed once, and each step costs one vector
+multiply, one add and a ``nanargmin``. The summation order is Opacus' own, so the result is
+bit-identical to ``RDPAccountant.get_epsilon``. A noise scheduler brings a new sigma every step,
+whose vector takes Opacus 15-70 ms: the training thread then uses a cached vector that bounds it
+(a 1 % grid of sigma computed ahead in the background, see :class:`_RdpMath`), publishes that
+bound labelled ``exact=False``, and the background worker computes the exact vectors and hands
+over the exact value when it has caught up.
 
 PRV and GDP have no such shortcut (milliseconds to seconds per value). Every value published is
 an :class:`Epsilon` record -- value, accounted step, exact or bound -- and never below the
@@ -63,43 +67,136 @@ __all__ = ["Accounting", "BackgroundAccounting", "Epsilon", "RdpAccounting", "ma
 
 Segment = tuple[float, float, int]
 
-# RDP vectors kept per accounting (151 orders: 1.2 kB each).
+# Exact RDP vectors kept per accounting (151 orders: 1.2 kB each).
 _VECTORS = 64
+# Bounding vectors on a geometric grid of sigma: point k is at sigma = exp(k * _GRID) (1 %).
+_GRID = math.log(1.01)
+_GRID_VECTORS = 128
+# Grid points computed ahead, in the direction sigma last moved.
+_AHEAD = 4
+# Vectors computed on the calling thread when nothing cached bounds a new (sigma, q): the first
+# few of a run (a constant sigma is exact from its first step); after that the worker does it.
+_SYNC = 4
+# A background exact prefix is taken over only when at most this many segments follow it.
+_REBASE = 32
+
+
+def _cell(sigma: float) -> int:
+    """The grid point at or below ``sigma``: ``exp(k * _GRID) <= sigma``."""
+    k = math.floor(math.log(sigma) / _GRID)
+    while math.exp(k * _GRID) > sigma:
+        k -= 1
+    while math.exp((k + 1) * _GRID) <= sigma:
+        k += 1
+    return k
 
 
 class _RdpMath:
-    """Exact RDP composition over a history, with a cached per-(sigma, q) vector."""
+    """RDP composition over a history from per-(sigma, q) vectors, exact or bounding.
 
-    def __init__(self, delta: float, alphas: Sequence[float] | None = None) -> None:
+    A vector is exact (Opacus' own ``compute_rdp``) when cached, or computed on the calling
+    thread for the first few (sigma, q) of a run. A noise scheduler brings a new sigma every
+    step; then the calling thread (the training thread) takes, in a dict lookup, a vector that
+    bounds it: Opacus' subsampled-Gaussian RDP decreases in sigma and increases in q at every
+    order (checked over sigma 0.3-20, q 1e-3-0.9), so the vector at the grid point
+    ``sigma_g <= sigma`` (same q) is an upper bound within one 1 % cell; with no grid point yet,
+    the unamplified Gaussian's ``alpha / (2 sigma^2)`` (Opacus' own value at q = 1) is. A
+    background worker computes grid points ahead in the direction sigma moves and, with
+    ``track_exact``, the exact vectors of the history's segments with an exact prefix sum,
+    which the calling thread takes over, and the exact epsilon of the newest history, handed
+    to ``on_exact``. Memory: the two bounded caches and one prefix vector per side.
+    """
+
+    def __init__(self, delta: float, alphas: Sequence[float] | None = None,
+                 track_exact: bool = False) -> None:
         self.orders = np.atleast_1d(np.asarray(
             RDPAccountant.DEFAULT_ALPHAS if alphas is None else list(alphas)))
         # Same expression and evaluation order as Opacus' get_privacy_spent.
         self._sub = (np.log(delta) + np.log(self.orders)) / (self.orders - 1)
         self._add = np.log((self.orders - 1) / self.orders)
-        # Least recently used last; bounded, since a noise scheduler brings a new sigma every
+        self._half_orders = self.orders / 2.0
+        # Least recently used first; bounded, since a noise scheduler brings a new sigma every
         # step and finished segments live on in the prefix sum.
         self._vectors: collections.OrderedDict[tuple[float, float], np.ndarray] = (
             collections.OrderedDict())
+        self._grid: collections.OrderedDict[tuple[int, float], np.ndarray] = (
+            collections.OrderedDict())
+        self._cache_lock = threading.Lock()
+        self._sync_left = _SYNC
+        self.fallbacks = 0  # closed-form vectors used: no grid point bounded the step yet
+        self.exact = True  # whether the last total() used exact vectors only
         # Sum of all history segments but the last one, kept between calls.
         self._hist: list | None = None
         self._n_prefix = 0
         self._prefix_last: Segment | None = None
         self._prefix: np.ndarray | int = 0
         self._prefix_steps = 0
+        self._prefix_exact = True
+        # Background worker.
+        self.track_exact = track_exact
+        self.on_exact: Callable[[tuple, float], None] | None = None
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._want: tuple[float, float] | None = None
+        self._down = True
+        self._job: tuple | None = None  # (history, n, last segment, steps)
+        self._job_done: tuple | None = None
+        self.urgent = False
+        # The worker's exact prefix: (history, n, history[n - 1], sum of segments [0, n)).
+        self._pub: tuple | None = None
+        self._w_hist: list | None = None
+        self._w_n = 0
+        self._w_last: Segment | None = None
+        self._w_prefix: np.ndarray | int = 0
+        self._w_steps = 0
+
+    # -- vectors -------------------------------------------------------------------------------
+
+    def _compute(self, sigma: float, q: float) -> np.ndarray:
+        return _rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=self.orders)
+
+    def _store(self, key: tuple[float, float], vec: np.ndarray) -> None:
+        with self._cache_lock:
+            self._vectors[key] = vec
+            if len(self._vectors) > _VECTORS:
+                self._vectors.popitem(last=False)
+
+    def _cached(self, key: tuple[float, float]) -> np.ndarray | None:
+        with self._cache_lock:
+            vec = self._vectors.get(key)
+            if vec is not None and len(self._vectors) > 1:
+                self._vectors.move_to_end(key)
+            return vec
+
+    def lookup(self, noise_multiplier: float, sample_rate: float) -> tuple[np.ndarray, bool]:
+        """The vector of (sigma, q), or one above it at every order; and whether it is exact."""
+        key = (noise_multiplier, sample_rate)
+        vec = self._cached(key)
+        if vec is not None:
+            return vec, True
+        if noise_multiplier > 0 and sample_rate > 0:
+            k = _cell(noise_multiplier)
+            with self._cache_lock:
+                for cell in (k, k - 1, k - 2):
+                    vec = self._grid.get((cell, sample_rate))
+                    if vec is not None:
+                        break
+            self._request(noise_multiplier, sample_rate)
+            if vec is not None:
+                return vec, False
+        if self._sync_left > 0 or noise_multiplier <= 0 or sample_rate <= 0:
+            self._sync_left -= noise_multiplier > 0 and sample_rate > 0
+            vec = self._compute(noise_multiplier, sample_rate)
+            self._store(key, vec)
+            return vec, True
+        self.fallbacks += 1
+        return self._half_orders / (noise_multiplier * noise_multiplier), False
 
     def vector(self, noise_multiplier: float, sample_rate: float) -> np.ndarray:
-        key = (noise_multiplier, sample_rate)
-        vectors = self._vectors
-        vec = vectors.get(key)
-        if vec is None:
-            vec = _rdp_analysis.compute_rdp(
-                q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=self.orders)
-            vectors[key] = vec
-            if len(vectors) > _VECTORS:
-                vectors.popitem(last=False)
-        elif len(vectors) > 1:
-            vectors.move_to_end(key)
-        return vec
+        return self.lookup(noise_multiplier, sample_rate)[0]
+
+    # -- composition ---------------------------------------------------------------------------
 
     def _sync_prefix(self, history: list) -> None:
         n_prefix = len(history) - 1
@@ -110,31 +207,50 @@ class _RdpMath:
         )
         if not valid:
             self._hist, self._n_prefix, self._prefix, self._prefix_steps = history, 0, 0, 0
-            self._prefix_last = None
+            self._prefix_last, self._prefix_exact = None, True
+        pub = self._pub
+        if (pub is not None and not self._prefix_exact and pub[0] is history
+                and self._n_prefix >= pub[1] > 0 and n_prefix - pub[1] <= _REBASE
+                and history[pub[1] - 1] is pub[2]):
+            # The worker's exact sum of the first segments replaces their bounds.
+            self._n_prefix, self._prefix_last, self._prefix = pub[1], pub[2], pub[3]
+            self._prefix_steps, self._prefix_exact = pub[4], True
         for i in range(self._n_prefix, n_prefix):
             sigma, q, steps = history[i]
-            self._prefix = self._prefix + self.vector(sigma, q) * steps
+            vec, exact = self.lookup(sigma, q)
+            self._prefix = self._prefix + vec * steps
             self._prefix_steps += steps
+            self._prefix_exact = self._prefix_exact and exact
             self._prefix_last = history[i]
         self._n_prefix = n_prefix
 
     def total(self, history: list, extra: Segment | None = None) -> tuple[np.ndarray | int, int]:
-        """RDP of ``history`` (plus ``extra`` steps, merged as Opacus would), and its step count."""
+        """RDP of ``history`` (plus ``extra`` steps, merged as Opacus would), and its step count.
+
+        Never below the exact value at any order; :attr:`exact` says whether it is exact.
+        """
         if not history:
             if extra is None or extra[2] == 0:
+                self.exact = True
                 return 0, 0
             sigma, q, steps = extra
-            return 0 + self.vector(sigma, q) * steps, steps
+            vec, self.exact = self.lookup(sigma, q)
+            return 0 + vec * steps, steps
         self._sync_prefix(history)
         sigma, q, steps = history[-1]
         if extra is not None and extra[2] > 0:
             if (extra[0], extra[1]) == (sigma, q):
                 steps = steps + extra[2]
             else:
-                rdp = self._prefix + self.vector(sigma, q) * steps
-                rdp = rdp + self.vector(extra[0], extra[1]) * extra[2]
+                vec, exact = self.lookup(sigma, q)
+                rdp = self._prefix + vec * steps
+                vec2, exact2 = self.lookup(extra[0], extra[1])
+                rdp = rdp + vec2 * extra[2]
+                self.exact = self._prefix_exact and exact and exact2
                 return rdp, self._prefix_steps + steps + extra[2]
-        return self._prefix + self.vector(sigma, q) * steps, self._prefix_steps + steps
+        vec, exact = self.lookup(sigma, q)
+        self.exact = self._prefix_exact and exact
+        return self._prefix + vec * steps, self._prefix_steps + steps
 
     def epsilon(self, rdp: np.ndarray | int) -> float:
         if isinstance(rdp, int):
@@ -170,6 +286,125 @@ class _RdpMath:
         while self.epsilon(self.total(history, (*seg, guess + 1))[0]) <= target:
             guess += 1
         return guess
+
+    # -- background worker ---------------------------------------------------------------------
+
+    def _request(self, sigma: float, q: float) -> None:
+        """Ask the worker for grid points around (sigma, q), ahead of where sigma moves."""
+        want = self._want
+        if want is not None and want[1] == q and sigma != want[0]:
+            self._down = sigma < want[0]
+        self._want = (sigma, q)
+        self._wake()
+
+    def submit(self, history: list, steps: int) -> None:
+        """Ask the worker for the exact epsilon of ``history`` (``track_exact`` only)."""
+        self._job = (history, len(history), history[-1], steps)
+        self._wake()
+
+    def _wake(self) -> None:
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            with self._cv:
+                if self._stopping:
+                    return
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._work, daemon=True,
+                                                    name="privacy-accounting-rdp-vectors")
+                    self._thread.start()
+                    return
+        with self._cv:
+            self._cv.notify()
+
+    def _grid_task(self) -> tuple[int, float] | None:
+        want = self._want
+        if want is None:
+            return None
+        sigma, q = want
+        k = _cell(sigma)
+        cells = range(k, k - _AHEAD - 1, -1) if self._down else range(k, k + 2)
+        with self._cache_lock:
+            for cell in cells:
+                if (cell, q) not in self._grid:
+                    return cell, q
+        return None
+
+    def _work(self) -> None:
+        idle_since = time.monotonic()
+        while True:
+            with self._cv:
+                if self._stopping:
+                    return
+            task = None if self.urgent else self._grid_task()
+            if task is not None:
+                cell, q = task
+                vec = self._compute(math.exp(cell * _GRID), q)
+                with self._cache_lock:
+                    self._grid[task] = vec
+                    if len(self._grid) > _GRID_VECTORS:
+                        self._grid.popitem(last=False)
+                idle_since = time.monotonic()
+                continue
+            job = self._job
+            if self.track_exact and job is not None and job is not self._job_done:
+                self._exact_step(job)
+                idle_since = time.monotonic()
+                continue
+            if self.urgent and self._grid_task() is not None:
+                self.urgent = False
+                continue
+            with self._cv:
+                self._cv.notify_all()  # settle() waits on the same condition
+                if self._stopping or time.monotonic() - idle_since > 1.0:
+                    # Nothing to do for a while: end; the next request starts a new worker.
+                    self._thread = None
+                    return
+                self._cv.wait(0.05)
+
+    def _exact_step(self, job: tuple) -> None:
+        """Advance the exact prefix by at most one new vector; finish ``job`` when caught up."""
+        history, n, last, steps = job
+        valid = (history is self._w_hist and self._w_n <= n - 1
+                 and (self._w_n == 0 or history[self._w_n - 1] is self._w_last))
+        if not valid:
+            self._w_hist, self._w_n, self._w_last, self._w_prefix = history, 0, None, 0
+            self._w_steps = 0
+        while self._w_n < n - 1:
+            segment = history[self._w_n]
+            key = (segment[0], segment[1])
+            vec = self._cached(key)
+            if vec is None:
+                vec = self._compute(*key)
+                self._store(key, vec)
+                computed = True
+            else:
+                computed = False
+            # Opacus' order: 0 + v1 * s1 + v2 * s2 + ...
+            self._w_prefix = self._w_prefix + vec * segment[2]
+            self._w_steps += segment[2]
+            self._w_n += 1
+            self._w_last = segment
+            self._pub = (history, self._w_n, segment, self._w_prefix, self._w_steps)
+            if computed:
+                return
+        key = (last[0], last[1])
+        vec = self._cached(key)
+        if vec is None:
+            vec = self._compute(*key)
+            self._store(key, vec)
+        value = self.epsilon(self._w_prefix + vec * last[2])
+        self._job_done = job
+        callback = self.on_exact
+        if callback is not None:
+            callback(job, value)
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,22 +531,79 @@ class Accounting:
 
 
 class RdpAccounting(Accounting):
-    """Exact RDP epsilon on the calling thread in microseconds."""
+    """RDP epsilon on the calling thread in microseconds: exact, or a bound until exact.
+
+    With a constant (or rarely changing) sigma every value is exact at once. Under a noise
+    scheduler (a new sigma every step) the value for a new sigma is the grid bound of
+    :class:`_RdpMath` (labelled ``exact=False``) and the background worker hands the exact one
+    to :attr:`listener` when it has computed the new vectors; :meth:`settle` waits for it.
+    """
 
     mechanism = "rdp"
+
+    def __init__(self, accountant: IAccountant, delta: float) -> None:
+        super().__init__(accountant, delta)
+        self._rdp = _RdpMath(delta, track_exact=True)
+        self._rdp.on_exact = self._exact_arrived
+        self._lock = threading.Lock()
+        self._seen: tuple | None = None
 
     def update(self) -> None:
         history = self.accountant.history
         try:
             rdp, steps = self._rdp.total(history)
             eps = self._rdp.epsilon(rdp)
+            exact = self._rdp.exact
         except Exception:  # never raise into the training step
             self.errors += 1
             if self.errors == 1:
                 logger.exception("Computing epsilon failed; training continues")
             return
-        self.steps = steps
-        self.latest = Epsilon(eps, steps, True)
+        with self._lock:
+            self.steps = steps
+            self._seen = (history, len(history), history[-1] if history else None, steps)
+            self.latest = Epsilon(eps, steps, exact)
+        if not exact:
+            self._rdp.submit(history, steps)
+
+    def _exact_arrived(self, job: tuple, value: float) -> None:
+        listener = None
+        with self._lock:
+            latest, seen = self.latest, self._seen
+            if (latest is not None and not latest.exact and seen is not None
+                    and seen[0] is job[0] and seen[1:] == job[1:] and latest.step == job[3]):
+                self.latest = latest = Epsilon(value, job[3], True)
+                listener = self.listener
+        if listener is not None:
+            try:
+                listener(latest)
+            except Exception:
+                logger.exception("Publishing a background epsilon failed")
+
+    def settle(self, timeout: float = 10.0) -> bool:
+        """Wait (bounded) until :attr:`latest` is exact for the last accounted step."""
+        latest = self.latest
+        if latest is None or (latest.exact and latest.step == self.steps):
+            return True
+        deadline = time.monotonic() + timeout
+        rdp = self._rdp
+        rdp.urgent = True
+        try:
+            while True:
+                latest = self.latest
+                if latest is not None and latest.exact and latest.step == self.steps:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                rdp._wake()
+                with rdp._cv:
+                    rdp._cv.wait(min(left, 0.05))
+        finally:
+            rdp.urgent = False
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._rdp.close(timeout)
 
 
 # Opacus' PRVAccountant.get_epsilon defaults: eps_error, and delta_error as a fraction of delta.
@@ -570,6 +862,7 @@ class BackgroundAccounting(Accounting):
                 self._urgent = False
 
     def close(self, timeout: float = 5.0) -> None:
+        self._rdp.close(timeout)
         with self._cv:
             self._stopping = True
             self._cv.notify_all()

@@ -1,0 +1,128 @@
+"""A noise scheduler (a new sigma every step) costs the training thread no RDP computation.
+
+Opacus' ``ExponentialNoise(gamma=0.999)`` stepped every batch: each step is a new history
+segment. Every published (epsilon, step) is at least Opacus' epsilon for the history of that
+step, and the final one equals it once the background worker has caught up.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
+
+from dp_models import DPModel, fit
+from privacy_callbacks import PrivacyMonitor
+from privacy_callbacks.exporters.base import Exporter
+
+STEPS = 40
+
+
+class Recorder(Exporter):
+    name = "recorder"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[float, int, int, float | None]] = []
+
+    def export(self, snapshot) -> None:
+        if snapshot.epsilon is not None:
+            self.seen.append((snapshot.epsilon, snapshot.epsilon_step, snapshot.epsilon_exact,
+                              snapshot.membership_inference_risk))
+
+
+class Decaying(DPModel):
+    def configure_optimizers(self):
+        from opacus.schedulers import ExponentialNoise
+        optimizer = super().configure_optimizers()
+        self.scheduler = ExponentialNoise(optimizer, gamma=0.999)
+        return optimizer
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.scheduler.step()
+
+
+@pytest.fixture
+def rdp_threads(monkeypatch):
+    """Names of the threads that call Opacus' compute_rdp, in call order."""
+    calls: list[str] = []
+    original = rdp_analysis.compute_rdp
+
+    def recording(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rdp_analysis, "compute_rdp", recording)
+    return calls
+
+
+def _rdp_truth(history: list) -> dict[int, float]:
+    """Opacus' RDP epsilon after each step (segments summed in Opacus' order)."""
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    total, truth = 0, {}
+    for i, (sigma, q, steps) in enumerate(history, 1):
+        total = total + rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps,
+                                                 orders=orders)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=total, delta=1e-5)
+        truth[i] = float(eps)
+    return truth
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
+def test_scheduler_epsilon_is_a_bound_every_step_and_exact_at_the_end(mechanism, rdp_threads):
+    recorder = Recorder()
+    monitor = PrivacyMonitor(delta=1e-5, exporters=[recorder], session_id="t", mechanism=False)
+    steps = STEPS if mechanism == "rdp" else 12  # PRV: Opacus takes seconds per segment count
+    model = Decaying(n=8 * steps, batch_size=8, accountant=mechanism)
+    fit(model, monitor, max_epochs=1)
+    history = list(model.privacy_engine.accountant.history)
+    assert len(history) == steps and all(n == 1 for _, _, n in history)  # a new sigma each step
+
+    main = threading.main_thread().name
+    on_training_thread = rdp_threads.count(main)
+    assert on_training_thread <= 4, rdp_threads  # the first few (sigma, q) only: warm-up
+
+    if mechanism == "rdp":
+        truth = _rdp_truth(history)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            truth = {}
+            for step in sorted({s for _, s, _, _ in recorder.seen}):
+                accountant = PRVAccountant()
+                accountant.history = history[:step]
+                truth[step] = accountant.get_epsilon(1e-5)
+    for eps, step, exact, _ in recorder.seen:
+        assert eps >= truth[step], f"published {eps} for step {step}, Opacus says {truth[step]}"
+        if exact:
+            assert eps == pytest.approx(truth[step], rel=1e-9)
+    assert {s for _, s, _, _ in recorder.seen} == set(range(1, steps + 1))
+    last_eps, last_step, last_exact, _ = recorder.seen[-1]
+    assert (last_step, last_exact) == (steps, 1)
+    assert last_eps == pytest.approx(truth[steps], rel=1e-9)
+    assert monitor.last_snapshot.epsilon == pytest.approx(truth[steps], rel=1e-9)
+    accounting = monitor.accounting
+    assert accounting is None or len(accounting._rdp._vectors) <= 64
+
+
+def test_bound_vectors_are_above_opacus_at_every_order():
+    """The grid and closed-form vectors bound Opacus' own, as the published bound relies on."""
+    from privacy_callbacks.accounting import _GRID, _RdpMath, _cell
+    math_ = _RdpMath(1e-5)
+    math_._sync_left = 0
+    orders = math_.orders
+    for q in (1e-3, 0.01, 0.125, 0.5):
+        for sigma in (0.6, 1.0, 1.37, 4.2):
+            truth = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=orders)
+            closed, exact = math_.lookup(sigma, q)
+            assert not exact and np.all(closed >= truth)
+            grid_sigma = np.exp(_cell(sigma) * _GRID)
+            assert grid_sigma <= sigma < grid_sigma * 1.01 + 1e-12
+            grid = rdp_analysis.compute_rdp(q=q, noise_multiplier=grid_sigma, steps=1,
+                                            orders=orders)
+            assert np.all(grid >= truth)
+    math_.close()
