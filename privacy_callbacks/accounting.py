@@ -78,7 +78,9 @@ _AHEAD = 4
 # few of a run (a constant sigma is exact from its first step); after that the worker does it.
 _SYNC = 4
 # A background exact prefix is taken over only when at most this many segments follow it.
-_REBASE = 32
+_REBASE = 4
+# Orders per piece of a background vector computation (about 1 ms each).
+_PIECE = 8
 
 
 def _cell(sigma: float) -> int:
@@ -132,6 +134,7 @@ class _RdpMath:
         self._prefix: np.ndarray | int = 0
         self._prefix_steps = 0
         self._prefix_exact = True
+        self._rebased: tuple | None = None
         # Background worker.
         self.track_exact = track_exact
         self.on_exact: Callable[[tuple, float], None] | None = None
@@ -143,6 +146,7 @@ class _RdpMath:
         self._job: tuple | None = None  # (history, n, last segment, steps)
         self._job_done: tuple | None = None
         self.urgent = False
+        self._idle = False
         # The worker's exact prefix: (history, n, history[n - 1], sum of segments [0, n)).
         self._pub: tuple | None = None
         self._w_hist: list | None = None
@@ -155,6 +159,20 @@ class _RdpMath:
 
     def _compute(self, sigma: float, q: float) -> np.ndarray:
         return _rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=self.orders)
+
+    def _compute_yielding(self, sigma: float, q: float) -> np.ndarray:
+        """:meth:`_compute` in pieces of a few orders, handing the GIL over between them.
+
+        ``compute_rdp`` is pure Python for 15-70 ms; a thread waiting for the GIL would get it
+        only after the interpreter's switch interval (5 ms). Each order is computed on its own
+        by Opacus, so the pieces concatenate to the identical vector.
+        """
+        orders, pieces = self.orders, []
+        for start in range(0, len(orders), _PIECE):
+            pieces.append(_rdp_analysis.compute_rdp(
+                q=q, noise_multiplier=sigma, steps=1, orders=orders[start:start + _PIECE]))
+            time.sleep(0)  # let a waiting training thread run now
+        return np.concatenate(pieces)
 
     def _store(self, key: tuple[float, float], vec: np.ndarray) -> None:
         with self._cache_lock:
@@ -209,12 +227,13 @@ class _RdpMath:
             self._hist, self._n_prefix, self._prefix, self._prefix_steps = history, 0, 0, 0
             self._prefix_last, self._prefix_exact = None, True
         pub = self._pub
-        if (pub is not None and not self._prefix_exact and pub[0] is history
+        if (pub is not None and pub is not self._rebased and not self._prefix_exact
+                and pub[0] is history
                 and self._n_prefix >= pub[1] > 0 and n_prefix - pub[1] <= _REBASE
                 and history[pub[1] - 1] is pub[2]):
             # The worker's exact sum of the first segments replaces their bounds.
             self._n_prefix, self._prefix_last, self._prefix = pub[1], pub[2], pub[3]
-            self._prefix_steps, self._prefix_exact = pub[4], True
+            self._prefix_steps, self._prefix_exact, self._rebased = pub[4], True, pub
         for i in range(self._n_prefix, n_prefix):
             sigma, q, steps = history[i]
             vec, exact = self.lookup(sigma, q)
@@ -256,8 +275,11 @@ class _RdpMath:
         if isinstance(rdp, int):
             return 0.0
         eps = rdp - self._sub + self._add
-        best = eps[eps.argmin()]
-        if best == best:  # no NaN among the orders: argmin is nanargmin
+        # min, not argmin: NumPy's argmin releases the GIL whatever the size, and a background
+        # thread that takes it over keeps it for up to the switch interval (5 ms); a ufunc
+        # reduction of 151 values keeps it. min is NaN if any order is, else nanargmin's value.
+        best = eps.min()
+        if best == best:
             return float(best)
         if np.isnan(eps).all():
             return math.inf
@@ -313,8 +335,9 @@ class _RdpMath:
                                                     name="privacy-accounting-rdp-vectors")
                     self._thread.start()
                     return
-        with self._cv:
-            self._cv.notify()
+        if self._idle:
+            with self._cv:
+                self._cv.notify()
 
     def _grid_task(self) -> tuple[int, float] | None:
         want = self._want
@@ -338,7 +361,7 @@ class _RdpMath:
             task = None if self.urgent else self._grid_task()
             if task is not None:
                 cell, q = task
-                vec = self._compute(math.exp(cell * _GRID), q)
+                vec = self._compute_yielding(math.exp(cell * _GRID), q)
                 with self._cache_lock:
                     self._grid[task] = vec
                     if len(self._grid) > _GRID_VECTORS:
@@ -359,7 +382,9 @@ class _RdpMath:
                     # Nothing to do for a while: end; the next request starts a new worker.
                     self._thread = None
                     return
-                self._cv.wait(0.05)
+                self._idle = True
+                self._cv.wait(0.05)  # also covers a wake-up that raced with going idle
+                self._idle = False
 
     def _exact_step(self, job: tuple) -> None:
         """Advance the exact prefix by at most one new vector; finish ``job`` when caught up."""
@@ -374,7 +399,7 @@ class _RdpMath:
             key = (segment[0], segment[1])
             vec = self._cached(key)
             if vec is None:
-                vec = self._compute(*key)
+                vec = self._compute_yielding(*key)
                 self._store(key, vec)
                 computed = True
             else:
@@ -390,7 +415,7 @@ class _RdpMath:
         key = (last[0], last[1])
         vec = self._cached(key)
         if vec is None:
-            vec = self._compute(*key)
+            vec = self._compute_yielding(*key)
             self._store(key, vec)
         value = self.epsilon(self._w_prefix + vec * last[2])
         self._job_done = job

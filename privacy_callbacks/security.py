@@ -76,9 +76,11 @@ class RiskBound:
       subsampled Gaussian is a valid bound whatever accountant reports epsilon).
 
     :meth:`score` runs on the training thread every step and stays sub-microsecond: the Kairouz
-    bound is cached on epsilon, and the RDP bound (~20 us) is computed for a *later* step (5 %
-    more steps at the current sigma and q) and reused until then. Privacy loss only grows with
-    steps, so a bound for a later step holds now; it is at most those 5 % of steps loose.
+    bound is cached on epsilon, and the RDP bound (~100 us) is computed for a *later* step (5 %
+    more steps at the current sigma and q; under a noise schedule at 3 % below the current
+    sigma) and reused until then, or until a step comes at a lower sigma or higher q than it
+    was computed for. Privacy loss only grows with steps (and falls with sigma), so a bound for
+    a later step holds now; it is at most those 5 % of steps (and 3 % of sigma) loose.
 
     Args:
         accounting: The run's :class:`~privacy_callbacks.accounting.Accounting`.
@@ -94,6 +96,22 @@ class RiskBound:
         self._rdp_key: Any = None
         self._rdp_until = -1
         self._rdp_value = 1.0
+
+    def _holds(self, history: list, steps: int) -> bool:
+        """Whether the cached RDP bound covers ``history``: every step since it was computed
+        (at most ``_rdp_until``) came at a sigma and sample rate it was computed for or safer."""
+        key = self._rdp_key
+        if key is None or key[0] is not history or steps > self._rdp_until:
+            return False
+        _, checked, sigma, q = key
+        if checked > len(history):
+            return False
+        for s, r, _ in history[checked - 1:]:
+            if s < sigma or r > q:
+                return False
+        if checked != len(history):
+            self._rdp_key = (history, len(history), sigma, q)
+        return True
 
     def score(self, epsilon: float | None, noise_multiplier: float,
               sample_rate: float | None) -> float | None:
@@ -116,16 +134,20 @@ class RiskBound:
         if epsilon != self._eps_key:
             self._eps_key, self._eps_value = epsilon, advantage_from_epsilon(epsilon, self.delta)
         if sample_rate is not None:
-            key = (noise_multiplier, sample_rate, len(history))
             steps = accounting.steps
-            if key != self._rdp_key or steps > self._rdp_until:
+            if not self._holds(history, steps):
                 extra = max(1, steps // 20)
+                # Under a noise schedule (more than one segment) the later steps may come at a
+                # lower sigma: bound them at 3 % below this one (a grid point the accounting
+                # computes ahead), so one value lasts while sigma decays by up to 3 %.
+                sigma = noise_multiplier if len(history) <= 1 else noise_multiplier * 0.97
                 try:
-                    rdp = accounting.rdp_after(extra, noise_multiplier, sample_rate)
+                    rdp = accounting.rdp_after(extra, sigma, sample_rate)
                     value = advantage_from_rdp(rdp, accounting.orders)
                 except Exception:  # a bound is never worth a failed step; Kairouz still holds
                     value = 1.0
-                self._rdp_key, self._rdp_until, self._rdp_value = key, steps + extra, value
+                self._rdp_key = (history, len(history), sigma, sample_rate)
+                self._rdp_until, self._rdp_value = steps + extra, value
             return min(self._eps_value, self._rdp_value)
         return self._eps_value
 

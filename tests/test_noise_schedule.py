@@ -18,6 +18,7 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from dp_models import DPModel, fit
 from privacy_callbacks import PrivacyMonitor
 from privacy_callbacks.exporters.base import Exporter
+from privacy_callbacks.security import advantage_from_rdp
 
 STEPS = 40
 
@@ -60,16 +61,18 @@ def rdp_threads(monkeypatch):
     return calls
 
 
-def _rdp_truth(history: list) -> dict[int, float]:
-    """Opacus' RDP epsilon after each step (segments summed in Opacus' order)."""
+def _rdp_truth(history: list) -> tuple[dict[int, float], dict[int, float]]:
+    """Opacus' RDP epsilon after each step (segments summed in Opacus' order), and the
+    tightest membership-inference bound that RDP allows."""
     orders = RDPAccountant.DEFAULT_ALPHAS
-    total, truth = 0, {}
+    total, truth, risk = 0, {}, {}
     for i, (sigma, q, steps) in enumerate(history, 1):
         total = total + rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps,
                                                  orders=orders)
         eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=total, delta=1e-5)
         truth[i] = float(eps)
-    return truth
+        risk[i] = advantage_from_rdp(total, orders)
+    return truth, risk
 
 
 @pytest.mark.parametrize("mechanism", ["rdp", "prv"])
@@ -87,7 +90,9 @@ def test_scheduler_epsilon_is_a_bound_every_step_and_exact_at_the_end(mechanism,
     assert on_training_thread <= 4, rdp_threads  # the first few (sigma, q) only: warm-up
 
     if mechanism == "rdp":
-        truth = _rdp_truth(history)
+        truth, risk = _rdp_truth(history)
+        for _, step, _, score in recorder.seen:
+            assert score >= risk[step]  # the membership-inference bound holds every step
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
