@@ -109,8 +109,12 @@ def run(mechanism: str, cadence: float, steps: int, check_every: int) -> dict:
     }
 
 
-def alone(mechanism: str, steps: int = 3000) -> dict:
-    """``update()`` on the training thread with no background computation running."""
+def alone(mechanism: str, steps: int = 3000, cadence: float | None = None) -> dict:
+    """``update()`` on the training thread with no background computation running.
+
+    ``cadence``: sleep that long before every step, as at the freshness runs' cadence (else
+    20 ms every 100th step).
+    """
     from opacus.accountants import RDPAccountant
 
     with warnings.catch_warnings():
@@ -124,7 +128,9 @@ def alone(mechanism: str, steps: int = 3000) -> dict:
     costs = []
     for n in range(steps):
         accountant.step(noise_multiplier=SIGMA, sample_rate=Q)
-        if n % 100 == 0:
+        if cadence is not None:
+            time.sleep(cadence)
+        elif n % 100 == 0:
             time.sleep(0.02)
         t0 = time.perf_counter_ns()
         accounting.update()
@@ -146,11 +152,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="compare with Opacus at every this many steps (PRV costs ms-s)")
     parser.add_argument("--alone", action="store_true",
                         help="time update() alone (3000 steps, no background computation)")
+    parser.add_argument("--alone-cadence", action="store_true",
+                        help="with --alone: --steps steps, sleeping the first --cadence-ms "
+                             "before each, as the freshness runs do")
     args = parser.parse_args(argv)
     if args.alone:
         print("| accountant | update() µs median | mean | p99 | max |\n|---|---:|---:|---:|---:|")
         for mechanism in ("rdp", *args.accountants):
-            r = alone(mechanism)
+            r = (alone(mechanism, args.steps, args.cadence_ms[0] / 1e3) if args.alone_cadence
+                 else alone(mechanism))
             print(f"| {r['accountant']} | {r['median']:.1f} | {r['mean']:.1f} | {r['p99']:.1f} | "
                   f"{r['max']:.1f} |")
         return []

@@ -75,7 +75,8 @@ _GRID_VECTORS = 128
 # Grid points computed ahead, in the direction sigma last moved.
 _AHEAD = 4
 # Vectors computed on the calling thread when nothing cached bounds a new (sigma, q): the first
-# few of a run (a constant sigma is exact from its first step); after that the worker does it.
+# few of a run (a constant sigma is exact from its first step, and a sigma raised once, as a
+# budget guard's check of it, exact at once); after that the worker does it.
 _SYNC = 4
 # A background exact prefix is taken over only when at most this many segments follow it.
 _REBASE = 4
