@@ -620,7 +620,7 @@ class RdpAccounting(Accounting):
                 if latest is not None and latest.exact and latest.step == self.steps:
                     return True
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or rdp._stopping:
                     return False
                 rdp._wake()
                 with rdp._cv:
