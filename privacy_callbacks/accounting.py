@@ -389,11 +389,12 @@ class _RdpMath:
 
     def _exact_step(self, job: tuple) -> None:
         """Advance the exact prefix by at most one new vector; finish ``job`` when caught up."""
-        history, n, last, steps = job
-        valid = (history is self._w_hist and self._w_n <= n - 1
-                 and (self._w_n == 0 or history[self._w_n - 1] is self._w_last))
+        history, n, last, _ = job
+        history_list: list = history
+        valid = (history_list is self._w_hist and self._w_n <= n - 1
+                 and (self._w_n == 0 or history_list[self._w_n - 1] is self._w_last))
         if not valid:
-            self._w_hist, self._w_n, self._w_last, self._w_prefix = history, 0, None, 0
+            self._w_hist, self._w_n, self._w_last, self._w_prefix = history_list, 0, None, 0
             self._w_steps = 0
         while self._w_n < n - 1:
             segment = history[self._w_n]
@@ -593,16 +594,16 @@ class RdpAccounting(Accounting):
             self._rdp.submit(history, steps)
 
     def _exact_arrived(self, job: tuple, value: float) -> None:
-        listener = None
+        listener, exact = None, None
         with self._lock:
             latest, seen = self.latest, self._seen
             if (latest is not None and not latest.exact and seen is not None
                     and seen[0] is job[0] and seen[1:] == job[1:] and latest.step == job[3]):
-                self.latest = latest = Epsilon(value, job[3], True)
+                self.latest = exact = Epsilon(value, job[3], True)
                 listener = self.listener
-        if listener is not None:
+        if listener is not None and exact is not None:
             try:
-                listener(latest)
+                listener(exact)
             except Exception:
                 logger.exception("Publishing a background epsilon failed")
 
