@@ -258,6 +258,8 @@ class _RdpMath:
             return 0 + vec * steps, steps
         self._sync_prefix(history)
         sigma, q, steps = history[-1]
+        if len(history) > 1 and history[-2][0] != sigma:
+            self._down = sigma < history[-2][0]  # where the schedule moves sigma
         if extra is not None and extra[2] > 0:
             if (extra[0], extra[1]) == (sigma, q):
                 steps = steps + extra[2]
@@ -314,9 +316,6 @@ class _RdpMath:
 
     def _request(self, sigma: float, q: float) -> None:
         """Ask the worker for grid points around (sigma, q), ahead of where sigma moves."""
-        want = self._want
-        if want is not None and want[1] == q and sigma != want[0]:
-            self._down = sigma < want[0]
         self._want = (sigma, q)
         self._wake()
 
