@@ -552,6 +552,11 @@ class Accounting:
         """Wait (bounded) until :attr:`latest` is exact for the last accounted step."""
         return True
 
+    def _settled(self) -> bool:
+        """Whether :attr:`latest` is exact for the last accounted step (or none was accounted)."""
+        latest = self.latest
+        return latest is None or (latest.exact and latest.step == self.steps)
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop background work, if any."""
 
@@ -608,16 +613,14 @@ class RdpAccounting(Accounting):
 
     def settle(self, timeout: float = 10.0) -> bool:
         """Wait (bounded) until :attr:`latest` is exact for the last accounted step."""
-        latest = self.latest
-        if latest is None or (latest.exact and latest.step == self.steps):
+        if self._settled():
             return True
         deadline = time.monotonic() + timeout
         rdp = self._rdp
         rdp.urgent = True
         try:
             while True:
-                latest = self.latest
-                if latest is not None and latest.exact and latest.step == self.steps:
+                if self._settled():
                     return True
                 left = deadline - time.monotonic()
                 if left <= 0 or rdp._stopping:
@@ -864,8 +867,7 @@ class BackgroundAccounting(Accounting):
 
     def settle(self, timeout: float = 10.0) -> bool:
         """Wait (bounded) until :attr:`latest` is exact for the last accounted step."""
-        latest = self.latest
-        if latest is None or (latest.exact and latest.step == self.steps):
+        if self._settled():
             return True
         deadline = time.monotonic() + timeout
         with self._cv:
@@ -876,8 +878,7 @@ class BackgroundAccounting(Accounting):
             self._cv.notify_all()
             try:
                 while True:
-                    latest = self.latest
-                    if latest is not None and latest.exact and latest.step == self.steps:
+                    if self._settled():
                         return True
                     left = deadline - time.monotonic()
                     if (left <= 0 or self._thread is None or not self._thread.is_alive()
