@@ -56,6 +56,23 @@ class DPModel(pl.LightningModule):
         return optimizer
 
 
+class ScheduledModel(DPModel):
+    """Decays sigma every batch with Opacus' ExponentialNoise, as a noise schedule does."""
+
+    def __init__(self, gamma: float = 0.999, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gamma = gamma
+
+    def configure_optimizers(self):
+        from opacus.schedulers import ExponentialNoise
+        optimizer = super().configure_optimizers()
+        self.scheduler = ExponentialNoise(optimizer, gamma=self.gamma)
+        return optimizer
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.scheduler.step()
+
+
 class PlainModel(pl.LightningModule):
     """No Opacus anywhere: what a user has before adding the callback."""
 

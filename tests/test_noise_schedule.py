@@ -15,7 +15,7 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
-from dp_models import DPModel, fit
+from dp_models import ScheduledModel, fit
 from privacy_callbacks import PrivacyMonitor
 from privacy_callbacks.exporters.base import Exporter
 from privacy_callbacks.security import advantage_from_rdp
@@ -34,17 +34,6 @@ class Recorder(Exporter):
         if snapshot.epsilon is not None:
             self.seen.append((snapshot.epsilon, snapshot.epsilon_step, snapshot.epsilon_exact,
                               snapshot.membership_inference_risk))
-
-
-class Decaying(DPModel):
-    def configure_optimizers(self):
-        from opacus.schedulers import ExponentialNoise
-        optimizer = super().configure_optimizers()
-        self.scheduler = ExponentialNoise(optimizer, gamma=0.999)
-        return optimizer
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.scheduler.step()
 
 
 @pytest.fixture
@@ -80,7 +69,7 @@ def test_scheduler_epsilon_is_a_bound_every_step_and_exact_at_the_end(mechanism,
     recorder = Recorder()
     monitor = PrivacyMonitor(delta=1e-5, exporters=[recorder], session_id="t", mechanism=False)
     steps = STEPS if mechanism == "rdp" else 8  # PRV: Opacus takes seconds per segment count
-    model = Decaying(n=8 * steps, batch_size=8, accountant=mechanism)
+    model = ScheduledModel(n=8 * steps, batch_size=8, accountant=mechanism)
     fit(model, monitor, max_epochs=1)
     history = list(model.privacy_engine.accountant.history)
     assert len(history) == steps and all(n == 1 for _, _, n in history)  # a new sigma each step

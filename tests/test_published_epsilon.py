@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import pytest
 from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 
-from dp_models import DPModel, fit
+from dp_models import DPModel, ScheduledModel, fit
 from privacy_callbacks import PrivacyMonitor, PrometheusExporter
 from privacy_callbacks.exporters.base import Exporter
 
@@ -100,27 +100,10 @@ def test_every_published_epsilon_is_at_least_opacus_and_the_final_is_exact(mecha
         in caplog.text
 
 
-class ScheduledModel(DPModel):
-    """Decays sigma every batch with Opacus' ExponentialNoise, as a noise schedule does."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.history_seen: list[list] = []
-
-    def configure_optimizers(self):
-        from opacus.schedulers import ExponentialNoise
-        optimizer = super().configure_optimizers()
-        self.scheduler = ExponentialNoise(optimizer, gamma=0.99)
-        return optimizer
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.scheduler.step()
-
-
 def test_noise_schedule_epsilon_equals_opacus_with_bounded_memory():
     recorder = Recorder()
     monitor = PrivacyMonitor(delta=1e-5, exporters=[recorder], session_id="t", mechanism=False)
-    model = ScheduledModel(n=800, batch_size=8)
+    model = ScheduledModel(gamma=0.99, n=800, batch_size=8)
     fit(model, monitor, max_epochs=1)
     history = model.privacy_engine.accountant.history
     assert len(history) == 100  # a new sigma every step
@@ -134,7 +117,7 @@ def test_gdp_refuses_a_changing_sigma_and_nothing_published_drops():
     """Opacus' GaussianAccountant raises on a new sigma (and drops its history while at it)."""
     recorder = Recorder()
     monitor = PrivacyMonitor(delta=1e-5, exporters=[recorder], session_id="t", mechanism=False)
-    model = ScheduledModel(accountant="gdp")
+    model = ScheduledModel(gamma=0.99, accountant="gdp")
     with pytest.raises(ValueError, match="constant in GaussianAccountant"):
         fit(model, monitor, max_epochs=1)
     assert recorder.seen
