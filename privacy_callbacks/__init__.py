@@ -14,9 +14,13 @@ from .pii import PIIFilter as PIIFilter, protect_loggers
 if TYPE_CHECKING:  # `X as X`: an explicit re-export, for type checkers and linters
     from .audit import AuditTrail as AuditTrail
     from .compliance import DPPolicy as DPPolicy
+    from .compliance_audit import ComplianceAudit as ComplianceAudit
     from .exporters.base import Exporter as Exporter, RunInfo as RunInfo
     from .exporters.influxdb import InfluxDBExporter as InfluxDBExporter
     from .exporters.prometheus import PrometheusExporter as PrometheusExporter
+    from .guard import BudgetGuard as BudgetGuard
+    from .ledger import PrivacyLedger as PrivacyLedger
+    from .metrics import PrivacyMetrics as PrivacyMetrics
     from .monitor import PrivacyMonitor as PrivacyMonitor
     from .privacy_audit import OneRunAudit as OneRunAudit
     from .security import MembershipInferenceProbe as MembershipInferenceProbe
@@ -26,12 +30,16 @@ if TYPE_CHECKING:  # `X as X`: an explicit re-export, for type checkers and lint
 # Public name -> the module that defines it.
 _LAZY = {
     "AuditTrail": ".audit",
+    "BudgetGuard": ".guard",
+    "ComplianceAudit": ".compliance_audit",
     "DPPolicy": ".compliance",
     "DifferentialPrivacy": ".wiring",
     "Exporter": ".exporters.base",
     "InfluxDBExporter": ".exporters.influxdb",
     "MembershipInferenceProbe": ".security",
     "OneRunAudit": ".privacy_audit",
+    "PrivacyLedger": ".ledger",
+    "PrivacyMetrics": ".metrics",
     "PrivacyMonitor": ".monitor",
     "PrivacySnapshot": ".snapshot",
     "PrometheusExporter": ".exporters.prometheus",

@@ -268,13 +268,15 @@ class OneRunAudit(Callback):
     # -- lifecycle ---------------------------------------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from .monitor import PrivacyMonitor  # the monitor imports this module's siblings
+        from .metrics import PrivacyMetrics  # it imports this module's siblings
+        from .monitor import PrivacyMonitor
 
         # Lightning's connectors set Trainer.callbacks; the class does not declare it.
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
-        self._monitor = next((cb for cb in callbacks if isinstance(cb, PrivacyMonitor)), None)
+        self._monitor = next((cb for cb in callbacks
+                              if isinstance(cb, (PrivacyMonitor, PrivacyMetrics))), None)
         if self._monitor is None:
-            raise ValueError("OneRunAudit needs a PrivacyMonitor in the same Trainer: it compares "
+            raise ValueError("OneRunAudit needs a PrivacyMonitor (or PrivacyMetrics) in the same Trainer: it compares "
                              "its bound with the monitor's epsilon and exports through it. Add "
                              "PrivacyMonitor(delta=...) to callbacks.")
         accounting = self._monitor.accounting

@@ -210,7 +210,7 @@ def test_a_fit_writes_config_thresholds_and_end_and_a_second_fit_continues_the_c
 def test_custom_event_hook_and_unwritable_trail_never_raise(tmp_path, caplog):
     missing_dir = tmp_path / "gone" / "audit.jsonl"
     monitor = PrivacyMonitor(delta=1e-5, audit=missing_dir, session_id="x")
-    monitor._exporting = True
+    monitor.compliance._exporting = True  # as on global rank 0 during a fit
     monitor.audit_event("guard_stop", step=3)
     monitor.audit_event("guard_stop", step=4)
     failures = [r for r in caplog.records if "audit trail" in r.getMessage()]

@@ -1,0 +1,287 @@
+"""BudgetGuard: stop training before a step would take epsilon past the target."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from . import probe
+from .ledger import PrivacyLedger
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BudgetGuard", "check_target"]
+
+
+def check_target(target_epsilon: Any, name: str = "target_epsilon") -> float | None:
+    """``target_epsilon`` as a float, or a clear error naming the value."""
+    if target_epsilon is None:
+        return None
+    if (isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float))
+            or not 0 < target_epsilon < math.inf):
+        raise ValueError(f"Unexpected value for {name}: {target_epsilon!r}; use a "
+                         "positive finite number, or None for no budget")
+    return float(target_epsilon)
+
+
+def check_delta(delta: Any) -> float:
+    """``delta`` as a float, or a clear error naming the value."""
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+        raise ValueError(f"Unexpected value for delta: {delta!r}; use a number in (0, 1), "
+                         "typically below 1/(training set size), e.g. 1e-5")
+    return float(delta)
+
+
+class BudgetGuard(Callback):
+    """Stops the fit before any optimizer step that would take epsilon past ``target_epsilon``.
+
+    Modelled on Lightning's ``EarlyStopping``, with the accountant as the monitored quantity.
+    After each optimizer step it computes epsilon for one more step at the noise multiplier and
+    sample rate Opacus will account next, and sets ``trainer.should_stop`` if that step would
+    pass the target. Right before each optimizer step it checks the exact step Opacus is about
+    to account (a noise scheduler, a partial accumulation at an epoch's end or ``min_steps``
+    can change it) and skips that step -- its batch is dropped, never released -- if it would
+    pass. Epsilon after the fit is at most the target. For PRV and GDP accountants the checks
+    use the upper bounds of :mod:`privacy_callbacks.accounting`: it may stop a little early,
+    never late. Under DDP every rank decides from the same inputs (checked once at the start),
+    so every rank stops on the same step with no per-step collective.
+
+    Args:
+        target_epsilon: The epsilon budget.
+        delta: The delta epsilon is computed for, in (0, 1).
+        accountant: The Opacus accountant or ``PrivacyEngine``; found on the LightningModule or
+            a callback by default.
+        allow_privacy_reset: Accept resuming from a checkpoint without privacy state (see
+            :class:`~privacy_callbacks.PrivacyMonitor`).
+        stop: ``False`` only reports: the budget metrics show exhaustion, the fit goes on.
+
+    Attributes:
+        stopped: Whether the guard stopped (or is stopping) the fit.
+    """
+
+    def __init__(self, target_epsilon: float, delta: float, *, accountant: Any = None,
+                 allow_privacy_reset: bool = False, stop: bool = True) -> None:
+        target = check_target(target_epsilon)
+        if target is None:
+            raise ValueError("Unexpected value for target_epsilon: None; BudgetGuard needs a "
+                             "positive finite budget")
+        self.target_epsilon = target
+        self.delta = check_delta(delta)
+        if accountant is not None:
+            probe.find_accountant(None, None, accountant)  # raises, naming the value
+        for name, value in (("allow_privacy_reset", allow_privacy_reset), ("stop", stop)):
+            if not isinstance(value, bool):
+                raise ValueError(f"Unexpected value for {name}: {value!r}; use True or False")
+        self.stop = stop
+        self.accountant = accountant
+        self.allow_privacy_reset = allow_privacy_reset
+        self.stopped = False
+        self.ledger: PrivacyLedger | None = None
+        self._optimizers: list[Any] = []
+        self._planned_steps: int | None = None
+        self._accumulate = 1
+        self._last_step = -1
+        # (sigma, q, accountant state) for which one more step is known to stay within the target.
+        self._cleared: tuple[Any, ...] | None = None
+        # Optimizers whose last step the guard skipped: what it accumulated is dropped after it.
+        self._skipped: list[Any] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(target_epsilon=self.target_epsilon, delta=self.delta)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.ledger = PrivacyLedger.attach(trainer, pl_module, self.delta, self.accountant)
+        self._optimizers = self.ledger.optimizers
+        self._accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
+        planned = trainer.estimated_stepping_batches
+        self._planned_steps = int(planned) if math.isfinite(planned) else None
+        self._last_step = trainer.global_step
+        self.stopped = False
+        self._cleared = None
+        self._skipped = []
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        PrivacyLedger.note_checkpoint(trainer, checkpoint)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.ledger is not None
+        self.ledger.restore(trainer, self.allow_privacy_reset, self.target_epsilon)
+        self._agree_across_ranks(trainer)
+        self._last_step = trainer.global_step
+        self._check_plan(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        # The accountant history too: a fit resumed with this guard alone still counts it.
+        state = self.ledger.state() if self.ledger is not None else {}
+        return {**state, "target_epsilon": self.target_epsilon}
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._drop_skipped()
+        if self.ledger is not None:
+            ledger, self.ledger = self.ledger, None
+            ledger.release()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        # Lightning skips the teardown hook when a fit raises.
+        self.teardown(trainer, pl_module, "fit")
+
+    def _agree_across_ranks(self, trainer: pl.Trainer) -> None:
+        """Check once, before any step, that every rank guards the same budget.
+
+        The guard then decides on each rank from identical inputs (the same settings and,
+        under Opacus' distributed optimizer, the same accountant history, sigma and q), so every
+        rank stops on the same step without a collective -- and without the host-device
+        synchronisation a per-step all-reduce would cost on GPUs.
+        """
+        ledger = self.ledger
+        if trainer.world_size <= 1 or ledger is None:
+            return
+        accounting = ledger.accounting
+        mine = (self.target_epsilon, self.delta, self.stop, accounting.steps,
+                len(accounting.accountant.history))
+        first = trainer.strategy.broadcast(mine, src=0)
+        if not trainer.strategy.reduce_boolean_decision(mine == first, all=True):
+            raise ValueError(
+                f"The budget guard (BudgetGuard, PrivacyMonitor) differs across ranks: rank "
+                f"{trainer.global_rank} has "
+                f"(target_epsilon, delta, stop_at_target, steps accounted, history segments) = "
+                f"{mine}, rank 0 has {first} (or another rank differs). Give every rank the same "
+                "target_epsilon, delta and stop_at_target, and the same privacy state to resume "
+                "from.")
+
+    # -- the checks --------------------------------------------------------------------------
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._drop_skipped()
+        ledger, step = self.ledger, trainer.global_step
+        if ledger is None or step == self._last_step:
+            return  # no optimizer step in this batch (gradient accumulation)
+        self._last_step = step
+        ledger.advance(step)
+        if self.stopped:
+            return
+        history = ledger.accounting.accountant.history
+        if not history:
+            return
+        sigma = float(self._optimizers[0].noise_multiplier)
+        q = float(history[-1][1])
+        # After a step: stop now if one more step at (sigma, q) would pass the target.
+        if ledger.accounting.exhaustion_steps(self.target_epsilon, sigma, q) == 0:
+            if not self.stop:
+                self.stopped = ledger.exhausted = True  # reported only
+                return
+            self._stop(trainer, step, sigma, q, skipped=False)
+        else:
+            self._cleared = self._cleared_key(sigma, q)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Any) -> None:
+        # The check after the last step used the sigma and q of that moment; a noise scheduler,
+        # a partial accumulation at the end of an epoch or a fit that must go on (min_epochs)
+        # can change what this step accounts. Re-check the exact step Opacus is about to account
+        # (microseconds, and only when sigma or q differ) and skip it if it would pass.
+        ledger = self.ledger
+        if ledger is None or not self.stop or optimizer not in self._optimizers:
+            return
+        sigma = float(optimizer.noise_multiplier)
+        q = probe.accounted_sample_rate(optimizer)
+        if q is None:
+            # What this step will be charged cannot be known, so it cannot be checked.
+            self._skip(trainer, optimizer, sigma, None)
+            return
+        key = self._cleared_key(sigma, q)
+        if key == self._cleared:
+            return
+        if ledger.accounting.epsilon_after(1, sigma, q) <= self.target_epsilon:
+            self._cleared = key
+            return
+        self._skip(trainer, optimizer, sigma, q)
+
+    def _cleared_key(self, sigma: float, q: float) -> tuple[Any, ...]:
+        """What a cleared check holds for: the step's (sigma, q) after exactly this history."""
+        assert self.ledger is not None
+        history = self.ledger.accounting.accountant.history
+        return sigma, q, len(history), tuple(history[-1]) if history else None
+
+    def _skip(self, trainer: pl.Trainer, optimizer: Any, sigma: float, q: float | None) -> None:
+        probe.skip_next_step(optimizer)
+        if optimizer not in self._skipped:
+            self._skipped.append(optimizer)
+        self._stop(trainer, trainer.global_step, sigma, q, skipped=True)
+
+    def _drop_skipped(self) -> None:
+        # Right after the skipped step, before any later batch accumulates: Opacus keeps the
+        # skipped batch's clipped sum for the next step, which would release it uncounted.
+        skipped, self._skipped = self._skipped, []
+        for optimizer in skipped:
+            probe.discard_skipped_step(optimizer)
+
+    def _stop(self, trainer: pl.Trainer, step: int, sigma: float, q: float | None,
+              *, skipped: bool) -> None:
+        already = self.stopped
+        trainer.should_stop = True
+        self.stopped = True
+        self._cleared = None
+        ledger = self.ledger
+        assert ledger is not None
+        ledger.exhausted = True
+        if already or not trainer.is_global_zero:
+            return
+        accounting = ledger.accounting
+        eps = accounting.epsilon_after(0, sigma, q) if q is not None else accounting.epsilon
+        nxt = accounting.epsilon_after(1, sigma, q) if q is not None else math.inf
+        bound = "" if accounting.mechanism == "rdp" else " (RDP bound)"
+        if q is None:
+            logger.warning(
+                "Privacy budget guard: stopping training at trainer step %d (%d steps accounted), "
+                "the step about to run was skipped: the sample rate it would be accounted at "
+                "cannot be read from the DP optimizer's accountant hook, so it cannot be checked "
+                "against target_epsilon=%g. %s", step, accounting.steps, self.target_epsilon,
+                probe.HOW_TO_WIRE)
+        else:
+            logger.warning(
+                "Privacy budget guard: stopping training at trainer step %d (%d steps accounted)"
+                "%s: epsilon=%.4g%s at delta=%g; one more step (noise_multiplier=%g, "
+                "sample_rate=%g) would reach %.4g, past target_epsilon=%g.", step,
+                accounting.steps, ", the step about to run was skipped" if skipped else "", eps,
+                bound, self.delta, sigma, q, nxt, self.target_epsilon)
+        ledger.audit("budget_guard_stop", step=step, epsilon=eps, next_epsilon=nxt,
+                     target_epsilon=self.target_epsilon, skipped=skipped)
+
+    def _check_plan(self, trainer: pl.Trainer) -> None:
+        """Warn once if the planned training would pass the target."""
+        ledger = self.ledger
+        if ledger is None or self._planned_steps is None:
+            return
+        accounting, target = ledger.accounting, self.target_epsilon
+        opt = self._optimizers[0]
+        history = accounting.accountant.history
+        q = float(history[-1][1]) if history else probe.accounted_sample_rate(
+            opt, self._accumulate)
+        if q is None:
+            return
+        sigma = float(opt.noise_multiplier)
+        left = max(0, self._planned_steps - trainer.global_step)
+        forecast = accounting.epsilon_after(left, sigma, q)
+        if forecast <= target or not trainer.is_global_zero:
+            return
+        fit = accounting.steps_until(target, sigma, q)
+        then = ("the budget guard will stop training there" if self.stop
+                else "training will go on past the target (stop_at_target=False)")
+        logger.warning(
+            "The planned training (%d more optimizer steps at noise_multiplier=%g, "
+            "sample_rate=%g) would reach epsilon=%.4g at delta=%g, past target_epsilon=%g: only "
+            "%s more steps fit in the budget; %s.", left, sigma, q, forecast, self.delta, target,
+            fit, then)
