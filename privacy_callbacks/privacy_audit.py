@@ -276,8 +276,9 @@ class OneRunAudit(Callback):
         self._monitor = next((cb for cb in callbacks
                               if isinstance(cb, (PrivacyMonitor, PrivacyMetrics))), None)
         if self._monitor is None:
-            raise ValueError("OneRunAudit needs a PrivacyMonitor (or PrivacyMetrics) in the same Trainer: it compares "
-                             "its bound with the monitor's epsilon and exports through it. Add "
+            raise ValueError("OneRunAudit needs a PrivacyMonitor (or PrivacyMetrics) in the same "
+                             "Trainer: it compares its bound with the monitor's epsilon and "
+                             "exports through it. Add "
                              "PrivacyMonitor(delta=...) to callbacks.")
         accounting = self._monitor.accounting
         if trainer.global_step or accounting is None or accounting.steps:
