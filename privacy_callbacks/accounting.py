@@ -66,6 +66,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["Accounting", "BackgroundAccounting", "Epsilon", "RdpAccounting", "make_accounting"]
 
 Segment = tuple[float, float, int]
+# A history as it was at one step: (the history list, its segments then, its last segment then).
+View = tuple[list, int, "Segment | None"]
 
 # Exact RDP vectors kept per accounting (151 orders: 1.2 kB each).
 _VECTORS = 64
@@ -92,6 +94,21 @@ def _cell(sigma: float) -> int:
     while math.exp((k + 1) * _GRID) <= sigma:
         k += 1
     return k
+
+
+class _Prefix:
+    """The running sum of a history's finished segments, for one caller (:meth:`_RdpMath.total`)."""
+
+    __slots__ = ("hist", "n", "last", "rdp", "steps", "exact", "rebased")
+
+    def __init__(self) -> None:
+        self.hist: list | None = None
+        self.n = 0
+        self.last: Segment | None = None
+        self.rdp: np.ndarray | int = 0
+        self.steps = 0
+        self.exact = True
+        self.rebased: tuple | None = None
 
 
 class _RdpMath:
@@ -128,14 +145,11 @@ class _RdpMath:
         self._sync_left = _SYNC
         self.fallbacks = 0  # closed-form vectors used: no grid point bounded the step yet
         self.exact = True  # whether the last total() used exact vectors only
-        # Sum of all history segments but the last one, kept between calls.
-        self._hist: list | None = None
-        self._n_prefix = 0
-        self._prefix_last: Segment | None = None
-        self._prefix: np.ndarray | int = 0
-        self._prefix_steps = 0
-        self._prefix_exact = True
-        self._rebased: tuple | None = None
+        # Sum of all history segments but the last one, kept between calls: one for the live
+        # history, one for views of earlier steps (published from the publisher thread), so
+        # neither undoes the other's sum.
+        self._live = _Prefix()
+        self._views = _Prefix()
         # Background worker.
         self.track_exact = track_exact
         self.on_exact: Callable[[tuple, float], None] | None = None
@@ -217,62 +231,69 @@ class _RdpMath:
 
     # -- composition ---------------------------------------------------------------------------
 
-    def _sync_prefix(self, history: list) -> None:
-        n_prefix = len(history) - 1
+    def _sync_prefix(self, history: list, n_prefix: int, st: _Prefix) -> None:
         valid = (
-            history is self._hist
-            and self._n_prefix <= n_prefix
-            and (self._n_prefix == 0 or history[self._n_prefix - 1] is self._prefix_last)
+            history is st.hist
+            and st.n <= n_prefix
+            and (st.n == 0 or history[st.n - 1] is st.last)
         )
         if not valid:
-            self._hist, self._n_prefix, self._prefix, self._prefix_steps = history, 0, 0, 0
-            self._prefix_last, self._prefix_exact = None, True
+            st.hist, st.n, st.rdp, st.steps, st.last, st.exact = history, 0, 0, 0, None, True
         pub = self._pub
-        if (pub is not None and pub is not self._rebased and not self._prefix_exact
+        if (pub is not None and pub is not st.rebased and not st.exact
                 and pub[0] is history
-                and self._n_prefix >= pub[1] > 0 and n_prefix - pub[1] <= _REBASE
+                and st.n >= pub[1] > 0 and n_prefix - pub[1] <= _REBASE
                 and history[pub[1] - 1] is pub[2]):
             # The worker's exact sum of the first segments replaces their bounds.
-            self._n_prefix, self._prefix_last, self._prefix = pub[1], pub[2], pub[3]
-            self._prefix_steps, self._prefix_exact, self._rebased = pub[4], True, pub
-        for i in range(self._n_prefix, n_prefix):
+            st.n, st.last, st.rdp, st.steps, st.exact, st.rebased = (
+                pub[1], pub[2], pub[3], pub[4], True, pub)
+        for i in range(st.n, n_prefix):
             sigma, q, steps = history[i]
             vec, exact = self.lookup(sigma, q)
-            self._prefix = self._prefix + vec * steps
-            self._prefix_steps += steps
-            self._prefix_exact = self._prefix_exact and exact
-            self._prefix_last = history[i]
-        self._n_prefix = n_prefix
+            st.rdp = st.rdp + vec * steps
+            st.steps += steps
+            st.exact = st.exact and exact
+            st.last = history[i]
+        st.n = n_prefix
 
-    def total(self, history: list, extra: Segment | None = None) -> tuple[np.ndarray | int, int]:
+    def total(self, history: list, extra: Segment | None = None,
+              view: tuple[int, Segment | None] | None = None) -> tuple[np.ndarray | int, int]:
         """RDP of ``history`` (plus ``extra`` steps, merged as Opacus would), and its step count.
 
-        Never below the exact value at any order; :attr:`exact` says whether it is exact.
+        ``view`` is ``(n, last)``: the history as it was when it had ``n`` segments, the last
+        one ``last`` (Opacus only appends segments or replaces the last one, so the first
+        ``n - 1`` are unchanged). Never below the exact value at any order; :attr:`exact`
+        says whether it is exact.
         """
-        if not history:
+        if view is None:
+            n, st = len(history), self._live
+            last = history[-1] if n else None
+        else:
+            (n, last), st = view, self._views
+        if not n or last is None:
             if extra is None or extra[2] == 0:
                 self.exact = True
                 return 0, 0
             sigma, q, steps = extra
             vec, self.exact = self.lookup(sigma, q)
             return 0 + vec * steps, steps
-        self._sync_prefix(history)
-        sigma, q, steps = history[-1]
-        if len(history) > 1 and history[-2][0] != sigma:
-            self._down = sigma < history[-2][0]  # where the schedule moves sigma
+        self._sync_prefix(history, n - 1, st)
+        sigma, q, steps = last
+        if n > 1 and history[n - 2][0] != sigma:
+            self._down = sigma < history[n - 2][0]  # where the schedule moves sigma
         if extra is not None and extra[2] > 0:
             if (extra[0], extra[1]) == (sigma, q):
                 steps = steps + extra[2]
             else:
                 vec, exact = self.lookup(sigma, q)
-                rdp = self._prefix + vec * steps
+                rdp = st.rdp + vec * steps
                 vec2, exact2 = self.lookup(extra[0], extra[1])
                 rdp = rdp + vec2 * extra[2]
-                self.exact = self._prefix_exact and exact and exact2
-                return rdp, self._prefix_steps + steps + extra[2]
+                self.exact = st.exact and exact and exact2
+                return rdp, st.steps + steps + extra[2]
         vec, exact = self.lookup(sigma, q)
-        self.exact = self._prefix_exact and exact
-        return self._prefix + vec * steps, self._prefix_steps + steps
+        self.exact = st.exact and exact
+        return st.rdp + vec * steps, st.steps + steps
 
     def epsilon(self, rdp: np.ndarray | int) -> float:
         if isinstance(rdp, int):
@@ -319,9 +340,10 @@ class _RdpMath:
         self._want = (sigma, q)
         self._wake()
 
-    def submit(self, history: list, steps: int) -> None:
-        """Ask the worker for the exact epsilon of ``history`` (``track_exact`` only)."""
-        self._job = (history, len(history), history[-1], steps)
+    def submit(self, history: list, steps: int, n: int, last: Segment) -> None:
+        """Ask the worker for the exact epsilon of the history's first ``n`` segments, the
+        last one ``last`` (``track_exact`` only)."""
+        self._job = (history, n, last, steps)
         self._wake()
 
     def _wake(self) -> None:
@@ -478,6 +500,15 @@ class Accounting:
         self._forecast_key: tuple | None = None
         self._forecast_value: float | None = None
         self._exhaustion: tuple | None = None
+        # One computation at a time: the training thread (budget guard, progress bar) and the
+        # publisher thread (each step's snapshot) share the RDP sums and caches.
+        self._calc = threading.RLock()
+
+    def view(self) -> View:
+        """The accountant's history as it is now, for :meth:`update` later (microseconds)."""
+        history = self.accountant.history
+        n = len(history)
+        return history, n, history[n - 1] if n else None
 
     @property
     def epsilon(self) -> float | None:
@@ -491,7 +522,13 @@ class Accounting:
         latest = self.latest
         return 0 if latest is None else latest.step
 
-    def update(self) -> None:
+    def update(self, view: View | None = None) -> Epsilon | None:
+        """Epsilon for ``view`` (a :meth:`view` taken earlier) or for the history now.
+
+        The value is never below the accountant's own for that history. :attr:`latest` (and
+        :attr:`steps`) move to it unless a later step is already there. ``None`` if computing
+        failed (counted in :attr:`errors`, never raised).
+        """
         raise NotImplementedError
 
     @property
@@ -502,8 +539,9 @@ class Accounting:
     def rdp_after(self, extra_steps: int, noise_multiplier: float,
                   sample_rate: float) -> np.ndarray | int:
         """RDP over :attr:`orders` after ``extra_steps`` more steps at (sigma, q); 0 if none."""
-        return self._rdp.total(self.accountant.history,
-                               (noise_multiplier, sample_rate, extra_steps))[0]
+        with self._calc:
+            return self._rdp.total(self.accountant.history,
+                                   (noise_multiplier, sample_rate, extra_steps))[0]
 
     def epsilon_after(self, extra_steps: int, noise_multiplier: float, sample_rate: float) -> float:
         """Epsilon after ``extra_steps`` more steps at (sigma, q): exact for RDP, else a bound.
@@ -511,15 +549,17 @@ class Accounting:
         For PRV and GDP this is the RDP bound described in the module docstring, never below
         the accountant's own value, so a guard using it stops early, never late.
         """
-        rdp, _ = self._rdp.total(self.accountant.history,
-                                 (noise_multiplier, sample_rate, extra_steps))
-        return self._rdp.epsilon(rdp) + self._margin
+        with self._calc:
+            rdp, _ = self._rdp.total(self.accountant.history,
+                                     (noise_multiplier, sample_rate, extra_steps))
+            return self._rdp.epsilon(rdp) + self._margin
 
     def steps_until(self, target: float, noise_multiplier: float,
                     sample_rate: float) -> int | None:
         """Further steps at (sigma, q) before :meth:`epsilon_after` would pass ``target``."""
-        return self._rdp.steps_until(self.accountant.history, target - self._margin,
-                                     noise_multiplier, sample_rate)
+        with self._calc:
+            return self._rdp.steps_until(self.accountant.history, target - self._margin,
+                                         noise_multiplier, sample_rate)
 
     def forecast(self, extra_steps: int, noise_multiplier: float,
                  sample_rate: float) -> float | None:
@@ -534,18 +574,25 @@ class Accounting:
 
     def exhaustion_steps(self, target: float, noise_multiplier: float,
                          sample_rate: float) -> int | None:
-        """Cached :meth:`steps_until`: each step at the same (sigma, q) takes exactly one off."""
-        key = (noise_multiplier, sample_rate, len(self.accountant.history), target)
+        """Cached :meth:`steps_until`: each step at the same (sigma, q) takes exactly one off.
+
+        Reads the live history only (no epsilon computed): a step at the last segment's
+        (sigma, q) adds one to its count, anything else starts a new segment.
+        """
+        history = self.accountant.history
+        n = len(history)
+        last = history[n - 1] if n else (0.0, 0.0, 0)
+        key = (noise_multiplier, sample_rate, n, last[0], last[1], target)
         cached = self._exhaustion
         if cached is not None and cached[0] == key:
             left = cached[2]
             if left is None:
                 return None
-            left -= self.steps - cached[1]
+            left -= last[2] - cached[1]
             if left >= 0:
                 return left
         left = self.steps_until(target, noise_multiplier, sample_rate)
-        self._exhaustion = (key, self.steps, left)
+        self._exhaustion = (key, last[2], left)
         return left
 
     def settle(self, timeout: float = 10.0) -> bool:
@@ -579,23 +626,29 @@ class RdpAccounting(Accounting):
         self._lock = threading.Lock()
         self._seen: tuple | None = None
 
-    def update(self) -> None:
-        history = self.accountant.history
+    def update(self, view: View | None = None) -> Epsilon | None:
+        history, n, last = self.view() if view is None else view
         try:
-            rdp, steps = self._rdp.total(history)
-            eps = self._rdp.epsilon(rdp)
-            exact = self._rdp.exact
+            with self._calc:
+                rdp, steps = self._rdp.total(history, view=(n, last))
+                eps = self._rdp.epsilon(rdp)
+                exact = self._rdp.exact
         except Exception:  # never raise into the training step
             self.errors += 1
             if self.errors == 1:
                 logger.exception("Computing epsilon failed; training continues")
-            return
+            return None
+        value = Epsilon(eps, steps, exact)
         with self._lock:
+            seen = self._seen
+            if seen is not None and seen[0] is history and seen[3] > steps:
+                return value  # a later step is already the latest
             self.steps = steps
-            self._seen = (history, len(history), history[-1] if history else None, steps)
-            self.latest = Epsilon(eps, steps, exact)
-        if not exact:
-            self._rdp.submit(history, steps)
+            self._seen = (history, n, last, steps)
+            self.latest = value
+        if not exact and last is not None:
+            self._rdp.submit(history, steps, n, last)
+        return value
 
     def _exact_arrived(self, job: tuple, value: float) -> None:
         listener, exact = None, None
@@ -674,6 +727,7 @@ class BackgroundAccounting(Accounting):
         self._cv = threading.Condition()
         self._job: tuple[tuple[Segment, ...], int, float] | None = None
         self._seen: tuple | None = None
+        self._seen_history: list | None = None
         self._known: collections.deque[tuple] = collections.deque(maxlen=_KEEP)
         self._stopping = False
         self._urgent = False
@@ -686,32 +740,43 @@ class BackgroundAccounting(Accounting):
         self._forecast: float | None = None
         self._thread: threading.Thread | None = None
 
-    def update(self) -> None:
-        history = self.accountant.history
+    def update(self, view: View | None = None) -> Epsilon | None:
+        history, n, last = self.view() if view is None else view
         try:
             if self._bounded:
-                rdp, steps = self._rdp.total(history)
-                bound = self._rdp.epsilon(rdp) + self._margin
+                with self._calc:
+                    rdp, steps = self._rdp.total(history, view=(n, last))
+                    bound = self._rdp.epsilon(rdp) + self._margin
             else:
-                steps, bound = sum(s for _, _, s in history), math.inf
-                if self._gdp and history:
-                    bound = self._gdp_bound(*history[-1])
+                steps, bound = sum(s for _, _, s in history[:n - 1]), math.inf
+                if last is not None:
+                    steps += last[2]
+                    if self._gdp:
+                        bound = self._gdp_bound(*last)
         except Exception:  # never raise into the training step
             self.errors += 1
             if self.errors == 1:
                 logger.exception("Computing the %s epsilon bound failed; training continues",
                                  self.mechanism)
-            return
-        self.steps = steps
-        if not history:
-            self.latest = Epsilon(0.0, 0, True)
-            return
-        sigma, q, k = history[-1]
-        seen = (_prefix_key(history), sigma, q, k, steps, bound)
+            return None
         with self._lock:
+            newest = not (self._seen_history is history and self.steps > steps)
+            if newest:
+                self.steps, self._seen_history = steps, history
+        if last is None:
+            value = Epsilon(0.0, 0, True)
+            if newest:
+                self.latest = value
+            return value
+        sigma, q, k = last
+        seen = ((n, history[n - 2] if n > 1 else None), sigma, q, k, steps, bound)
+        with self._lock:
+            value = self._best(seen)
+            if not newest:
+                return value  # a later step is already the latest
             self._seen = seen
-            self.latest = self._best(seen)
-        self._job = (tuple(history), steps, time.monotonic())
+            self.latest = value
+        self._job = (tuple(history[:n - 1]) + (last,), steps, time.monotonic())
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._run, name=f"privacy-accounting-{self.mechanism}", daemon=True)
@@ -719,6 +784,7 @@ class BackgroundAccounting(Accounting):
         elif self._idle:
             with self._cv:
                 self._cv.notify()
+        return value
 
     def _gdp_bound(self, sigma: float, q: float, steps: int) -> float:
         """An upper bound of Opacus' GDP epsilon: ``mu^2/2 + mu sqrt(2 ln(1/delta))``.
