@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from . import probe
+from .accounting import Epsilon
 from .audit import AuditTrail
 from .compliance import DPPolicy, check_start
 from .guard import check_delta, check_target
@@ -95,6 +96,7 @@ class ComplianceAudit(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.ledger = PrivacyLedger.attach(trainer, pl_module, self.delta, self.accountant)
         self.ledger.subscribe(self.event)
+        self.ledger.watch(self._observe)
         self._exporting = trainer.is_global_zero
         self._last_step = trainer.global_step
         self._stepped = False
@@ -142,10 +144,19 @@ class ComplianceAudit(Callback):
         if ledger is None or step == self._last_step or not self._exporting:
             return
         self._last_step, self._stepped = step, True
-        ledger.advance(step)
+        if ledger.reporter is None:
+            # No metrics callback computes each step's epsilon: compute it here.
+            latest = ledger.accounting.update()
+            if latest is not None:
+                self._observe(latest, step)
+
+    def _observe(self, latest: Epsilon, step: int) -> None:
+        """One step's epsilon: audit the thresholds and policy limits it crosses."""
+        ledger = self.ledger
+        if ledger is None or not self._exporting:
+            return
         accounting, oversight = ledger.accounting, self.oversight
-        latest = accounting.latest
-        if latest is not None and latest.value >= oversight.watch:
+        if latest.value >= oversight.watch:
             oversight.crossed(latest.value, step)
             ledger.violations = oversight.violations
         if accounting.errors and accounting.errors != oversight.errors_seen:

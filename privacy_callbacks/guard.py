@@ -169,16 +169,18 @@ class BudgetGuard(Callback):
         if ledger is None or step == self._last_step:
             return  # no optimizer step in this batch (gradient accumulation)
         self._last_step = step
-        ledger.advance(step)
-        if self.stopped:
-            return
         history = ledger.accounting.accountant.history
         if not history:
             return
         sigma = float(self._optimizers[0].noise_multiplier)
         q = float(history[-1][1])
-        # After a step: stop now if one more step at (sigma, q) would pass the target.
-        if ledger.accounting.exhaustion_steps(self.target_epsilon, sigma, q) == 0:
+        # After a step: stop now if one more step at (sigma, q) would pass the target. The
+        # count of steps left is cached: each step at the same (sigma, q) takes one off.
+        left = ledger.accounting.exhaustion_steps(self.target_epsilon, sigma, q)
+        ledger.exhaustion = left
+        if self.stopped:
+            return
+        if left == 0:
             if not self.stop:
                 self.stopped = ledger.exhausted = True  # reported only
                 return

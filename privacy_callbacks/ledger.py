@@ -16,7 +16,7 @@ from typing import Any, Callable
 import lightning.pytorch as pl
 
 from . import probe
-from .accounting import Accounting, make_accounting
+from .accounting import Accounting, Epsilon, make_accounting
 from .wiring import DifferentialPrivacy
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,16 @@ _CHECKPOINT_STATES = "_privacy_checkpoint_states"
 _STATE_OWNERS = ("PrivacyMonitor", "PrivacyMetrics", "BudgetGuard")
 
 AuditSink = Callable[..., None]
+Observer = Callable[[Epsilon, int], None]
+
+
+class _NotChecked:
+    def __repr__(self) -> str:
+        return "NOT_CHECKED"
+
+
+# PrivacyLedger.exhaustion before a budget guard checked the step.
+_NOT_CHECKED: Any = _NotChecked()
 
 
 class PrivacyLedger:
@@ -43,6 +53,8 @@ class PrivacyLedger:
         optimizers: The fit's Opacus ``DPOptimizer`` objects.
         accounting: Epsilon for the accountant and delta (one per ledger).
         exhausted: Set by a budget guard once one more step would pass its target.
+        exhaustion: The guard's steps left within the target after the last step (``None``:
+            unbounded), for the metrics; unset without a guard.
         violations: ``((policy, violation_type, count), ...)`` recorded by the compliance
             callback, for the metrics.
         reporter: The metrics callback, whose session and model name audit records carry.
@@ -62,11 +74,12 @@ class PrivacyLedger:
                            "no steps and epsilon stays 0. Use PrivacyEngine.make_private.")
         self.accounting: Accounting = make_accounting(found, delta)
         self.exhausted = False
+        self.exhaustion: Any = _NOT_CHECKED
+        self._observers: list[Observer] = []
         self.violations: tuple[tuple[str, str, int], ...] = ()
         self.reporter: Any = None
         self._sinks: list[AuditSink] = []
         self._users = 0
-        self._step: int | None = None
         self._restored = False
         self._key: tuple[Any, ...] = ()
         self._trainer_ledgers: dict[tuple[Any, ...], PrivacyLedger] | None = None
@@ -107,17 +120,14 @@ class PrivacyLedger:
 
     # -- per step ----------------------------------------------------------------------------
 
-    def advance(self, step: int) -> bool:
-        """Account the optimizer step that brought the trainer to ``step`` (once per step).
+    def watch(self, observer: Observer) -> None:
+        """Receive each step's epsilon and trainer step as the metrics callback computes it
+        (on its publisher thread); without a metrics callback nobody calls it."""
+        self._observers.append(observer)
 
-        Returns whether ``step`` was new: the first callback to see a step updates epsilon,
-        the others read the same :attr:`Accounting.latest`.
-        """
-        if step == self._step:
-            return False
-        self._step = step
-        self.accounting.update()
-        return True
+    def observe(self, epsilon: Epsilon, step: int) -> None:
+        for observer in self._observers:
+            observer(epsilon, step)
 
     # -- audit events ------------------------------------------------------------------------
 

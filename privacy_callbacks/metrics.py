@@ -16,10 +16,9 @@ from lightning.pytorch.callbacks import Callback
 
 from . import probe
 from .accounting import Epsilon
-from .device import DeviceStats
 from .exporters.base import Exporter, RunInfo
 from .guard import check_delta, check_target
-from .ledger import PrivacyLedger
+from .ledger import _NOT_CHECKED, PrivacyLedger
 from .pii import check_label, protect_loggers
 from .publisher import Publisher
 from .security import RiskBound, attack_results
@@ -320,6 +319,9 @@ class PrivacyMetrics(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
+        # The training thread only takes note of the step (a few attribute reads, one deque
+        # append); epsilon, the budget metrics and the snapshot are computed on the publisher
+        # thread, for the history exactly as it was at this step.
         # Under Poisson sampling the real batch size is private: count the expected one, unless
         # raw statistics were asked for.
         self._batches += 1
@@ -329,70 +331,83 @@ class PrivacyMetrics(Callback):
         if step == self._last_step or ledger is None:
             return  # no optimizer step in this batch (gradient accumulation)
         self._last_step = step
-        ledger.advance(step)
         stats = self._probe.step_end() if self._probe is not None else None
-        snapshot = self._snapshot(step, stats)
-        self.last_snapshot = snapshot
-        if self._publisher is not None:
-            self._publisher.publish(snapshot if self._exporting else _rank_only(snapshot))
-        every = max(1, trainer.log_every_n_steps)  # type: ignore[attr-defined]  # set by Lightning
-        if self.progress_bar and snapshot.epsilon is not None and (
-                batch_idx == 0 or step % every == 0):
-            # Namespaced: a module's own self.log("epsilon", ...) keeps its key.
-            pl_module.log("privacy/epsilon", torch.tensor(snapshot.epsilon), prog_bar=True,
-                          logger=False, on_step=True, on_epoch=False)
-        if trainer.loggers and self._exporting and step % every == 0:
-            self._log_to_loggers(trainer, snapshot)
-
-    def _snapshot(self, step: int, stats: DeviceStats | None = None) -> PrivacySnapshot:
-        opt = self._optimizers[0]
-        # Batches in this step's window: fewer than accumulate_grad_batches at an epoch's end.
-        batches, expected = self._batches, opt.expected_batch_size
-        samples = self._samples if self.raw_private_statistics else (
-            expected * batches if expected else None)
         now = time.perf_counter()
-        throughput = seconds = None
-        if self._t_last is not None and now > self._t_last:
-            seconds = now - self._t_last
-            throughput = None if samples is None else samples / seconds
+        t_last = self._t_last
+        seconds = now - t_last if t_last is not None and now > t_last else None
+        opt = self._optimizers[0]
+        record = (step, time.time_ns(), ledger.accounting.view(), float(opt.noise_multiplier),
+                  float(opt.max_grad_norm), self._batches, self._samples, seconds, stats,
+                  ledger.exhausted, ledger.exhaustion)
         self._t_last, self._samples, self._batches = now, 0, 0
+        if self._publisher is not None:
+            self._publisher.publish_later(self._build, record)
+        else:
+            self._build(record)
+        every = max(1, trainer.log_every_n_steps)  # type: ignore[attr-defined]  # set by Lightning
+        log_bar = self.progress_bar and (batch_idx == 0 or step % every == 0)
+        log_loggers = bool(trainer.loggers) and self._exporting and step % every == 0
+        if not (log_bar or log_loggers):
+            return
+        # The cadence's own value, computed now for the history now (a release labelled with
+        # this step must be this step's epsilon, not an earlier one's).
+        latest = ledger.accounting.update()
+        if latest is None:
+            return
+        if log_bar:
+            # Namespaced: a module's own self.log("epsilon", ...) keeps its key.
+            pl_module.log("privacy/epsilon", torch.tensor(latest.value), prog_bar=True,
+                          logger=False, on_step=True, on_epoch=False)
+        if log_loggers:
+            self._log_to_loggers(trainer, step, latest.value, record[3])
 
+    def _build(self, record: tuple) -> PrivacySnapshot:
+        """The snapshot of one step, from what the training thread noted (publisher thread)."""
+        (step, timestamp_ns, view, sigma, clip, batches, samples, seconds, stats,
+         guard_exhausted, guard_exhaustion) = record
+        opt = self._optimizers[0]
+        expected = opt.expected_batch_size
+        if not self.raw_private_statistics:
+            samples = expected * batches if expected else None
+        throughput = None if samples is None or seconds is None else samples / seconds
         ledger = self.ledger
         assert ledger is not None
         accounting = ledger.accounting
-        sigma = float(opt.noise_multiplier)
-        clip = float(opt.max_grad_norm)
-        history = accounting.accountant.history
-        q = float(history[-1][1]) if history else None
+        history, _, last = view
+        q = float(last[1]) if last is not None else None
         # The noise on the update the model receives: the gradient's share of sigma, once over
         # the global expected batch of every batch accumulated into the step.
-        noise_std = probe.gradient_noise_multiplier(opt) * clip
+        noise_std = probe.gradient_noise_multiplier(opt, sigma) * clip
         size = probe.global_expected_batch_size(opt)
         if getattr(opt, "loss_reduction", "mean") == "mean" and size:
             noise_std /= size * max(1, batches)
 
-        latest = accounting.latest  # one record: value, step and kind belong together
+        latest = accounting.update(view)  # one record: value, step and kind belong together
         eps = None if latest is None else latest.value
+        if latest is not None:
+            ledger.observe(latest, step)
         target = self.target_epsilon
         forecast = exhaustion = remaining = exhausted = None
         if q is not None:
             if self._planned_steps is not None:
                 forecast = accounting.forecast(max(0, self._planned_steps - step), sigma, q)
             if target is not None:
-                exhaustion = accounting.exhaustion_steps(target, sigma, q)
+                exhaustion = (guard_exhaustion if guard_exhaustion is not _NOT_CHECKED
+                              else accounting.exhaustion_steps(target, sigma, q))
         if target is not None:
             if eps is not None:
                 remaining = target - eps
             # A guard's decision, or (reporting only) one more step would pass the target.
-            self._exhausted = self._exhausted or ledger.exhausted or exhaustion == 0
+            self._exhausted = self._exhausted or guard_exhausted or exhaustion == 0
             exhausted = int(self._exhausted)
         assert self._risk is not None
         mia = self._mia
         scores, audit_bound = attack_results(self._attacks)
-        return PrivacySnapshot(
-            step=step, timestamp_ns=time.time_ns(), accountant=accounting.mechanism,
+        snapshot = PrivacySnapshot(
+            step=step, timestamp_ns=timestamp_ns, accountant=accounting.mechanism,
             delta=self.delta, epsilon=eps, epsilon_step=0 if latest is None else latest.step,
-            epsilon_exact=None if latest is None else int(latest.exact), steps=accounting.steps,
+            epsilon_exact=None if latest is None else int(latest.exact),
+            steps=accounting.steps if latest is None else latest.step,
             noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q,
             noise_std=noise_std, throughput=throughput, step_seconds=seconds,
             accounting_errors=accounting.errors,
@@ -406,18 +421,21 @@ class PrivacyMetrics(Callback):
             session_steps_offset=self._session_offsets[0],
             session_epsilon_offset=self._session_offsets[1],
             session_errors_offset=self._session_offsets[2])
+        self.last_snapshot = snapshot
+        return snapshot if self._exporting else _rank_only(snapshot)
 
     # -- loggers -----------------------------------------------------------------------------
 
-    def _log_to_loggers(self, trainer: pl.Trainer, snapshot: PrivacySnapshot) -> None:
-        metrics = {"privacy/epsilon": snapshot.epsilon,
-                   "privacy/noise_multiplier": snapshot.noise_multiplier}
-        if snapshot.budget_remaining is not None:
-            metrics["privacy/budget_remaining"] = snapshot.budget_remaining
+    def _log_to_loggers(self, trainer: pl.Trainer, step: int, epsilon: float | None,
+                        noise_multiplier: float | None) -> None:
+        metrics = {"privacy/epsilon": epsilon, "privacy/noise_multiplier": noise_multiplier}
+        target = self.target_epsilon
+        if target is not None and epsilon is not None:
+            metrics["privacy/budget_remaining"] = target - epsilon
         present = {k: v for k, v in metrics.items() if v is not None}
         for lg in trainer.loggers:
-            lg.log_metrics(present, step=snapshot.step)
-        self._logged_step = snapshot.step
+            lg.log_metrics(present, step=step)
+        self._logged_step = step
 
     def _log_final(self, trainer: pl.Trainer) -> None:
         """The values after the last step, unless the log cadence already logged them."""
@@ -429,11 +447,7 @@ class PrivacyMetrics(Callback):
         latest = accounting.latest
         if latest is None or not latest.exact or latest.step != accounting.steps:
             return  # no exact epsilon for the last step: log nothing rather than a bound
-        eps = latest.value
-        target = self.target_epsilon
-        remaining = None if target is None or eps is None else target - eps
-        self._log_to_loggers(trainer, dataclasses.replace(snap, epsilon=eps,
-                                                          budget_remaining=remaining))
+        self._log_to_loggers(trainer, snap.step, latest.value, snap.noise_multiplier)
 
     # -- end of the fit ----------------------------------------------------------------------
 
@@ -445,9 +459,7 @@ class PrivacyMetrics(Callback):
         # Training is over: what a module or callback reads from here on (its own epsilon, a
         # scrape) matches the accountant's exact value, not a background value for an earlier
         # step.
-        if (self._publisher is not None and self._exporting and self.accounting is not None
-                and self.last_snapshot is not None):
-            self.accounting.settle(timeout=10.0)
+        if self._publisher is not None and self._exporting and self.accounting is not None:
             self._publish_final()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -516,9 +528,12 @@ class PrivacyMetrics(Callback):
 
     def _publish_final(self, timeout: float = 10.0) -> None:
         """Export the exact final epsilon, and what arrived after the last step (an attack AUC)."""
+        if self._publisher is not None:
+            self._publisher.flush(timeout)  # every step noted so far is built: last_snapshot
         accounting, last = self.accounting, self.last_snapshot
         if accounting is None or last is None or not self._exporting:
             return
+        accounting.update()  # the history as it is now (the last step's, after training)
         accounting.settle(timeout=timeout)
         latest = accounting.latest
         mia = self._mia

@@ -202,9 +202,10 @@ def accounted_sample_rate(optimizer: DPOptimizer, accumulated: int | None = None
     return rate * accumulated
 
 
-def gradient_noise_multiplier(optimizer: DPOptimizer) -> float:
-    """The noise multiplier of the noise ``add_noise`` puts on the summed clipped gradients."""
-    sigma = float(optimizer.noise_multiplier)
+def gradient_noise_multiplier(optimizer: DPOptimizer, sigma: float | None = None) -> float:
+    """The noise multiplier of the noise ``add_noise`` puts on the summed clipped gradients
+    (``sigma``: the optimizer's noise multiplier at that step; now by default)."""
+    sigma = float(optimizer.noise_multiplier) if sigma is None else sigma
     if isinstance(optimizer, SplitNoise):
         return split_noise(sigma, optimizer.statistics_noise_multiplier)
     if isinstance(optimizer, AdaClipDPOptimizer):  # its add_noise leaves a share to its count

@@ -6,12 +6,15 @@ import collections
 import logging
 import threading
 import time
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from .exporters.base import Exporter
 from .snapshot import PrivacySnapshot
 
 logger = logging.getLogger(__name__)
+
+# A snapshot, or what to build one from on the publisher thread: (build, record).
+_Item = PrivacySnapshot | tuple[Callable[[Any], PrivacySnapshot], Any]
 
 __all__ = ["Publisher"]
 
@@ -21,6 +24,8 @@ class Publisher:
 
     The publisher thread is not woken per snapshot: it drains the queue every ``interval``
     seconds, so the training thread never pays a thread switch (or GIL hand-over) per step.
+    :meth:`publish_later` queues what a snapshot is built from, so the building (epsilon, the
+    budget metrics) happens here too, in one warm batch, not in the training step.
 
     When exporters fall behind by more than ``max_pending`` snapshots, the oldest are dropped and
     counted in :attr:`dropped` (exported as ``privacy_export_dropped_total{exporter="publisher"}``).
@@ -38,7 +43,7 @@ class Publisher:
         self.interval = interval
         self.exporters = tuple(exporters)
         self.dropped = 0
-        self._queue: collections.deque[PrivacySnapshot] = collections.deque()
+        self._queue: collections.deque[_Item] = collections.deque()
         self._max = max_pending
         self._wake = threading.Event()
         self._idle = threading.Condition()
@@ -52,6 +57,13 @@ class Publisher:
 
     def publish(self, snapshot: PrivacySnapshot) -> None:
         """Queue ``snapshot``; never blocks. Called on the training thread."""
+        self._put(snapshot)
+
+    def publish_later(self, build: Callable[[Any], PrivacySnapshot], record: Any) -> None:
+        """Queue ``build(record)``, called on the publisher thread; never blocks."""
+        self._put((build, record))
+
+    def _put(self, snapshot: _Item) -> None:
         queue = self._queue
         if len(queue) >= self._max:
             try:
@@ -69,10 +81,20 @@ class Publisher:
             self._wake.clear()
             while queue:
                 try:
-                    snapshot = queue.popleft()
+                    item = queue.popleft()
                 except IndexError:
                     break
-                self._deliver(snapshot)
+                snapshot: PrivacySnapshot | None
+                if isinstance(item, tuple):
+                    try:
+                        snapshot = item[0](item[1])
+                    except Exception:
+                        snapshot = None
+                        self._fail("building the snapshot")
+                else:
+                    snapshot = item
+                if snapshot is not None:
+                    self._deliver(snapshot)
                 with self._idle:
                     self._done += 1
                     self._idle.notify_all()
