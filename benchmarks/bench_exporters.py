@@ -49,13 +49,15 @@ class TimedMonitor(PrivacyMonitor):
         publisher = self._publisher
         if publisher is None:
             return
-        publish, times = publisher.publish, self.publish_ns
+        later, times = publisher.publish_later, self.publish_ns
 
-        def timed(snapshot: Any) -> None:
+        # The training thread hands each step over with publish_later (the snapshot is built
+        # on the publisher thread).
+        def timed(build: Any, record: Any) -> None:
             t0 = time.perf_counter_ns()
-            publish(snapshot)
+            later(build, record)
             times.append(time.perf_counter_ns() - t0)
-        publisher.publish = timed  # type: ignore[method-assign]
+        publisher.publish_later = timed  # type: ignore[method-assign]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -537,21 +537,31 @@ class Accounting:
         return self._rdp.orders
 
     def rdp_after(self, extra_steps: int, noise_multiplier: float,
-                  sample_rate: float) -> np.ndarray | int:
-        """RDP over :attr:`orders` after ``extra_steps`` more steps at (sigma, q); 0 if none."""
-        with self._calc:
-            return self._rdp.total(self.accountant.history,
-                                   (noise_multiplier, sample_rate, extra_steps))[0]
+                  sample_rate: float, view: View | None = None) -> np.ndarray | int:
+        """RDP over :attr:`orders` after ``extra_steps`` more steps at (sigma, q); 0 if none.
 
-    def epsilon_after(self, extra_steps: int, noise_multiplier: float, sample_rate: float) -> float:
-        """Epsilon after ``extra_steps`` more steps at (sigma, q): exact for RDP, else a bound.
-
-        For PRV and GDP this is the RDP bound described in the module docstring, never below
-        the accountant's own value, so a guard using it stops early, never late.
+        From the history now, or as it was in ``view`` (see :meth:`view`).
         """
         with self._calc:
-            rdp, _ = self._rdp.total(self.accountant.history,
-                                     (noise_multiplier, sample_rate, extra_steps))
+            return self._total(view, (noise_multiplier, sample_rate, extra_steps))[0]
+
+    def _total(self, view: View | None,
+               extra: Segment | None = None) -> tuple[np.ndarray | int, int]:
+        if view is None:
+            return self._rdp.total(self.accountant.history, extra)
+        history, n, last = view
+        return self._rdp.total(history, extra, view=(n, last))
+
+    def epsilon_after(self, extra_steps: int, noise_multiplier: float, sample_rate: float,
+                      view: View | None = None) -> float:
+        """Epsilon after ``extra_steps`` more steps at (sigma, q): exact for RDP, else a bound.
+
+        From the history now, or as it was in ``view``. For PRV and GDP this is the RDP bound
+        described in the module docstring, never below the accountant's own value, so a guard
+        using it stops early, never late.
+        """
+        with self._calc:
+            rdp, _ = self._total(view, (noise_multiplier, sample_rate, extra_steps))
             return self._rdp.epsilon(rdp) + self._margin
 
     def steps_until(self, target: float, noise_multiplier: float,
@@ -562,14 +572,17 @@ class Accounting:
                                          noise_multiplier, sample_rate)
 
     def forecast(self, extra_steps: int, noise_multiplier: float,
-                 sample_rate: float) -> float | None:
-        """Epsilon after ``extra_steps`` more steps at (sigma, q): the planned end of training."""
-        key = (noise_multiplier, sample_rate, len(self.accountant.history),
-               self.steps + extra_steps)
+                 sample_rate: float, view: View | None = None) -> float | None:
+        """Epsilon after ``extra_steps`` more steps at (sigma, q): the planned end of training
+        (from the history now, or as it was in ``view``)."""
+        history, n, last = self.view() if view is None else view
+        steps = 0 if last is None else last[2]
+        key = (noise_multiplier, sample_rate, n, steps + extra_steps)
         if key != self._forecast_key:
             # Constant while the same (sigma, q) is accounted towards the same planned end.
+            self._forecast_value = self.epsilon_after(extra_steps, noise_multiplier, sample_rate,
+                                                      (history, n, last))
             self._forecast_key = key
-            self._forecast_value = self.epsilon_after(extra_steps, noise_multiplier, sample_rate)
         return self._forecast_value
 
     def exhaustion_steps(self, target: float, noise_multiplier: float,
@@ -798,12 +811,14 @@ class BackgroundAccounting(Accounting):
         mu = math.sqrt(math.expm1(sigma ** -2)) * math.sqrt(steps) * q
         return mu * mu / 2.0 + mu * self._gdp_scale
 
-    def epsilon_after(self, extra_steps: int, noise_multiplier: float, sample_rate: float) -> float:
-        eps = super().epsilon_after(extra_steps, noise_multiplier, sample_rate)
+    def epsilon_after(self, extra_steps: int, noise_multiplier: float, sample_rate: float,
+                      view: View | None = None) -> float:
+        eps = super().epsilon_after(extra_steps, noise_multiplier, sample_rate, view)
         if not self._gdp:
             return eps
         # GDP's value can exceed the RDP bound (small sigma, large q): bound both.
-        steps = sum(s for _, _, s in self.accountant.history) + extra_steps
+        history, n, last = self.view() if view is None else view
+        steps = sum(s for _, _, s in history[:n - 1]) + (last[2] if last else 0) + extra_steps
         return max(eps, self._gdp_bound(noise_multiplier, sample_rate, steps))
 
     def steps_until(self, target: float, noise_multiplier: float,
@@ -837,7 +852,7 @@ class BackgroundAccounting(Accounting):
         return Epsilon(value, steps, False)
 
     def forecast(self, extra_steps: int, noise_multiplier: float,
-                 sample_rate: float) -> float | None:
+                 sample_rate: float, view: View | None = None) -> float | None:
         self._forecast_request = (extra_steps, noise_multiplier, sample_rate)
         return self._forecast
 

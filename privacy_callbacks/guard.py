@@ -242,6 +242,7 @@ class BudgetGuard(Callback):
         if already or not trainer.is_global_zero:
             return
         accounting = ledger.accounting
+        accounting.update()  # steps accounted now (the metrics compute them off this thread)
         eps = accounting.epsilon_after(0, sigma, q) if q is not None else accounting.epsilon
         nxt = accounting.epsilon_after(1, sigma, q) if q is not None else math.inf
         bound = "" if accounting.mechanism == "rdp" else " (RDP bound)"

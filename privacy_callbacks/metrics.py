@@ -145,7 +145,7 @@ class PrivacyMetrics(Callback):
             exporters=exporter_names)
 
         self.ledger: PrivacyLedger | None = None
-        self.last_snapshot: PrivacySnapshot | None = None
+        self._last_snapshot: PrivacySnapshot | None = None
         self._publisher: Publisher | None = None
         self._probe: probe.MechanismProbe | None = None
         self._risk: RiskBound | None = None
@@ -167,6 +167,22 @@ class PrivacyMetrics(Callback):
     @property
     def state_key(self) -> str:
         return self._state_key
+
+    @property
+    def last_snapshot(self) -> PrivacySnapshot | None:
+        """The snapshot of the last optimizer step (after the fit: with the exact final epsilon).
+
+        Snapshots are built on the publisher thread; read from another thread during a fit,
+        this first waits (bounded) until every step so far is built.
+        """
+        publisher = self._publisher
+        if publisher is not None and not publisher.on_thread():
+            publisher.flush(timeout=10.0)
+        return self._last_snapshot
+
+    @last_snapshot.setter
+    def last_snapshot(self, snapshot: PrivacySnapshot | None) -> None:
+        self._last_snapshot = snapshot
 
     @property
     def accounting(self) -> Any:
@@ -390,7 +406,8 @@ class PrivacyMetrics(Callback):
         forecast = exhaustion = remaining = exhausted = None
         if q is not None:
             if self._planned_steps is not None:
-                forecast = accounting.forecast(max(0, self._planned_steps - step), sigma, q)
+                forecast = accounting.forecast(max(0, self._planned_steps - step), sigma, q,
+                                               view)
             if target is not None:
                 exhaustion = (guard_exhaustion if guard_exhaustion is not _NOT_CHECKED
                               else accounting.exhaustion_steps(target, sigma, q))
@@ -413,7 +430,8 @@ class PrivacyMetrics(Callback):
             accounting_errors=accounting.errors,
             target_epsilon=target, budget_remaining=remaining, epsilon_forecast=forecast,
             budget_exhaustion_steps=exhaustion, budget_exhausted=exhausted, rank=self._rank,
-            membership_inference_risk=self._risk.score(eps, sigma, q),
+            membership_inference_risk=self._risk.score(
+                eps, sigma, q, view, None if latest is None else latest.step),
             membership_inference_auc=None if mia is None else mia.auc,
             membership_inference_advantage=None if mia is None else mia.advantage,
             attack_scores=scores, audit_epsilon_lower_bound=audit_bound,
@@ -514,7 +532,7 @@ class PrivacyMetrics(Callback):
 
     def _on_epsilon(self, value: Epsilon) -> None:
         """Worker thread: a better epsilon for the last step goes out now, not with the next one."""
-        snap, publisher = self.last_snapshot, self._publisher
+        snap, publisher = self._last_snapshot, self._publisher  # no flush: the worker's thread
         if snap is None or publisher is None or not self._exporting or snap.steps != value.step:
             return  # the training thread's next snapshot carries it
         publisher.publish(self._with_epsilon(snap, value))

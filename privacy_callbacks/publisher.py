@@ -126,6 +126,10 @@ class Publisher:
             logger.exception("Exporting privacy metrics to %s failed; training continues "
                              "(further failures are counted, not logged)", what)
 
+    def on_thread(self) -> bool:
+        """Whether the caller is the publisher thread."""
+        return threading.current_thread() is self._thread
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every snapshot published so far was exported; False on timeout."""
         target = self._published

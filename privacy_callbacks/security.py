@@ -97,31 +97,33 @@ class RiskBound:
         self._rdp_until = -1
         self._rdp_value = 1.0
 
-    def _holds(self, history: list, steps: int) -> bool:
+    def _holds(self, history: list, n: int, steps: int) -> bool:
         """Whether the cached RDP bound covers ``history``: every step since it was computed
         (at most ``_rdp_until``) came at a sigma and sample rate it was computed for or safer."""
         key = self._rdp_key
         if key is None or key[0] is not history or steps > self._rdp_until:
             return False
         _, checked, sigma, q = key
-        if checked > len(history):
+        if checked > n:
             return False
-        for s, r, _ in history[checked - 1:]:
+        for s, r, _ in history[checked - 1:n]:
             if s < sigma or r > q:
                 return False
-        if checked != len(history):
-            self._rdp_key = (history, len(history), sigma, q)
+        if checked != n:
+            self._rdp_key = (history, n, sigma, q)
         return True
 
     def score(self, epsilon: float | None, noise_multiplier: float,
-              sample_rate: float | None) -> float | None:
-        """The bound for the step just accounted; ``None`` while nothing is known."""
+              sample_rate: float | None, view: Any = None,
+              steps: int | None = None) -> float | None:
+        """The bound for the step just accounted (or the one of ``view``, an
+        :meth:`Accounting.view` of it); ``None`` while nothing is known."""
         accounting = self.accounting
-        history = accounting.accountant.history
+        history, n, last = accounting.view() if view is None else view
         if self._gdp:
-            if not history:
+            if last is None:
                 return None
-            segment = history[-1]
+            segment = last
             if segment != self._rdp_key:
                 sigma, q, steps = segment
                 # Opacus' compute_mu_poisson (Dong et al. Thm 6): the mu its accountant uses.
@@ -133,20 +135,21 @@ class RiskBound:
             return None
         if epsilon != self._eps_key:
             self._eps_key, self._eps_value = epsilon, advantage_from_epsilon(epsilon, self.delta)
-        if sample_rate is not None:
-            steps = accounting.steps
-            if not self._holds(history, steps):
+        if sample_rate is not None and last is not None:
+            if steps is None:
+                steps = sum(k for _, _, k in history[:n - 1]) + last[2]
+            if not self._holds(history, n, steps):
                 extra = max(1, steps // 20)
                 # Under a noise schedule (more than one segment) the later steps may come at a
                 # lower sigma: bound them at 3 % below this one (a grid point the accounting
                 # computes ahead), so one value lasts while sigma decays by up to 3 %.
-                sigma = noise_multiplier if len(history) <= 1 else noise_multiplier * 0.97
+                sigma = noise_multiplier if n <= 1 else noise_multiplier * 0.97
                 try:
-                    rdp = accounting.rdp_after(extra, sigma, sample_rate)
+                    rdp = accounting.rdp_after(extra, sigma, sample_rate, view)
                     value = advantage_from_rdp(rdp, accounting.orders)
                 except Exception:  # a bound is never worth a failed step; Kairouz still holds
                     value = 1.0
-                self._rdp_key = (history, len(history), sigma, sample_rate)
+                self._rdp_key = (history, n, sigma, sample_rate)
                 self._rdp_until, self._rdp_value = steps + extra, value
             return min(self._eps_value, self._rdp_value)
         return self._eps_value

@@ -1,0 +1,155 @@
+"""What the monitor costs the training thread per step, for every accountant.
+
+    python benchmarks/bench_step_cost.py                 # 5 rounds x 300-step fits per row
+    python benchmarks/bench_step_cost.py --quick --json /tmp/sc.json
+
+A tiny Opacus-wired MLP (``tests/dp_models.DPModel``: batch 8, one torch thread, a 1-2 ms DP
+step on a small CPU) is fitted with Lightning's own loop, rows rotated in every round:
+
+- ``dp``: no monitor (a timing callback only, present in every row).
+- ``monitor <accountant>``: ``PrivacyMonitor`` with its defaults, a target epsilon and an
+  in-process ``PrometheusExporter`` (scraped by nobody), for RDP, PRV and GDP.
+- ``monitor rdp, sigma schedule``: the same under Opacus' ``ExponentialNoise`` stepped every
+  batch (a new sigma every step).
+
+Reported per row, after 20 warm-up steps: the gap between consecutive ``on_train_batch_end``
+calls (median and mean over rounds of the per-fit median/mean), its difference to ``dp`` of the
+same run, and the time spent inside the monitor's own per-step hooks on the training thread
+(``on_train_batch_start``, ``on_before_optimizer_step``, ``on_train_batch_end``; mean, p99 and
+max over every step of every round) -- the cost the ``<= 20 us`` target is about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
+from dp_models import DPModel, ScheduledModel  # noqa: E402
+from privacy_callbacks import PrivacyMonitor, PrometheusExporter  # noqa: E402
+
+HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
+WARMUP = 20
+
+
+class _Gap(Callback):
+    def __init__(self) -> None:
+        self.t: list[float] = []
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.t.append(time.perf_counter())
+
+
+def _timed(monitor: PrivacyMonitor, into: list[float]) -> None:
+    """Wrap the monitor's per-step hooks: their time per batch goes to ``into``."""
+    clock = time.perf_counter
+    acc = [0.0]
+    for name in HOOKS:
+        hook = getattr(monitor, name)
+
+        def timed(*args: Any, _hook: Callable[..., Any] = hook, _name: str = name) -> None:
+            t = clock()
+            _hook(*args)
+            acc[0] += clock() - t
+            if _name == "on_train_batch_end":
+                into.append(acc[0])
+                acc[0] = 0.0
+
+        setattr(monitor, name, timed)
+
+
+def _fit(row: str, steps: int) -> tuple[list[float], list[float]]:
+    gap, hook_times = _Gap(), []
+    callbacks: list[Callback] = []
+    accountant = "rdp"
+    model_cls: type[DPModel] = DPModel
+    if row != "dp":
+        accountant = row.split()[1]
+        if "schedule" in row:
+            model_cls = ScheduledModel
+        monitor = PrivacyMonitor(1e-5, target_epsilon=1e4, progress_bar=False,
+                                 exporters=[PrometheusExporter(port=0)])
+        _timed(monitor, hook_times)
+        callbacks.append(monitor)
+    model = model_cls(n=8 * steps, batch_size=8, accountant=accountant)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[*callbacks, gap], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model)
+    t = gap.t[WARMUP:]
+    return [b - a for a, b in zip(t, t[1:])], hook_times[WARMUP:]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 60 steps")
+    parser.add_argument("--rows", default="dp,monitor rdp,monitor prv,monitor gdp,"
+                        "monitor rdp schedule")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    rounds, steps = (2, 60) if args.quick else (args.rounds, args.steps)
+    rows = args.rows.split(",")
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(1)
+    gaps: dict[str, list[tuple[float, float]]] = {r: [] for r in rows}
+    hooks: dict[str, list[float]] = {r: [] for r in rows}
+    for k in range(rounds):
+        for row in rows[k % len(rows):] + rows[:k % len(rows)]:
+            g, h = _fit(row, steps)
+            gaps[row].append((statistics.median(g), statistics.mean(g)))
+            hooks[row].extend(h)
+    base = rows[0]
+    base_med = statistics.median(m for m, _ in gaps[base]) * 1e6
+    base_mean = statistics.median(m for _, m in gaps[base]) * 1e6
+    load = os.getloadavg()
+    print(f"{platform.processor() or platform.machine()} · torch {torch.__version__} · "
+          f"{rounds} rounds x {steps} steps, rows rotated · load average "
+          f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} · "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+    print("| row | step median µs | over dp | step mean µs | over dp | "
+          "monitor hooks µs mean | p99 | max |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    out: dict[str, Any] = {"rounds": rounds, "steps": steps, "load": load, "rows": {}}
+    for row in rows:
+        med = statistics.median(m for m, _ in gaps[row]) * 1e6
+        mean = statistics.median(m for _, m in gaps[row]) * 1e6
+        h = sorted(hooks[row])
+        hook = ({"mean": statistics.mean(h) * 1e6, "p99": h[int(0.99 * (len(h) - 1))] * 1e6,
+                 "max": h[-1] * 1e6} if h else None)
+        out["rows"][row] = {"step_median_us": med, "step_mean_us": mean,
+                            "over_dp_median_us": med - base_med,
+                            "over_dp_mean_us": mean - base_mean, "hooks_us": hook}
+        over = "" if row == base else (
+            f"+{med - base_med:.0f} ({(med / base_med - 1) * 100:+.1f} %)")
+        over_m = "" if row == base else (
+            f"+{mean - base_mean:.0f} ({(mean / base_mean - 1) * 100:+.1f} %)")
+        hook_cols = (" | | |" if hook is None else
+                     f" {hook['mean']:.1f} | {hook['p99']:.1f} | {hook['max']:.0f} |")
+        print(f"| {row} | {med:.0f} | {over} | {mean:.0f} | {over_m} |{hook_cols}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
