@@ -100,9 +100,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("privacy_budget_remaining", "gauge",
            "Epsilon budget left: target minus epsilon spent (negative once the target is passed).",
            labels=_ACC, attr="budget_remaining", field="budget_remaining"),
+    # Exact values only: a counter cannot go down, so an upper bound would stay in it.
     Metric("privacy_budget_consumed_total", "counter",
-           "Epsilon consumed in this session, as a monotonic counter.",
-           labels=_ACC, attr="session_epsilon"),
+           "Epsilon consumed in this session, as a monotonic counter of exact values: an upper "
+           "bound (privacy_epsilon_exact 0) never raises it, the exact epsilon of a later step "
+           "does.",
+           labels=_ACC, attr="exact_session_epsilon"),
     Metric("privacy_epsilon_forecast", "gauge",
            "Epsilon at the end of the planned training if the current noise and sample rate hold.",
            labels=_ACC, attr="epsilon_forecast", field="epsilon_forecast"),

@@ -37,7 +37,8 @@ class PrivacySnapshot:
         session_steps_offset: ``steps`` minus the steps this session accounted (what the
             accountant held when the session's current fit started, less what earlier fits of the
             session accounted); see :attr:`session_steps`.
-        session_epsilon_offset: The same for ``epsilon``; see :attr:`session_epsilon`.
+        session_epsilon_offset: The same for ``epsilon``; see :attr:`session_epsilon` and
+            :attr:`exact_session_epsilon`.
         session_errors_offset: The same for ``accounting_errors`` (each fit counts its own).
         budget_exhausted: 1 once the budget guard found that one more step would pass the
             target, else 0; ``None`` without a target.
@@ -88,6 +89,18 @@ class PrivacySnapshot:
         """Epsilon this session added: the sum over its fits of epsilon at the fit's end minus
         epsilon when it started (equal to ``epsilon`` for a session that started from nothing)."""
         return None if self.epsilon is None else self.epsilon - self.session_epsilon_offset
+
+    @property
+    def exact_session_epsilon(self) -> float | None:
+        """:attr:`session_epsilon` when ``epsilon`` is the accountant's exact value for its step
+        (``epsilon_exact == 1``), else ``None``.
+
+        What ``privacy_budget_consumed_total`` counts: a counter cannot go down, so an upper
+        bound published before the exact value (PRV, GDP, a noise schedule) would stay in it,
+        above the epsilon actually spent. Counting exact values only, it rises with each exact
+        value for a later step and ends at the exact epsilon the session added.
+        """
+        return self.session_epsilon if self.epsilon_exact == 1 else None
 
     @property
     def session_accounting_errors(self) -> int | None:

@@ -70,3 +70,35 @@ def test_application_logging_configuration_is_left_alone():
     finally:
         for name in names:
             logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_a_newer_value_for_a_step_is_a_later_point():
+    """The exact epsilon replacing a step's bound comes with the step's time; written at that
+    time, a server keeping every sample would hold both and could return the bound."""
+    import dataclasses
+
+    from privacy_callbacks import PrivacySnapshot
+    from privacy_callbacks.exporters.base import RunInfo
+
+    def snapshot(step: int, epsilon: float, exact: int) -> PrivacySnapshot:
+        return PrivacySnapshot(
+            step=step, timestamp_ns=step * 10**9, accountant="prv", delta=1e-5,
+            epsilon=epsilon, epsilon_step=step, epsilon_exact=exact, steps=step,
+            noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, noise_std=0.1,
+            throughput=None, step_seconds=None, accounting_errors=0)
+
+    exporter = InfluxDBExporter(f"http://127.0.0.1:{free_port()}", flush_interval=60.0, **V2)
+    exporter.start()
+    try:
+        exporter.open(RunInfo(session_id="s", model_name="m", accountant="prv"))
+        bound = snapshot(1, 0.5, 0)
+        for snap in (bound, dataclasses.replace(bound, epsilon=0.3, epsilon_exact=1),
+                     dataclasses.replace(bound, epsilon=0.3, epsilon_exact=1),
+                     snapshot(2, 0.6, 0)):
+            exporter.export(snap)
+        lines = [line.decode() for line in exporter._buffer]
+    finally:
+        exporter.close(timeout=0.0)
+    stamps = [int(line.rsplit(" ", 1)[1]) for line in lines]
+    assert stamps == [10**9, 10**9 + 10**6, 10**9 + 2 * 10**6, 2 * 10**9]
+    assert "epsilon=0.3" in lines[1] and "epsilon_exact=1i" in lines[1]

@@ -139,6 +139,57 @@ def test_influxdb_1x_with_api_v1_gets_every_step():
         server.stop()
 
 
+def latest_point(server: Server, kind: str, session: str,
+                 count: int) -> list[tuple[int, float, int]]:
+    """Every (step, epsilon, epsilon_exact) stored at the newest time of ``session``, once the
+    ``count`` points written are there."""
+    if kind == "v1":
+        series = influxdb1_query(server, "privacy",
+                                 "SELECT step, epsilon, epsilon_exact FROM privacy_training "
+                                 f"WHERE session_id = '{session}' ORDER BY time DESC LIMIT 1")
+        return [(row[1], row[2], row[3]) for row in series[0]["values"]]
+    # VictoriaMetrics keeps every sample it gets, one series per field, and returns them all;
+    # acknowledged samples become visible a little later.
+    def arrived():
+        rows = {field: victoria_metrics_export(
+            server, f'{{__name__="privacy_training_{field}",session_id="{session}"}}')
+            for field in ("step", "epsilon", "epsilon_exact")}
+        complete = all(len(r) == 1 and len(r[0]["timestamps"]) == count for r in rows.values())
+        return complete and rows
+    rows = wait_for(arrived, 60, what=f"{count} points in VictoriaMetrics")
+    samples = {}
+    for field, [row] in rows.items():
+        newest = max(row["timestamps"])
+        samples[field] = [v for t, v in zip(row["timestamps"], row["values"]) if t == newest]
+    return [(int(step), eps, int(exact)) for step, eps, exact in
+            zip(samples["step"], samples["epsilon"], samples["epsilon_exact"], strict=True)]
+
+
+@pytest.mark.parametrize("kind", ["v1", "vm"])
+def test_latest_point_of_a_prv_fit_holds_the_exact_final_epsilon(kind):
+    """PRV publishes upper bounds until the exact epsilon is known; the exact value for the last
+    step comes later: the newest point must be one point, holding it, labelled exact."""
+    server = influxdb1_with_database() if kind == "v1" else victoria_metrics().start()
+    try:
+        exporter = (InfluxDBExporter(server.url, api="v1", database="privacy", **QUICK)
+                    if kind == "v1" else
+                    InfluxDBExporter(server.url, org="ml", bucket="privacy", token="t0ken",
+                                     **QUICK))
+        monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter], session_id="prv")
+        model = DPModel(accountant="prv")
+        fit(model, monitor, epochs=1)
+        assert exporter.dropped == 0
+        assert exporter.written > 8, "no bound was replaced: nothing tested"
+        final = model.privacy_engine.accountant.get_epsilon(DELTA)
+        latest = latest_point(server, kind, "prv", exporter.written)
+        assert len(latest) == 1, f"{len(latest)} points at the newest time: {latest}"
+        [(step, eps, exact)] = latest
+        assert (step, exact) == (8, 1)
+        assert eps == pytest.approx(final, rel=1e-9)  # VictoriaMetrics: ~12 digits
+    finally:
+        server.stop()
+
+
 def test_v2_client_against_influxdb_1x_is_one_clear_error(caplog):
     server = influxdb1().start()
     try:

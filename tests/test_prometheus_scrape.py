@@ -17,7 +17,7 @@ def snapshot(step: int) -> PrivacySnapshot:
         step=step, timestamp_ns=step, accountant="rdp", delta=1e-5, epsilon=0.01 * step,
         epsilon_step=step, steps=step, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1,
         noise_std=0.1, throughput=100.0 + step, step_seconds=0.01, accounting_errors=0,
-        target_epsilon=1e6, budget_remaining=1e6 - 0.01 * step)
+        epsilon_exact=1, target_epsilon=1e6, budget_remaining=1e6 - 0.01 * step)
 
 
 def values(exporter: PrometheusExporter) -> dict[str, float]:
@@ -74,7 +74,37 @@ def test_gauges_keep_the_step_time_a_later_snapshot_lacks_and_drop_other_missing
     assert reg.get_sample_value("privacy_epsilon_consumed", ACC) == 0.005
     assert reg.get_sample_value("training_throughput_private", {**BASE, "rank": "0"}) == 101.0
     assert reg.get_sample_value("privacy_epsilon_target", ACC) is None
-    # Counters count the highest total seen: the exact epsilon below its upper bound does not
-    # take anything back.
-    assert reg.get_sample_value("privacy_budget_consumed_total", ACC) == 0.01
+    exporter.close()
+
+
+def test_consumed_counter_counts_exact_epsilon_only():
+    """An upper bound is published until the exact epsilon is known (PRV, GDP, a noise
+    schedule); a counter cannot go down, so the bound must never reach it."""
+    exporter = PrometheusExporter(port=0, serve=False)
+    exporter.open(RunInfo(session_id="s", model_name="m", accountant="rdp"))
+
+    def consumed() -> float | None:
+        return exporter.registry.get_sample_value("privacy_budget_consumed_total", ACC)
+
+    def bound(step: int, epsilon: float) -> PrivacySnapshot:
+        return dataclasses.replace(snapshot(step), epsilon=epsilon, epsilon_exact=0)
+
+    exporter.export(bound(1, 0.5))
+    assert consumed() == 0.0  # the series exists from the first snapshot, at nothing counted
+    exporter.export(snapshot(1))  # the exact value for step 1, below its bound
+    assert consumed() == 0.01
+    exporter.export(bound(2, 0.5))
+    assert consumed() == 0.01
+    exporter.export(bound(3, 0.04))
+    assert consumed() == 0.01
+    exporter.export(snapshot(3))
+    assert consumed() == 0.03
+    # Unknown kind (a snapshot built without epsilon_exact) is not counted either.
+    exporter.export(dataclasses.replace(snapshot(4), epsilon_exact=None))
+    assert consumed() == 0.03
+    # The gauges still show what was published, bound or not.
+    exporter.export(bound(5, 0.5))
+    assert exporter.registry.get_sample_value("privacy_epsilon_consumed", ACC) == 0.5
+    assert exporter.registry.get_sample_value("privacy_epsilon_exact", ACC) == 0.0
+    assert consumed() == 0.03
     exporter.close()

@@ -100,6 +100,47 @@ def test_every_published_epsilon_is_at_least_opacus_and_the_final_is_exact(mecha
         in caplog.text
 
 
+class CounterSpy(Exporter):
+    """Listed after a PrometheusExporter (exporters run in order): the epsilon each snapshot
+    published and what ``privacy_budget_consumed_total`` held right after it."""
+
+    name = "counter-spy"
+
+    def __init__(self, prometheus: PrometheusExporter, labels: dict[str, str]) -> None:
+        super().__init__()
+        self.prometheus, self.labels = prometheus, labels
+        self.seen: list[tuple[float, int, int, float | None]] = []
+
+    def export(self, snapshot) -> None:
+        if snapshot.epsilon is not None:
+            counted = self.prometheus.registry.get_sample_value(
+                "privacy_budget_consumed_total", self.labels)
+            self.seen.append((snapshot.epsilon, snapshot.epsilon_step, snapshot.epsilon_exact,
+                              counted))
+
+
+@pytest.mark.parametrize("mechanism", ["prv", "gdp"])
+def test_consumed_counter_holds_exact_epsilon_only_and_ends_at_the_exact_final(mechanism):
+    """The counter cannot go down: a bound that reached it would stay above the exact value."""
+    exporter = PrometheusExporter(port=0, serve=False)
+    labels = {"session_id": "t", "model_name": "DPModel", "accountant": mechanism}
+    spy = CounterSpy(exporter, labels)
+    monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter, spy], session_id="t")
+    model = DPModel(accountant=mechanism)
+    fit(model, monitor, max_epochs=1)
+    assert any(exact == 0 for _, _, exact, _ in spy.seen), "no bound published: nothing tested"
+    exact_so_far = 0.0  # the session started from nothing: its epsilon is the accountant's
+    for eps, step, exact, counted in spy.seen:
+        if exact:
+            exact_so_far = max(exact_so_far, eps)
+        assert counted == pytest.approx(exact_so_far, rel=1e-12), (
+            f"counter {counted} after epsilon {eps} for step {step} (exact={exact})")
+    final = model.privacy_engine.accountant.get_epsilon(1e-5)
+    assert exporter.registry.get_sample_value("privacy_budget_consumed_total", labels) == \
+        pytest.approx(final, rel=1e-9)
+    assert monitor.last_snapshot.epsilon_exact == 1
+
+
 def test_noise_schedule_epsilon_equals_opacus_with_bounded_memory():
     recorder = Recorder()
     monitor = PrivacyMonitor(delta=1e-5, exporters=[recorder], session_id="t", mechanism=False)

@@ -26,6 +26,9 @@ __all__ = ["InfluxDBExporter"]
 
 _SENDER = "privacy-influxdb"
 _WRITER = "privacy-influxdb-write"
+# How much later than the step's last point a newer value for that step is written: servers that
+# keep milliseconds (VictoriaMetrics) must see a later time, not the same one.
+_LATER_NS = 1_000_000
 
 
 @contextlib.contextmanager
@@ -98,7 +101,10 @@ class InfluxDBExporter(Exporter):
     Each point is measurement ``privacy_training`` with tags ``session_id``, ``model_name``,
     ``rank``, ``accountant``; one field per catalog metric that has a per-step value (its
     ``field`` name, e.g. ``epsilon``, ``noise_multiplier``), an integer field ``step``, and the
-    step's end as timestamp (ns).
+    step's end as timestamp (ns). A newer value for a step already written (the exact epsilon
+    replacing its upper bound, results that arrived after the last step) is one more point for
+    that step, 1 ms after its last one (see :meth:`_stamp`), so the newest point of a fit holds
+    the exact final epsilon on every server.
 
     Points are built on the publisher's thread and go into a bounded buffer; a sender thread feeds
     them, at most one batch at a time, to influxdb-client's batching ``WriteApi``, which writes and
@@ -216,6 +222,9 @@ class InfluxDBExporter(Exporter):
         self._sender: threading.Thread | None = None
         self._tags: tuple[tuple[str, str], ...] = ()
         self._fields = self._field_plan()
+        # Time and step of the last point built (publisher thread only).
+        self._last_ns = 0
+        self._last_step: int | None = None
 
     def __repr__(self) -> str:
         target = (f"org={self.org!r}, bucket={self.bucket!r}" if self.api == "v2"
@@ -323,6 +332,26 @@ class InfluxDBExporter(Exporter):
 
     def open(self, info: RunInfo) -> None:
         self._tags = tuple((tag, str(getattr(info, tag))) for tag in catalog.INFLUX_TAGS)
+        self._last_ns, self._last_step = 0, None
+
+    def _stamp(self, snapshot: PrivacySnapshot) -> int:
+        """The point's time: the step's end, or 1 ms after the step's last point for a newer
+        value of the step just written.
+
+        The monitor publishes a step again, with the step's time, when a better value arrives:
+        the exact epsilon replacing the upper bound published first, an attack's result after
+        the last step. InfluxDB would merge it into the step's point, but a server that keeps
+        every sample (VictoriaMetrics, at millisecond resolution) holds both values at one time
+        and returns either -- the bound together with ``epsilon_exact`` 1, say. One ms later the
+        newest value is the latest point everywhere, and the bound stays what it was: the
+        value published at the step's end. Times never go back, so the newest point is the
+        last one published (the publisher never sends an earlier step after a later one).
+        """
+        stamp = snapshot.timestamp_ns
+        if stamp <= self._last_ns:
+            stamp = self._last_ns + (_LATER_NS if snapshot.step == self._last_step else 1)
+        self._last_ns, self._last_step = stamp, snapshot.step
+        return stamp
 
     def export(self, snapshot: PrivacySnapshot) -> None:
         if self._refused or not self._running:
@@ -337,7 +366,7 @@ class InfluxDBExporter(Exporter):
             if value is not None:
                 point.field(field, cast(value))
         point.field(catalog.INFLUX_STEP_FIELD, snapshot.step)
-        point.time(snapshot.timestamp_ns, WritePrecision.NS)
+        point.time(self._stamp(snapshot), WritePrecision.NS)
         line = point.to_line_protocol().encode()
         with self._lock:
             buffer = self._buffer

@@ -183,9 +183,10 @@ class _Bound:
     the run does not fix, a mapping from that label's value to the number. A histogram's
     attribute may also hold a sequence: each element is one observation.
 
-    A counter's attribute holds the session's running total; ``counted`` (shared by every fit of
-    the exporter) holds what each counter child has counted so far, so a session's second fit
-    adds only what it accounted.
+    A counter's attribute holds the session's running total (``None`` while it is not known
+    exactly: the counter keeps what it counted); ``counted`` (shared by every fit of the
+    exporter) holds what each counter child has counted so far, so a session's second fit adds
+    only what it accounted.
     """
 
     __slots__ = ("attr", "family", "kind", "labels", "free", "child", "children", "counted")
@@ -211,6 +212,17 @@ class _Bound:
             assert self.free is not None  # a keyed value is for the one label the run leaves free
             child = self.children[key] = self.family.labels(**self.labels, **{self.free: key})
         return child
+
+    def touch(self) -> None:
+        """Bind a counter the snapshot has no value for now, at what it counted so far.
+
+        The epsilon counter counts exact values only, and the first snapshots of a PRV run may
+        all hold upper bounds: its series still exists from the first snapshot, so increase()
+        and absent() see a real series. Keyed counters and histograms get their children with
+        their values.
+        """
+        if self.kind == "counter" and self.free is None:
+            self.bind(None)
 
     def update(self, value: Any) -> None:
         if isinstance(value, Mapping):
@@ -613,10 +625,14 @@ class PrometheusExporter(Exporter):
         collector = self._collector
         with collector.lock:
             collector.publish(snapshot)
+            # Ranks other than 0 export no privacy values (steps is None there).
+            private = snapshot.steps is not None
             for bound in self._bound:
                 value = getattr(snapshot, bound.attr)
                 if value is not None:
                     bound.update(value)
+                elif private:
+                    bound.touch()
             if snapshot.compliance_violations is not self._violations:
                 self._count_violations(snapshot.compliance_violations)
         for i, (source, child) in enumerate(self._health):
