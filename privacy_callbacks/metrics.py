@@ -272,7 +272,7 @@ class PrivacyMetrics(Callback):
         last = self.last_snapshot
         if self._session_id_given:
             if last is not None and last.session_steps is not None:
-                self._session_carry = (last.session_steps, last.session_epsilon or 0.0,
+                self._session_carry = (last.session_steps, self._exact_session_epsilon() or 0.0,
                                        last.session_accounting_errors or 0)
         elif self._fitted:
             self.session_id = uuid.uuid4().hex[:12]
@@ -593,12 +593,26 @@ class PrivacyMetrics(Callback):
             "session_id": self.session_id,
             # What the session counted up to here, so that a resumed session counts on.
             "session_steps": last.session_steps if last is not None else None,
-            "session_epsilon": last.session_epsilon if last is not None else None,
+            "session_epsilon": self._exact_session_epsilon(),
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "accountant": accountant.mechanism() if accountant is not None else None,
             "history": [list(seg) for seg in accountant.history] if accountant is not None else [],
         }
+
+    def _exact_session_epsilon(self) -> float | None:
+        """The session's epsilon at the last step, exact even while a bound is published.
+
+        A resumed session counts on from it (``privacy_budget_consumed_total`` counts exact
+        values only), so a bound saved here would stay in the count for good. Computing it is
+        the accountant's own ``get_epsilon``: once per checkpoint.
+        """
+        last, accounting = self.last_snapshot, self.accounting
+        if (last is None or last.epsilon_exact == 1 or accounting is None
+                or accounting.steps != last.steps or not accounting.accountant.history):
+            return None if last is None else last.session_epsilon
+        exact = float(accounting.accountant.get_epsilon(self.delta))
+        return exact - last.session_epsilon_offset
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_id = state_dict.get("session_id")

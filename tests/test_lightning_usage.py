@@ -130,11 +130,6 @@ def test_named_session_resumed_from_a_checkpoint_counts_on(tmp_path):
         resumed.privacy_engine.accountant.get_epsilon(DELTA), rel=1e-12))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PrivacyMonitor.state_dict saves last_snapshot.session_epsilon, an upper bound when the "
-    "checkpoint is taken before the exact PRV value arrived; the resumed session carries it "
-    "into privacy_budget_consumed_total. It should save the exact session epsilon "
-    "(accountant.get_epsilon(delta) - last_snapshot.session_epsilon_offset)."))
 def test_prv_session_resumed_from_a_checkpoint_counts_exact_epsilon(tmp_path):
     monitor = PrivacyMonitor(delta=DELTA, session_id="resumed")
     saved = []
