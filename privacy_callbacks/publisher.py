@@ -98,6 +98,10 @@ class Publisher:
                 with self._idle:
                     self._done += 1
                     self._idle.notify_all()
+                if queue:
+                    # Hand the interpreter lock over between snapshots: a training thread
+                    # waiting for it waits for one snapshot's work, not for the whole batch.
+                    time.sleep(0)
             if self._stop and not queue:
                 return
 
