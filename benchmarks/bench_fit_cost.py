@@ -15,13 +15,14 @@ no logger, no checkpointing, no progress bar):
   vector with Opacus' ``compute_rdp`` (15-70 ms) as a fresh process does. (Lightning's and
   torch's own first-fit warm-up is not repeated: it is the same with or without the monitor.)
 
-Reported: the median wall time of the whole ``trainer.fit`` per row and the median extra over
-``none``, and for the monitor rows the median time spent inside each lifecycle hook (setup,
-on_fit_start, on_train_start, on_train_end, on_fit_end, teardown), timed by wrapping the hooks
-on the instance. The per-step hooks are summed (``steps``), and the first optimizer step's
-``on_train_batch_end`` shown on its own (``first step``): it pays for what a fit sets up on
-first use. Each monitor fit also checks that the exact final epsilon was published before fit
-returned and that no thread of the monitor outlived the fit.
+Reported: the median wall time of the whole ``trainer.fit`` per row, the extra over ``none``
+(difference of medians, and median of the differences within a round), and for the monitor rows
+the median time spent inside each lifecycle hook (setup, on_fit_start, on_train_start,
+on_train_end, on_fit_end, teardown), timed by wrapping the hooks on the instance. The per-step
+hooks are summed (``steps``), and the first optimizer step's ``on_train_batch_end`` shown on its
+own (``first step``): it pays for what a fit sets up on first use. Each monitor fit also checks
+that the exact final epsilon was published before fit returned and that no thread of the monitor
+outlived the fit.
 """
 
 from __future__ import annotations
@@ -95,9 +96,9 @@ def _ours_alive() -> list[str]:
         t.name.startswith("privacy-") or "serve_forever" in repr(getattr(t, "_target", ""))))
 
 
-def fit_once(row: str, steps: int) -> dict[str, Any]:
+def fit_once(row: str, steps: int, accountant: str = "rdp") -> dict[str, Any]:
     """One fit of ``row``: its wall time, hook times and what the monitor left behind."""
-    model = DPModel(n=BATCH * steps, batch_size=BATCH)
+    model = DPModel(n=BATCH * steps, batch_size=BATCH, accountant=accountant)
     callbacks: list[pl.Callback] = []
     monitor = clock = exporter = None
     if row != "none":
@@ -136,15 +137,19 @@ def fit_once(row: str, steps: int) -> dict[str, Any]:
 
 
 def summarise(fits: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    base = statistics.median(f["fit_s"] for f in fits["none"])
+    none = [f["fit_s"] for f in fits["none"]]
+    base = statistics.median(none)
     rows = []
     for row in ROWS:
         runs = fits[row]
         times = [f["fit_s"] for f in runs]
         med = statistics.median(times)
-        entry: dict[str, Any] = {"row": row, "fit_ms": 1e3 * med,
-                                 "fit_ms_runs": [1e3 * t for t in times],
-                                 "extra_ms": 1e3 * (med - base), "steps": runs[0]["steps"]}
+        entry: dict[str, Any] = {
+            "row": row, "fit_ms": 1e3 * med, "fit_ms_runs": [1e3 * t for t in times],
+            "extra_ms": 1e3 * (med - base),
+            # The same round's fits ran back to back: their difference sees the same load.
+            "extra_ms_paired": 1e3 * statistics.median(t - n for t, n in zip(times, none)),
+            "steps": runs[0]["steps"]}
         if row != "none":
             entry["hooks_ms"] = {name: 1e3 * statistics.median(f["hooks_s"][name] for f in runs)
                                  for name in runs[0]["hooks_s"]}
@@ -165,9 +170,19 @@ def _load() -> str:
     return f"{one:.2f} / {five:.2f} (1 / 5 min)"
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+    except OSError:
+        names = []
+    name = names[0] if names else (platform.processor() or platform.machine())
+    return f"{name} ({os.cpu_count()} cores)"
+
+
 def environment() -> dict[str, Any]:
     return {
-        "cpu": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
+        "cpu": _cpu_name(),
         "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__, "opacus": opacus.__version__,
         "lightning": lightning.__version__,
@@ -177,15 +192,17 @@ def environment() -> dict[str, Any]:
 
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any], settings: dict[str, Any]) -> str:
     lines = [f"{env['cpu']} · {env['cpu_threads']} torch thread · torch {env['torch']} · Opacus "
-             f"{env['opacus']} · Lightning {env['lightning']} · {settings['rounds']} rounds × "
+             f"{env['opacus']} · Lightning {env['lightning']} · {settings['accountant']} "
+             f"accountant · {settings['rounds']} rounds × "
              f"{settings['steps']}-step fits · load before {settings['load_before']}, after "
              f"{settings['load_after']} · {env['date']}",
              "",
-             "| row | fit ms (median) | min–max ms | extra over none ms |",
-             "|---|---:|---:|---:|"]
+             "| row | fit ms (median) | min–max ms | extra over none ms | same-round extra ms |",
+             "|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['row']} | {r['fit_ms']:.1f} | {min(r['fit_ms_runs']):.1f}–"
-                     f"{max(r['fit_ms_runs']):.1f} | {r['extra_ms']:+.1f} |")
+                     f"{max(r['fit_ms_runs']):.1f} | {r['extra_ms']:+.1f} | "
+                     f"{r['extra_ms_paired']:+.1f} |")
     monitored = [r for r in rows if "hooks_ms" in r]
     names = list(monitored[0]["hooks_ms"]) if monitored else []
     lines += ["", "Time inside the monitor's hooks, ms (median per fit):", "",
@@ -204,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=20, help="rounds (each fits every row)")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per fit")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--accountant", choices=("rdp", "prv", "gdp"), default="rdp",
+                        help="the Opacus accountant of every fit")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 3-step fits")
     parser.add_argument("--json", type=Path, help="write environment, settings and rows here")
     args = parser.parse_args(argv)
@@ -217,16 +236,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     settings: dict[str, Any] = {
         "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "batch": BATCH,
+        "accountant": args.accountant,
         "delta": DELTA, "target_epsilon": TARGET, "load_before": _load(),
         "command": " ".join(["python benchmarks/bench_fit_cost.py",
                              *(sys.argv[1:] if argv is None else argv)])}
     for i in range(args.warmup * len(ROWS)):
-        fit_once(ROWS[i % len(ROWS)], args.steps)
+        fit_once(ROWS[i % len(ROWS)], args.steps, args.accountant)
     fits: dict[str, list[dict[str, Any]]] = {row: [] for row in ROWS}
     for rnd in range(args.rounds):
         for i in range(len(ROWS)):
             row = ROWS[(rnd + i) % len(ROWS)]
-            fits[row].append(fit_once(row, args.steps))
+            fits[row].append(fit_once(row, args.steps, args.accountant))
     settings["load_after"] = _load()
     env = environment()
     rows = summarise(fits)
