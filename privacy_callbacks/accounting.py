@@ -2,14 +2,15 @@
 
 The accountant's history is a run-length list ``(noise_multiplier, sample_rate, steps)``.
 For RDP, the privacy loss of a segment is ``steps`` times a per-(sigma, q) vector over the RDP
-orders, so the vector is computed once per (sigma, q) (with Opacus' own ``compute_rdp``; a
-bounded LRU cache), the finished segments are summed once, and each step costs one vector
-multiply, one add and a ``nanargmin``. The summation order is Opacus' own, so the result is
-bit-identical to ``RDPAccountant.get_epsilon``. A noise scheduler brings a new sigma every step,
-whose vector takes Opacus 15-70 ms: the training thread then uses a cached vector that bounds it
-(a 1 % grid of sigma computed ahead in the background, see :class:`_RdpMath`), publishes that
-bound labelled ``exact=False``, and the background worker computes the exact vectors and hands
-over the exact value when it has caught up.
+orders, so the vector is computed once per (sigma, q) (with Opacus' own ``compute_rdp``; bounded
+LRU caches, one per accounting and one shared by every fit of the process), the finished
+segments are summed once, and each step costs one vector multiply, one add and a ``nanargmin``.
+The summation order is Opacus' own, so the result is bit-identical to
+``RDPAccountant.get_epsilon``. A noise scheduler brings a new sigma every step, whose vector
+takes Opacus 15-70 ms: the training thread then uses a cached vector that bounds it (a 1 % grid
+of sigma computed ahead in the background, see :class:`_RdpMath`), publishes that bound labelled
+``exact=False``, and the background worker computes the exact vectors and hands over the exact
+value when it has caught up.
 
 PRV and GDP have no such shortcut (milliseconds to seconds per value). Every value published is
 an :class:`Epsilon` record -- value, accounted step, exact or bound -- and never below the
@@ -71,6 +72,9 @@ View = tuple[list, int, "Segment | None"]
 
 # Exact RDP vectors kept per accounting (151 orders: 1.2 kB each).
 _VECTORS = 64
+# Exact RDP vectors kept for the whole process: a vector depends only on (sigma, q) and the
+# orders, and Opacus takes 15-70 ms to compute one, which every fit would pay again.
+_SHARED_VECTORS = 256
 # Bounding vectors on a geometric grid of sigma: point k is at sigma = exp(k * _GRID) (1 %).
 _GRID = math.log(1.01)
 _GRID_VECTORS = 128
@@ -84,6 +88,45 @@ _SYNC = 4
 _REBASE = 4
 # Orders per piece of a background vector computation (about 1 ms each).
 _PIECE = 8
+
+
+class _SharedVectors:
+    """Exact RDP vectors by (orders, sigma, q), shared by every accounting of the process.
+
+    Each is Opacus' ``compute_rdp`` for one step, a pure function of its key, stored read-only
+    so that no holder can change it for the others. Least recently used first, bounded.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._vectors: collections.OrderedDict[tuple[bytes, float, float], np.ndarray] = (
+            collections.OrderedDict())
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[bytes, float, float]) -> np.ndarray | None:
+        with self._lock:
+            vec = self._vectors.get(key)
+            if vec is not None:
+                self._vectors.move_to_end(key)
+            return vec
+
+    def clear(self) -> None:
+        """Forget every vector (what a new process starts with)."""
+        with self._lock:
+            self._vectors.clear()
+
+    def put(self, key: tuple[bytes, float, float], vec: np.ndarray) -> np.ndarray:
+        """Keep ``vec`` (made read-only) and return the vector kept for ``key``."""
+        vec.flags.writeable = False
+        with self._lock:
+            vec = self._vectors.setdefault(key, vec)
+            self._vectors.move_to_end(key)
+            if len(self._vectors) > self._size:
+                self._vectors.popitem(last=False)
+            return vec
+
+
+_SHARED = _SharedVectors(_SHARED_VECTORS)
 
 
 def _cell(sigma: float) -> int:
@@ -120,8 +163,9 @@ class _RdpMath:
     bounds it: Opacus' subsampled-Gaussian RDP decreases in sigma and increases in q at every
     order (checked over sigma 0.3-20, q 1e-3-0.9), so the vector at the grid point
     ``sigma_g <= sigma`` (same q) is an upper bound within one 1 % cell; with no grid point yet,
-    the unamplified Gaussian's ``alpha / (2 sigma^2)`` (Opacus' own value at q = 1) is. A
-    background worker computes grid points ahead in the direction sigma moves and, with
+    the unamplified Gaussian's ``alpha / (2 sigma^2)`` (Opacus' own value at q = 1) is. Once a
+    second (sigma, q) shows sigma moving, a background worker computes grid points ahead in the
+    direction it moves (a constant sigma starts no worker) and, with
     ``track_exact``, the exact vectors of the history's segments with an exact prefix sum,
     which the calling thread takes over, and the exact epsilon of the newest history, handed
     to ``on_exact``. Memory: the two bounded caches and one prefix vector per side.
@@ -131,6 +175,7 @@ class _RdpMath:
                  track_exact: bool = False) -> None:
         self.orders = np.atleast_1d(np.asarray(
             RDPAccountant.DEFAULT_ALPHAS if alphas is None else list(alphas)))
+        self._orders_key = self.orders.tobytes()
         # Same expression and evaluation order as Opacus' get_privacy_spent.
         self._sub = (np.log(delta) + np.log(self.orders)) / (self.orders - 1)
         self._add = np.log((self.orders - 1) / self.orders)
@@ -143,6 +188,9 @@ class _RdpMath:
             collections.OrderedDict())
         self._cache_lock = threading.Lock()
         self._sync_left = _SYNC
+        # The first (sigma, q) looked up: until another one comes, sigma is not moving and the
+        # worker has nothing to compute ahead.
+        self._first: tuple[float, float] | None = None
         self.fallbacks = 0  # closed-form vectors used: no grid point bounded the step yet
         self.exact = True  # whether the last total() used exact vectors only
         # Sum of all history segments but the last one, kept between calls: one for the live
@@ -175,21 +223,25 @@ class _RdpMath:
     def _compute(self, sigma: float, q: float) -> np.ndarray:
         return _rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=self.orders)
 
-    def _compute_yielding(self, sigma: float, q: float) -> np.ndarray:
+    def _compute_yielding(self, sigma: float, q: float) -> np.ndarray | None:
         """:meth:`_compute` in pieces of a few orders, handing the GIL over between them.
 
         ``compute_rdp`` is pure Python for 15-70 ms; a thread waiting for the GIL would get it
         only after the interpreter's switch interval (5 ms). Each order is computed on its own
-        by Opacus, so the pieces concatenate to the identical vector.
+        by Opacus, so the pieces concatenate to the identical vector. ``None`` when
+        :meth:`close` came first: a closing fit waits for one piece, not for a whole vector.
         """
         orders, pieces = self.orders, []
         for start in range(0, len(orders), _PIECE):
+            if self._stopping:
+                return None
             pieces.append(_rdp_analysis.compute_rdp(
                 q=q, noise_multiplier=sigma, steps=1, orders=orders[start:start + _PIECE]))
             time.sleep(0)  # let a waiting training thread run now
         return np.concatenate(pieces)
 
     def _store(self, key: tuple[float, float], vec: np.ndarray) -> None:
+        vec = _SHARED.put((self._orders_key, *key), vec)
         with self._cache_lock:
             self._vectors[key] = vec
             if len(self._vectors) > _VECTORS:
@@ -198,13 +250,23 @@ class _RdpMath:
     def _cached(self, key: tuple[float, float]) -> np.ndarray | None:
         with self._cache_lock:
             vec = self._vectors.get(key)
-            if vec is not None and len(self._vectors) > 1:
-                self._vectors.move_to_end(key)
-            return vec
+            if vec is not None:
+                if len(self._vectors) > 1:
+                    self._vectors.move_to_end(key)
+                return vec
+        vec = _SHARED.get((self._orders_key, *key))  # computed by an earlier fit
+        if vec is not None:
+            with self._cache_lock:
+                self._vectors[key] = vec
+                if len(self._vectors) > _VECTORS:
+                    self._vectors.popitem(last=False)
+        return vec
 
     def lookup(self, noise_multiplier: float, sample_rate: float) -> tuple[np.ndarray, bool]:
         """The vector of (sigma, q), or one above it at every order; and whether it is exact."""
         key = (noise_multiplier, sample_rate)
+        if self._first is None:
+            self._first = key
         vec = self._cached(key)
         if vec is not None:
             return vec, True
@@ -215,7 +277,10 @@ class _RdpMath:
                     vec = self._grid.get((cell, sample_rate))
                     if vec is not None:
                         break
-            self._request(noise_multiplier, sample_rate)
+            if key != self._first or self._sync_left <= 0:
+                # sigma (or q) moves: compute grid points ahead of it. One (sigma, q) alone is
+                # computed exactly right here; the grid would only cost the training thread.
+                self._request(noise_multiplier, sample_rate)
             if vec is not None:
                 return vec, False
         if self._sync_left > 0 or noise_multiplier <= 0 or sample_rate <= 0:
@@ -384,6 +449,8 @@ class _RdpMath:
             if task is not None:
                 cell, q = task
                 vec = self._compute_yielding(math.exp(cell * _GRID), q)
+                if vec is None:
+                    return  # closing
                 with self._cache_lock:
                     self._grid[task] = vec
                     if len(self._grid) > _GRID_VECTORS:
@@ -423,6 +490,8 @@ class _RdpMath:
             vec = self._cached(key)
             if vec is None:
                 vec = self._compute_yielding(*key)
+                if vec is None:
+                    return  # closing
                 self._store(key, vec)
                 computed = True
             else:
@@ -439,6 +508,8 @@ class _RdpMath:
         vec = self._cached(key)
         if vec is None:
             vec = self._compute_yielding(*key)
+            if vec is None:
+                return  # closing
             self._store(key, vec)
         value = self.epsilon(self._w_prefix + vec * last[2])
         self._job_done = job

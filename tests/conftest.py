@@ -37,3 +37,15 @@ def no_zombie_threads():
             break
         time.sleep(0.05)
     assert not left, f"zombie threads left behind: {[t.name for t in left]}"
+
+
+@pytest.fixture(autouse=True)
+def fresh_rdp_vectors():
+    """Each test starts with no exact RDP vector computed, as a new process does.
+
+    The cache is process-wide (a later fit reuses an earlier fit's vectors), so without this a
+    test's exact-or-bound labels would depend on which tests ran before it.
+    """
+    from privacy_callbacks import accounting
+    accounting._SHARED.clear()
+    yield

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import math
 import os
+import selectors
 import socket
 import ssl
 import threading
@@ -21,8 +22,8 @@ from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import (CollectorRegistry, Counter, delete_from_gateway,
-                               make_wsgi_app, push_to_gateway, start_http_server)
+from prometheus_client import (CollectorRegistry, Counter, delete_from_gateway, make_wsgi_app,
+                               push_to_gateway)
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
@@ -257,15 +258,63 @@ class _Handler(WSGIRequestHandler):
 
 
 class _Server(ThreadingMixIn, WSGIServer):
+    """A threaded WSGI server whose accept loop sleeps until a client or :meth:`shutdown` comes.
+
+    ``socketserver``'s loop wakes every ``poll_interval`` (0.5 s) to see whether it should stop,
+    so its ``shutdown`` waits up to that long -- at the end of every fit. Here the loop also
+    waits on one end of a socket pair; ``shutdown`` writes to the other, and the loop ends at
+    once. No timer wakes the process while nobody scrapes.
+    """
+
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], family: int) -> None:
         self.address_family = family
+        # Before binding: a failed bind calls server_close, which closes the pair too.
+        self._wake_in, self._wake_out = socket.socketpair()
+        self._stopping = False
+        self._stopped = threading.Event()
         super().__init__(address, _Handler)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Handle requests until :meth:`shutdown`; ``poll_interval`` is ignored (no polling)."""
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake_in, selectors.EVENT_READ)
+                while not self._stopping:
+                    for key, _ in selector.select():
+                        if key.fileobj is self and not self._stopping:
+                            # What socketserver's own loop calls once the socket is readable.
+                            self._handle_request_noblock()  # type: ignore[attr-defined]
+                    self.service_actions()
+        finally:
+            self._stopped.set()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the loop now and wait (at most ``timeout`` seconds) until it has ended."""
+        self._stopping = True
+        try:
+            self._wake_out.send(b"\0")
+        except OSError:  # closed already: the loop is not waiting on it
+            pass
+        self._stopped.wait(timeout)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_in.close()
+        self._wake_out.close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Failed handshakes and dropped connections are the client's problem; no tracebacks.
         logger.debug("Metrics request from %s failed", client_address, exc_info=True)
+
+
+def _address(host: str, port: int) -> tuple[int, str]:
+    """The address family and numeric address to bind ``host`` with (IPv4 or IPv6)."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+    return family, str(sockaddr[0])
 
 
 def _guarded(app: Callable[..., Iterable[bytes]], digest: bytes,
@@ -518,10 +567,10 @@ class PrometheusExporter(Exporter):
         scheme = "https" if self.tls_certfile is not None else "http"
         return f"{scheme}://{self.host}:{self._server.server_port}/metrics"
 
-    def _serve_hardened(self, port: int) -> tuple[Any, threading.Thread]:
-        """``/metrics`` behind TLS and/or basic auth, on a small threaded WSGI server."""
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        server = _Server((self.host, port), family)
+    def _serve(self, port: int) -> tuple[Any, threading.Thread]:
+        """``/metrics`` (behind TLS and/or basic auth if asked) on a small threaded WSGI server."""
+        family, address = _address(self.host, port)
+        server = _Server((address, port), family)
         app = make_wsgi_app(self.registry)
         server.set_app(_guarded(app, self._auth_digest, self._refused) if self._auth_digest
                        else app)
@@ -565,11 +614,7 @@ class PrometheusExporter(Exporter):
         # One endpoint per process under DDP: the port plus the local rank.
         port = self.port + self.local_rank if self.port else 0
         try:
-            if self._auth_digest is not None or self.tls_certfile is not None:
-                self._server, self._thread = self._serve_hardened(port)
-            else:
-                self._server, self._thread = start_http_server(port, addr=self.host,
-                                                               registry=self.registry)
+            self._server, self._thread = self._serve(port)
         except ssl.SSLError as exc:
             files = ", ".join(repr(os.fspath(f)) for f in (self.tls_certfile, self.tls_keyfile)
                               if f is not None)
@@ -656,15 +701,14 @@ class PrometheusExporter(Exporter):
                 last[0] = count
 
     def close(self, timeout: float = 10.0) -> None:
-        start = time.monotonic()
+        deadline = time.monotonic() + timeout
         pusher, self._pusher = self._pusher, None
         if pusher is not None:
             pusher.close(timeout)
-        timeout = max(0.0, timeout - (time.monotonic() - start))
         server, thread = self._server, self._thread
         self._server = self._thread = None
         if server is not None:
-            server.shutdown()
+            server.shutdown(max(0.0, deadline - time.monotonic()))
             server.server_close()
         if thread is not None:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
