@@ -282,10 +282,17 @@ class PrivacyMetrics(Callback):
     def _session_baseline(self) -> None:
         """Offsets so that the snapshot's session values count what this session accounted."""
         assert self.ledger is not None
-        accountant = self.ledger.accounting.accountant
-        # Exact, once per fit (PRV: milliseconds); 0 for an accountant that accounted nothing.
-        epsilon = float(accountant.get_epsilon(self.delta)) if accountant.history else 0.0
+        accounting = self.ledger.accounting
+        accountant = accounting.accountant
         accounted = sum(int(n) for _, _, n in accountant.history)
+        # Exact, once per fit; 0 for an accountant that accounted nothing. RDP's own value
+        # (bit-identical to Opacus, from cached vectors) when it is exact, else Opacus'.
+        epsilon = 0.0
+        if accountant.history:
+            latest = accounting.update()
+            epsilon = (latest.value if latest is not None and latest.exact
+                       and latest.step == accounted
+                       else float(accountant.get_epsilon(self.delta)))
         steps, eps, errors = self._session_carry
         self._session_offsets = (accounted - steps, epsilon - eps, -errors)
 
