@@ -52,6 +52,9 @@ import collections
 import copy
 import logging
 import math
+import pickle
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -67,6 +70,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["Accounting", "BackgroundAccounting", "Epsilon", "RdpAccounting", "make_accounting"]
 
 Segment = tuple[float, float, int]
+# What Accounting.exhaustion_cached returns when nothing cached holds.
+MISSING: Any = object()
 # A history as it was at one step: (the history list, its segments then, its last segment then).
 View = tuple[list, int, "Segment | None"]
 
@@ -127,6 +132,88 @@ class _SharedVectors:
 
 
 _SHARED = _SharedVectors(_SHARED_VECTORS)
+
+# The child of :class:`_VectorProcess`: Opacus' RDP analysis module, loaded from its file (it
+# needs only math, NumPy and SciPy: no torch, so the child starts in a fraction of a second),
+# answering (sigma, q, orders) with compute_rdp's vector, one request at a time.
+_CHILD = """
+import importlib.util, pickle, sys
+spec = importlib.util.spec_from_file_location("_privacy_rdp", sys.argv[1])
+rdp = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(rdp)
+inp, out = sys.stdin.buffer, sys.stdout.buffer
+while True:
+    try:
+        sigma, q, orders = pickle.load(inp)
+    except EOFError:
+        break
+    try:
+        vec = rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=orders)
+    except Exception as exc:
+        vec = repr(exc)
+    pickle.dump(vec, out)
+    out.flush()
+"""
+
+
+class _VectorProcess:
+    """Opacus' ``compute_rdp`` in a child process, for the background worker.
+
+    ``compute_rdp`` is pure Python for 15-70 ms a vector. In a thread it holds the interpreter
+    lock, and every time the training thread returns from a torch operation it waits for it:
+    under a noise schedule (a new sigma every step, so a vector every step) a 1.3 ms CPU step
+    took 4-16 ms. In a child process the computation costs the training thread nothing but a
+    core. Same module, same NumPy, same orders: the vector is bit-identical. If the child
+    cannot start or dies, :meth:`compute` returns ``None`` and the caller computes in-thread.
+    """
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._failed = False
+        self._lock = threading.Lock()  # starting and closing: never a child after close
+
+    def compute(self, sigma: float, q: float, orders: np.ndarray) -> np.ndarray | None:
+        """The vector, or ``None`` (no child, or :meth:`close` came first). One caller."""
+        if self._failed:
+            return None
+        try:
+            with self._lock:
+                if self._failed:
+                    return None
+                proc = self._proc
+                if proc is None or proc.poll() is not None:
+                    proc = self._proc = subprocess.Popen(
+                        [sys.executable, "-c", _CHILD, _rdp_analysis.__file__],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL, close_fds=True)
+            assert proc.stdin is not None and proc.stdout is not None
+            pickle.dump((float(sigma), float(q), orders), proc.stdin)
+            proc.stdin.flush()
+            vec = pickle.load(proc.stdout)  # blocks in a read: the GIL is free meanwhile
+        except (OSError, EOFError, ValueError, pickle.PickleError):
+            if not self._failed:
+                logger.debug("The RDP vector process failed; vectors are computed in-thread")
+            self.close()
+            return None
+        if isinstance(vec, str):  # compute_rdp raised in the child: raise it here
+            raise ValueError(f"compute_rdp(sigma={sigma}, q={q}) failed: {vec}")
+        return vec
+
+    def close(self) -> None:
+        """Stop the child now; a computation in flight is dropped (its caller gets ``None``)."""
+        with self._lock:
+            self._failed = True
+            proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
 
 
 def _cell(sigma: float) -> int:
@@ -204,6 +291,7 @@ class _RdpMath:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._process = _VectorProcess()
         self._want: tuple[float, float] | None = None
         self._down = True
         self._job: tuple | None = None  # (history, n, last segment, steps)
@@ -239,6 +327,13 @@ class _RdpMath:
                 q=q, noise_multiplier=sigma, steps=1, orders=orders[start:start + _PIECE]))
             time.sleep(0)  # let a waiting training thread run now
         return np.concatenate(pieces)
+
+    def _compute_background(self, sigma: float, q: float) -> np.ndarray | None:
+        """The worker's vectors: in the child process, else in-thread in pieces."""
+        vec = self._process.compute(sigma, q, self.orders)
+        if vec is None and not self._stopping:
+            vec = self._compute_yielding(sigma, q)
+        return vec
 
     def _store(self, key: tuple[float, float], vec: np.ndarray) -> None:
         vec = _SHARED.put((self._orders_key, *key), vec)
@@ -448,7 +543,7 @@ class _RdpMath:
             task = None if self.urgent else self._grid_task()
             if task is not None:
                 cell, q = task
-                vec = self._compute_yielding(math.exp(cell * _GRID), q)
+                vec = self._compute_background(math.exp(cell * _GRID), q)
                 if vec is None:
                     return  # closing
                 with self._cache_lock:
@@ -489,7 +584,7 @@ class _RdpMath:
             key = (segment[0], segment[1])
             vec = self._cached(key)
             if vec is None:
-                vec = self._compute_yielding(*key)
+                vec = self._compute_background(*key)
                 if vec is None:
                     return  # closing
                 self._store(key, vec)
@@ -507,7 +602,7 @@ class _RdpMath:
         key = (last[0], last[1])
         vec = self._cached(key)
         if vec is None:
-            vec = self._compute_yielding(*key)
+            vec = self._compute_background(*key)
             if vec is None:
                 return  # closing
             self._store(key, vec)
@@ -522,6 +617,7 @@ class _RdpMath:
             self._stopping = True
             self._cv.notify_all()
             thread = self._thread
+        self._process.close()  # a vector in flight is dropped: closing waits for none
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
@@ -655,6 +751,23 @@ class Accounting:
                                                       (history, n, last))
             self._forecast_key = key
         return self._forecast_value
+
+    def exhaustion_cached(self, target: float, noise_multiplier: float,
+                          sample_rate: float) -> Any:
+        """:meth:`exhaustion_steps` if its cached count still holds (nothing computed), else
+        :data:`MISSING`."""
+        history = self.accountant.history
+        n = len(history)
+        last = history[n - 1] if n else (0.0, 0.0, 0)
+        cached = self._exhaustion
+        if cached is None or cached[0] != (noise_multiplier, sample_rate, n, last[0], last[1],
+                                           target):
+            return MISSING
+        left = cached[2]
+        if left is None:
+            return None
+        left -= last[2] - cached[1]
+        return left if left >= 0 else MISSING
 
     def exhaustion_steps(self, target: float, noise_multiplier: float,
                          sample_rate: float) -> int | None:

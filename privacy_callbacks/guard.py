@@ -10,7 +10,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from . import probe
-from .ledger import PrivacyLedger
+from .accounting import MISSING
+from .ledger import _NOT_CHECKED, PrivacyLedger
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ class BudgetGuard(Callback):
         self._cleared: tuple[Any, ...] | None = None
         # Optimizers whose last step the guard skipped: what it accumulated is dropped after it.
         self._skipped: list[Any] = []
+        # (epsilon after the step last checked before it ran, its increase over the one
+        # checked before that): how close the budget is without computing anything.
+        self._before: tuple[float, float] | None = None
 
     @property
     def state_key(self) -> str:
@@ -106,6 +110,7 @@ class BudgetGuard(Callback):
         self.stopped = False
         self._cleared = None
         self._skipped = []
+        self._before = None
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -175,11 +180,21 @@ class BudgetGuard(Callback):
         sigma = float(self._optimizers[0].noise_multiplier)
         q = float(history[-1][1])
         # After a step: stop now if one more step at (sigma, q) would pass the target. The
-        # count of steps left is cached: each step at the same (sigma, q) takes one off.
-        left = ledger.accounting.exhaustion_steps(self.target_epsilon, sigma, q)
-        ledger.exhaustion = left
+        # count of steps left is cached (each step at the same (sigma, q) takes one off; the
+        # metrics compute it off this thread when it is not). This check only ends the fit
+        # cleanly; the check right before each optimizer step is the one that never lets a
+        # step past the target, so here a step may go unchecked when the last one left room.
+        accounting = ledger.accounting
+        left = accounting.exhaustion_cached(self.target_epsilon, sigma, q)
+        ledger.exhaustion = _NOT_CHECKED if left is MISSING else left
         if self.stopped:
             return
+        if left is MISSING:
+            before = self._before
+            if (before is not None and before[1] >= 0
+                    and before[0] + 3 * before[1] < self.target_epsilon):
+                return  # a few more steps at the last step's increase still fit
+            left = 0 if accounting.epsilon_after(1, sigma, q) > self.target_epsilon else None
         if left == 0:
             if not self.stop:
                 self.stopped = ledger.exhausted = True  # reported only
@@ -206,7 +221,10 @@ class BudgetGuard(Callback):
         key = self._cleared_key(sigma, q)
         if key == self._cleared:
             return
-        if ledger.accounting.epsilon_after(1, sigma, q) <= self.target_epsilon:
+        eps = ledger.accounting.epsilon_after(1, sigma, q)
+        last = self._before
+        self._before = (eps, math.inf if last is None else eps - last[0])
+        if eps <= self.target_epsilon:
             self._cleared = key
             return
         self._skip(trainer, optimizer, sigma, q)

@@ -175,6 +175,25 @@ def _hook_sample_rate(optimizer: DPOptimizer) -> float | None:
     return None
 
 
+def accumulated_iterations(optimizer: DPOptimizer) -> int:
+    """Opacus' ``accumulated_iterations`` from the first trained parameter alone.
+
+    Opacus' property walks every parameter (and a model has hundreds) to check that they
+    agree, and raises from the optimizer step when they do not -- so that step is never
+    released, whatever is read here. One parameter says the count every released step has.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                samples = getattr(p, "grad_sample", None)
+                if isinstance(samples, list):
+                    return len(samples)
+                if isinstance(samples, torch.Tensor):
+                    return 1
+                return optimizer.accumulated_iterations  # raises, with Opacus' message
+    return optimizer.accumulated_iterations
+
+
 def accounted_sample_rate(optimizer: DPOptimizer, accumulated: int | None = None) -> float | None:
     """The sample rate Opacus will account for the optimizer's next step, if it can be known.
 
@@ -191,13 +210,14 @@ def accounted_sample_rate(optimizer: DPOptimizer, accumulated: int | None = None
     hook = getattr(optimizer, "step_hook", None)
     told = getattr(getattr(hook, "__self__", None), "accounted_sample_rate", None)
     if callable(told):
-        rate = told(optimizer, accumulated)
+        rate = told(optimizer, accumulated_iterations(optimizer) if accumulated is None
+                    else accumulated)
         return None if rate is None else float(rate)
     rate = _hook_sample_rate(optimizer)
     if rate is None:
         return None
     if accumulated is None:
-        accumulated = optimizer.accumulated_iterations
+        accumulated = accumulated_iterations(optimizer)
     # Same operands and order as the hook: sample_rate * accumulated_iterations.
     return rate * accumulated
 
