@@ -82,6 +82,7 @@ class BudgetGuard(Callback):
         self.allow_privacy_reset = allow_privacy_reset
         self.stopped = False
         self.ledger: PrivacyLedger | None = None
+        self._attached = False
         self._optimizers: list[Any] = []
         self._planned_steps: int | None = None
         self._accumulate = 1
@@ -102,6 +103,7 @@ class BudgetGuard(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.ledger = PrivacyLedger.attach(trainer, pl_module, self.delta, self.accountant)
+        self._attached = True
         self._optimizers = self.ledger.optimizers
         self._accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
         planned = trainer.estimated_stepping_batches
@@ -132,9 +134,9 @@ class BudgetGuard(Callback):
         if stage != "fit":
             return
         self._drop_skipped()
-        if self.ledger is not None:
-            ledger, self.ledger = self.ledger, None
-            ledger.release()
+        if self._attached and self.ledger is not None:
+            self._attached = False
+            self.ledger.release()  # kept: a checkpoint saved after the fit holds its history
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:

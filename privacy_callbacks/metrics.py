@@ -565,6 +565,9 @@ class PrivacyMetrics(Callback):
         auc, advantage = (None, None) if mia is None else (mia.auc, mia.advantage)
         scores, audit_bound = attack_results(self._attacks)
         violations = self.ledger.violations if self.ledger is not None else ()
+        exhausted = last.budget_exhausted
+        if exhausted is not None and self.ledger is not None and self.ledger.exhausted:
+            exhausted = 1  # a guard that runs after this callback stopped on the last step
         if latest is None or latest.step < (last.epsilon_step or 0):
             latest = None  # never replace a value with one for fewer steps
         if ((latest is None or (latest.value, latest.step, int(latest.exact))
@@ -574,7 +577,8 @@ class PrivacyMetrics(Callback):
                 and advantage == last.membership_inference_advantage
                 and scores == last.attack_scores
                 and audit_bound == last.audit_epsilon_lower_bound
-                and violations == last.compliance_violations):
+                and violations == last.compliance_violations
+                and exhausted == last.budget_exhausted):
             # Nothing new since the last step (a validation may have run after it); what was
             # published may still be queued.
             if self._publisher is not None:
@@ -585,7 +589,8 @@ class PrivacyMetrics(Callback):
                                     step_seconds=None, membership_inference_auc=auc,
                                     membership_inference_advantage=advantage,
                                     attack_scores=scores, audit_epsilon_lower_bound=audit_bound,
-                                    compliance_violations=violations, device_stats=None)
+                                    compliance_violations=violations,
+                                    budget_exhausted=exhausted, device_stats=None)
         self.last_snapshot = final
         if self._publisher is not None:
             self._publisher.publish(final)
