@@ -64,14 +64,17 @@ def check_exporters(exporters: Sequence[Exporter]) -> tuple[Exporter, ...]:
 class PrivacyMetrics(Callback):
     """Publishes the privacy spent by an Opacus DP-SGD run after every optimizer step.
 
-    After each optimizer step it reads the accountant's history and the DP optimizer's settings
-    (host-side values only: no device synchronisation), takes epsilon from the trainer's shared
-    :class:`~privacy_callbacks.ledger.PrivacyLedger` (microseconds for RDP; for PRV and GDP a
-    proven upper bound labelled as such until the background computation has the exact value,
-    which is published when it arrives), builds a :class:`PrivacySnapshot` and hands it to a
-    background publisher that feeds the exporters. Epsilon also goes to the progress bar and the
-    trainer's loggers at the trainer's ``log_every_n_steps`` cadence. Before the fit returns the
-    exact final epsilon is published, logged and kept in :attr:`last_snapshot`.
+    After each optimizer step the training thread only takes note of the step: the accountant
+    history's length and last segment (a view of it as it is now), the DP optimizer's sigma and
+    C, the time and the device statistics' handle -- host-side values only, no device
+    synchronisation, no epsilon. The publisher thread then computes, for that exact view,
+    epsilon from the trainer's shared :class:`~privacy_callbacks.ledger.PrivacyLedger` (for PRV
+    and GDP a proven upper bound labelled as such until the background computation has the
+    exact value, which is published when it arrives), the budget metrics and the
+    :class:`PrivacySnapshot`, and feeds the exporters. Epsilon also goes to the progress bar and
+    the trainer's loggers at the trainer's ``log_every_n_steps`` cadence (computed then, on the
+    training thread, for the history then). Before the fit returns the exact final epsilon is
+    published, logged and kept in :attr:`last_snapshot`.
 
     The accountant history is saved in Lightning checkpoints and put back into the Opacus
     accountant on ``trainer.fit(ckpt_path=...)``, so epsilon continues where it stopped.

@@ -93,6 +93,8 @@ def test_close_stops_the_worker_between_pieces_of_a_vector(monkeypatch):
         return compute(**kwargs)
 
     monkeypatch.setattr(accounting._rdp_analysis, "compute_rdp", slow)
+    # The in-thread path (what the worker does when the vector process cannot run).
+    monkeypatch.setattr(accounting._VectorProcess, "compute", lambda self, *args: None)
     math_ = accounting._RdpMath(1e-5)
     math_._request(3.33, 0.07)
     assert started.wait(10.0)

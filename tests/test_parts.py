@@ -185,3 +185,24 @@ def test_a_child_that_cannot_start_falls_back_to_the_thread(monkeypatch):
 def test_bad_settings_name_the_value(part):
     with pytest.raises(ValueError, match="Unexpected value"):
         part()
+
+
+def test_closing_drops_a_vector_in_flight_at_once():
+    import numpy as np
+
+    process = accounting_module._VectorProcess()
+    small = process.compute(1.0, 0.01, np.array([2.0, 4.0]))
+    assert small is not None and small.shape == (2,)
+    child = process._proc
+    assert child is not None and child.pid in _children()
+    result: list[object] = []
+    # About 10 s of compute_rdp in the child; close must not wait for it.
+    heavy = threading.Thread(target=lambda: result.append(
+        process.compute(0.7, 0.3, np.linspace(1.5, 900.0, 6000))))
+    heavy.start()
+    threading.Event().wait(0.3)
+    process.close()
+    heavy.join(5.0)
+    assert not heavy.is_alive() and result == [None]
+    assert child.pid not in _children()
+    assert process.compute(1.0, 0.01, np.array([2.0])) is None  # closed for good
