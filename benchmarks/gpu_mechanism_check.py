@@ -14,7 +14,9 @@ BERT-base-size: 12 layers, hidden 768) is trained with Opacus DP-SGD in hooks mo
    skipped with a message.
 2. Cost: DP fits without the monitor, with the monitor (mechanism off) and with the mechanism
    metrics on, interleaved; median step times and ratios; the monitor's reported overhead
-   ``total`` against a side-by-side plain fit.
+   ``total`` (steps after warm-up) against a side-by-side plain fit, and ``excess_ratio``:
+   (reported - 1) / (side-by-side - 1). The DP fits use the RDP accountant by default, as in
+   ``bench_mechanism.py`` (PRV's exact epsilon runs beside every step: ``--accountant prv``).
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class Block(nn.Module):
 
 
 class Encoder(pl.LightningModule):
-    def __init__(self, size: str, steps: int, private: bool = True) -> None:
+    def __init__(self, size: str, steps: int, private: bool = True,
+                 accountant: str = "rdp") -> None:
         super().__init__()
         layers, hidden, heads, seq, batch, vocab = SIZES[size]
         self.tok, self.pos = nn.Embedding(vocab, hidden), nn.Embedding(seq, hidden)
@@ -74,7 +77,7 @@ class Encoder(pl.LightningModule):
         ids = torch.randint(0, vocab, (batch * steps, seq), generator=gen)
         self.data = TensorDataset(ids, torch.randint(0, 2, (batch * steps,), generator=gen))
         self.batch, self.private = batch, private
-        self.privacy_engine = PrivacyEngine() if private else None
+        self.privacy_engine = PrivacyEngine(accountant=accountant) if private else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         b, t = ids.shape
@@ -123,30 +126,32 @@ def _fit(model: pl.LightningModule, *callbacks: pl.Callback) -> None:
     trainer.fit(model)
 
 
-def syncs_by_file(size: str, steps: int, monitor: PrivacyMonitor | None) -> Counter:
+def syncs_by_file(size: str, steps: int, accountant: str,
+                  monitor: PrivacyMonitor | None) -> Counter:
     """Synchronising calls during the training steps, by the file that made them."""
     callbacks = [c for c in (monitor, SyncDebug("warn")) if c is not None]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit(Encoder(size, steps), *callbacks)
+        _fit(Encoder(size, steps, accountant=accountant), *callbacks)
     return Counter(f"{w.filename}:{w.lineno}" for w in caught
                    if "synchroniz" in str(w.message).lower())
 
 
-def sync_check(size: str, steps: int) -> dict:
+def sync_check(size: str, steps: int, accountant: str) -> dict:
     if not torch.cuda.is_available():
         print("sync check skipped: no CUDA device (set_sync_debug_mode needs one)")
         return {"sync_check": "skipped (no CUDA)"}
-    with_monitor = syncs_by_file(size, steps, PrivacyMonitor(delta=1e-5, overhead_every=5))
-    without = syncs_by_file(size, steps, None)
+    with_monitor = syncs_by_file(size, steps, accountant,
+                                 PrivacyMonitor(delta=1e-5, overhead_every=5))
+    without = syncs_by_file(size, steps, accountant, None)
     ours = {k: v for k, v in with_monitor.items() if "privacy_callbacks" in k}
     added = sum(with_monitor.values()) - sum(without.values())
     print("synchronising calls with the monitor:", dict(with_monitor) or "none")
     print("synchronising calls without it:     ", dict(without) or "none")
     error = "passed"
     try:
-        _fit(Encoder(size, steps), PrivacyMonitor(delta=1e-5, overhead_every=5),
-             SyncDebug("error"))
+        _fit(Encoder(size, steps, accountant=accountant),
+             PrivacyMonitor(delta=1e-5, overhead_every=5), SyncDebug("error"))
     except RuntimeError as exc:
         error = f"raised: {exc}"
     finally:
@@ -162,32 +167,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per fit")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads when there is no CUDA device")
+    parser.add_argument("--overhead-every", type=int, default=5,
+                        help="calibration cadence of the monitored fit")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(args.threads)  # more threads than free cores: timings scatter
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"device: {device}; encoder {args.size} {SIZES[args.size]}; {args.steps} steps per fit")
 
-    result: dict = {"device": device, "size": args.size, **sync_check(args.size, args.steps)}
+    result: dict = {"device": device, "size": args.size,
+                    **sync_check(args.size, args.steps, args.accountant)}
     times: dict[str, list[float]] = {"none": [], "off": [], "on": [], "plain": []}
     totals: list[float] = []
+    quiet: list[bool | None] = []
     for r in range(args.rounds):
         order = ["none", "off", "on", "plain"]
         for variant in order if r % 2 == 0 else order[::-1]:
             monitor = None if variant in ("none", "plain") else PrivacyMonitor(
-                delta=1e-5, mechanism=variant == "on", overhead_every=5)
-            extra = (Totals(monitor),) if variant == "on" else ()
-            model = Encoder(args.size, args.steps, private=variant != "plain")
+                delta=1e-5, mechanism=variant == "on", overhead_every=args.overhead_every)
+            extra = (Totals(monitor, args.warmup),) if variant == "on" else ()
+            model = Encoder(args.size, args.steps, private=variant != "plain",
+                            accountant=args.accountant)
             times[variant] += fit_times(model, args.warmup, monitor, extra)
             if extra:
                 totals += [o["total"] for o in extra[0].totals]
+                quiet.append(extra[0].quiet)
     med = {k: statistics.median(v) for k, v in times.items()}
+    side_by_side = med["none"] / med["plain"]
+    reported = statistics.median(totals) if totals else None
     result.update({
+        "accountant": args.accountant,
+        "timed_steps": {**{k: len(v) for k, v in times.items()}, "reported": len(totals)},
+        "background_accounting_ended": quiet,
         "step_ms": {k: round(v * 1e3, 2) for k, v in med.items()},
         "mechanism_on_vs_off": round(med["on"] / med["off"], 4),
         "monitor_on_vs_none": round(med["on"] / med["none"], 4),
-        "side_by_side_total": round(med["none"] / med["plain"], 3),
-        "reported_total": round(statistics.median(totals), 3) if totals else None,
+        "side_by_side_total": round(side_by_side, 3),
+        "reported_total": None if reported is None else round(reported, 3),
+        "excess_ratio": None if reported is None else round(
+            (reported - 1) / (side_by_side - 1), 4),
     })
     print(json.dumps(result, indent=1))
     return 0

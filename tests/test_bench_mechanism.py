@@ -1,15 +1,38 @@
-"""The mechanism benchmark and the device check run end to end (quick sizes, CPU)."""
+"""The mechanism benchmark and the device check run end to end (quick sizes, CPU), and the
+overhead total the monitor reports agrees with a plain fit and a DP fit timed side by side.
+
+``privacy_overhead_ratio{operation="total"}`` is at least 1 and equals 1 plus its parts by the
+way it is computed, so neither says whether it is right. Both scripts also time, in the same
+process and interleaved with the monitored fit, a plain fit (no Opacus) and a DP fit without the
+monitor, on the same model and batches. The tests compare what DP adds to the plain step:
+
+    excess = (reported total - 1) / (side-by-side total - 1)
+
+which is 1 for a perfect measurement and 0 for a total that leaves the DP cost out.
+
+The band, 0.3 to 2, is wide on purpose: these are millisecond steps on two shared cores, and the
+monitor counts its own per-step work (about a millisecond here, nothing next to a real model's
+step) as plain-step time, so small models read low. Measured on a 2-core machine under a load
+average of 1 to 5: ``bench_mechanism.py --quick`` gave 0.68 to 1.46 (30 runs), the device
+check's tiny encoder 0.46 to 0.96 (18 runs). With the total broken on purpose: 0 for a constant
+1.0; 0.09 to 0.16 for a total that leaves out the per-sample gradient cost; 2.8 to 5.9 for one
+that counts the whole forward/backward pass as DP cost. A guard first checks
+that DP costs clearly more than the plain step in the run (side-by-side above 1.5; about 2.7 and
+3 for these models), since otherwise the band could not tell these apart.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+EXCESS_BAND = (0.3, 2.0)
+MIN_SIDE_BY_SIDE = 1.5
 
 
 def _run(script: str, *args: str) -> str:
@@ -24,17 +47,31 @@ def _json(out: str) -> dict:
     return json.loads(out[out.index("{"):out.rindex("}") + 1])
 
 
-def test_bench_mechanism_quick_reports_both_ratios():
+def assert_total_matches_side_by_side(result: dict) -> None:
+    side, reported = result["side_by_side_total"], result["reported_total"]
+    assert side > MIN_SIDE_BY_SIDE, (
+        f"DP step only {side}x the plain step in this run: too close to tell a total without "
+        f"the DP cost from a right one; use a model where per-sample gradients cost more")
+    excess = (reported - 1) / (side - 1)
+    low, high = EXCESS_BAND
+    assert low <= excess <= high, (
+        f"reported total {reported} vs side-by-side {side}: the DP cost reported is {excess:.2f}x "
+        f"the one measured, outside [{low}, {high}]")
+
+
+def test_bench_mechanism_quick_reported_total_agrees_with_side_by_side():
     result = _json(_run("bench_mechanism.py", "--quick"))
-    assert result["mechanism_cost_ratio"] > 0
-    assert result["side_by_side_total"] > 0
-    assert math.isfinite(result["reported_total"]) and result["reported_total"] >= 1
+    # Every timed step of the monitored fits carried an overhead total (3 rounds x 13 steps).
+    assert result["timed_steps"] == {"plain": 39, "dp": 39, "reported": 39}
+    assert_total_matches_side_by_side(result)
 
 
-def test_gpu_check_runs_on_cpu_and_says_the_sync_check_was_skipped():
-    out = _run("gpu_mechanism_check.py", "--size", "tiny", "--steps", "8", "--rounds", "1",
-               "--warmup", "1")
+def test_gpu_check_runs_on_cpu_and_its_reported_total_agrees_with_side_by_side():
+    out = _run("gpu_mechanism_check.py", "--size", "tiny", "--steps", "16", "--rounds", "3",
+               "--warmup", "3", "--overhead-every", "2")
     assert "sync check skipped: no CUDA device" in out
     result = _json(out[out.index("{"):])
     assert result["sync_check"] == "skipped (no CUDA)"
-    assert result["reported_total"] is not None and result["reported_total"] >= 1
+    assert result["timed_steps"] == {"none": 39, "off": 39, "on": 39, "plain": 39,
+                                     "reported": 39}
+    assert_total_matches_side_by_side(result)
