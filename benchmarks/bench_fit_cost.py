@@ -50,6 +50,7 @@ import opacus  # noqa: E402
 import torch  # noqa: E402
 
 from dp_models import DPModel  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from privacy_callbacks import PrivacyMonitor, PrometheusExporter, accounting  # noqa: E402
 
 ROWS = ("none", "monitor", "monitor+prometheus", "monitor+prometheus, cold")
@@ -170,19 +171,9 @@ def _load() -> str:
     return f"{one:.2f} / {five:.2f} (1 / 5 min)"
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
-    except OSError:
-        names = []
-    name = names[0] if names else (platform.processor() or platform.machine())
-    return f"{name} ({os.cpu_count()} cores)"
-
-
 def environment() -> dict[str, Any]:
     return {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__, "opacus": opacus.__version__,
         "lightning": lightning.__version__,

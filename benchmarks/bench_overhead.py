@@ -28,7 +28,6 @@ import copy
 import datetime
 import json
 import logging
-import os
 import platform
 import statistics
 import sys
@@ -48,6 +47,7 @@ from torch.utils.data import TensorDataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from finetune_dp import DPTextClassifier, freeze_for_dp  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from privacy_callbacks import DifferentialPrivacy, PrivacyMonitor, PrometheusExporter  # noqa: E402
 
 ROWS = ("plain", "dp", "dp+naive", "dp+monitor")
@@ -144,21 +144,11 @@ def run_block(model: DPTextClassifier, row: str, accelerator: str, warmup: int, 
     return timer.seconds / steps
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
-    except OSError:
-        names = []
-    name = names[0] if names else (platform.processor() or platform.machine())
-    return f"{name} ({os.cpu_count()} cores)"
-
-
 def environment(accelerator: str) -> dict[str, Any]:
     import transformers
     cuda = accelerator == "gpu"
     return {
-        "device": torch.cuda.get_device_name(0) if cuda else _cpu_name(),
+        "device": torch.cuda.get_device_name(0) if cuda else cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__,
         "cuda": torch.version.cuda if cuda else None, "opacus": opacus.__version__,

@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from dp_models import DPModel, ScheduledModel  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from privacy_callbacks import PrivacyMonitor, PrometheusExporter  # noqa: E402
 
 HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base_med = statistics.median(m for m, _ in gaps[base]) * 1e6
     base_mean = statistics.median(m for _, m in gaps[base]) * 1e6
     load = os.getloadavg()
-    print(f"{platform.processor() or platform.machine()} · torch {torch.__version__} · "
+    print(f"{cpu_name()} · torch {torch.__version__} · "
           f"{rounds} rounds x {steps} steps, rows rotated · load average "
           f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} · "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
