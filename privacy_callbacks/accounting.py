@@ -53,6 +53,7 @@ import copy
 import logging
 import math
 import pickle
+import select
 import subprocess
 import sys
 import threading
@@ -136,73 +137,132 @@ _SHARED = _SharedVectors(_SHARED_VECTORS)
 # The child of :class:`_VectorProcess`: Opacus' RDP analysis module, loaded from its file (it
 # needs only math, NumPy and SciPy: no torch, so the child starts in a fraction of a second),
 # answering (sigma, q, orders) with compute_rdp's vector, one request at a time.
-_CHILD = """
+# The children of :class:`_Child`: each writes a first pickle when it is ready, then answers
+# one pickled request at a time; an error comes back as its repr (a str).
+# Opacus' RDP analysis module, loaded from its file (it needs only math, NumPy and SciPy: no
+# torch, so the child starts in a fraction of a second); requests are (sigma, q, orders).
+_VECTOR_CHILD = """
 import importlib.util, pickle, sys
 spec = importlib.util.spec_from_file_location("_privacy_rdp", sys.argv[1])
 rdp = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(rdp)
 inp, out = sys.stdin.buffer, sys.stdout.buffer
+pickle.dump("ready", out)
+out.flush()
 while True:
     try:
         sigma, q, orders = pickle.load(inp)
     except EOFError:
         break
     try:
-        vec = rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=orders)
+        answer = rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=orders)
     except Exception as exc:
-        vec = repr(exc)
-    pickle.dump(vec, out)
+        answer = repr(exc)
+    pickle.dump(answer, out)
+    out.flush()
+"""
+# Opacus' accountants (imported once: torch too, a few seconds); requests are (accountant with
+# its history, delta), answered with the accountant's own get_epsilon(delta).
+_ACCOUNTANT_CHILD = """
+import pickle, sys
+import opacus.accountants
+inp, out = sys.stdin.buffer, sys.stdout.buffer
+pickle.dump("ready", out)
+out.flush()
+while True:
+    try:
+        accountant, delta = pickle.load(inp)
+    except EOFError:
+        break
+    try:
+        answer = float(accountant.get_epsilon(delta))
+    except Exception as exc:
+        answer = repr(exc)
+    pickle.dump(answer, out)
     out.flush()
 """
 
 
-class _VectorProcess:
-    """Opacus' ``compute_rdp`` in a child process, for the background worker.
+class _Interrupted(Exception):
+    """A background computation given up for a more urgent one."""
 
-    ``compute_rdp`` is pure Python for 15-70 ms a vector. In a thread it holds the interpreter
-    lock, and every time the training thread returns from a torch operation it waits for it:
-    under a noise schedule (a new sigma every step, so a vector every step) a 1.3 ms CPU step
-    took 4-16 ms. In a child process the computation costs the training thread nothing but a
-    core. Same module, same NumPy, same orders: the vector is bit-identical. If the child
-    cannot start or dies, :meth:`compute` returns ``None`` and the caller computes in-thread.
+
+class _Child:
+    """A computation in a child process, for a background worker thread.
+
+    Opacus' ``compute_rdp`` (15-70 ms a vector, pure Python) and PRV's ``get_epsilon`` (0.1-1 s
+    of NumPy and SciPy with Python between the calls) hold the interpreter lock in a thread, and
+    every time the training thread comes back from a torch operation it waits for it: under a
+    noise schedule a 1.3 ms CPU step took 4-16 ms, with PRV steps took up to 4 times as long.
+    In a child process the computation costs the training thread nothing but a core. Same code,
+    same NumPy: the results are bit-identical. :meth:`request` returns ``None`` when the child
+    cannot start, died or was closed; the caller then computes in-thread.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, code: str, *args: str) -> None:
+        self._argv = [sys.executable, "-c", code, *args]
         self._proc: subprocess.Popen[bytes] | None = None
-        self._failed = False
+        self._ready = False
+        self.failed = False
         self._lock = threading.Lock()  # starting and closing: never a child after close
 
-    def compute(self, sigma: float, q: float, orders: np.ndarray) -> np.ndarray | None:
-        """The vector, or ``None`` (no child, or :meth:`close` came first). One caller."""
-        if self._failed:
-            return None
-        try:
-            with self._lock:
-                if self._failed:
-                    return None
-                proc = self._proc
-                if proc is None or proc.poll() is not None:
+    def start(self) -> subprocess.Popen[bytes] | None:
+        """Start the child if it is not running (returns at once; it gets ready meanwhile)."""
+        with self._lock:
+            if self.failed:
+                return None
+            proc = self._proc
+            if proc is None or proc.poll() is not None:
+                try:
                     proc = self._proc = subprocess.Popen(
-                        [sys.executable, "-c", _CHILD, _rdp_analysis.__file__],
-                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                         stderr=subprocess.DEVNULL, close_fds=True)
-            assert proc.stdin is not None and proc.stdout is not None
-            pickle.dump((float(sigma), float(q), orders), proc.stdin)
-            proc.stdin.flush()
-            vec = pickle.load(proc.stdout)  # blocks in a read: the GIL is free meanwhile
+                except OSError:
+                    self.failed = True
+                    return None
+                self._ready = False
+            return proc
+
+    def ready(self, timeout: float = 0.0) -> bool:
+        """Whether the child is ready for a request, waiting at most ``timeout`` seconds."""
+        if self._ready:
+            return True
+        proc = self.start()
+        if proc is None or proc.stdout is None:
+            return False
+        try:
+            readable, _, _ = select.select([proc.stdout], [], [], timeout)
+            if readable and pickle.load(proc.stdout) == "ready":
+                self._ready = True
         except (OSError, EOFError, ValueError, pickle.PickleError):
-            if not self._failed:
-                logger.debug("The RDP vector process failed; vectors are computed in-thread")
-            self.close()
+            self._fail()
+        return self._ready
+
+    def request(self, message: Any) -> Any:
+        """The child's answer to ``message`` (waiting for it to be ready), or ``None``."""
+        if not self.ready(timeout=60.0):
+            self._fail()
             return None
-        if isinstance(vec, str):  # compute_rdp raised in the child: raise it here
-            raise ValueError(f"compute_rdp(sigma={sigma}, q={q}) failed: {vec}")
-        return vec
+        data = pickle.dumps(message)  # an unpicklable message raises here, child untouched
+        proc = self._proc
+        try:
+            assert proc is not None and proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(data)
+            proc.stdin.flush()
+            return pickle.load(proc.stdout)  # blocks in a read: the GIL is free meanwhile
+        except (OSError, EOFError, ValueError, AssertionError, pickle.PickleError):
+            self._fail()
+            return None
+
+    def _fail(self) -> None:
+        if not self.failed:
+            logger.debug("A background computation process failed; computing in-thread")
+        self.close()
 
     def close(self) -> None:
         """Stop the child now; a computation in flight is dropped (its caller gets ``None``)."""
         with self._lock:
-            self._failed = True
+            self.failed = True
             proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -214,6 +274,22 @@ class _VectorProcess:
                     pipe.close()
                 except OSError:
                     pass
+
+
+class _VectorProcess(_Child):
+    """Opacus' ``compute_rdp`` in a child process (see :class:`_Child`)."""
+
+    def __init__(self) -> None:
+        super().__init__(_VECTOR_CHILD, _rdp_analysis.__file__)
+
+    def compute(self, sigma: float, q: float, orders: np.ndarray) -> np.ndarray | None:
+        """The vector, or ``None`` (no child, or :meth:`close` came first). One caller."""
+        if self.failed:
+            return None
+        vec = self.request((float(sigma), float(q), orders))
+        if isinstance(vec, str):  # compute_rdp raised in the child: raise it here
+            raise ValueError(f"compute_rdp(sigma={sigma}, q={q}) failed: {vec}")
+        return vec
 
 
 def _cell(sigma: float) -> int:
@@ -936,6 +1012,10 @@ class BackgroundAccounting(Accounting):
         self._forecast_request: tuple[int, float, float] | None = None
         self._forecast: float | None = None
         self._thread: threading.Thread | None = None
+        # get_epsilon runs in a child process (see _Child): PRV's takes 0.1-1 s, GDP's a few
+        # ms but again for every step, and either way in a thread it holds the GIL.
+        self._child: _Child | None = _Child(_ACCOUNTANT_CHILD)
+        self._started = 0.0
 
     def update(self, view: View | None = None) -> Epsilon | None:
         history, n, last = self.view() if view is None else view
@@ -1073,16 +1153,18 @@ class BackgroundAccounting(Accounting):
             sigma, q, k = history[-1]
             target = k + (0 if urgent else self._ahead())
             planned = history[:-1] + ((sigma, q, target),)
-            t0 = time.monotonic()
+            self._started = time.monotonic()
             try:
-                value = float(self._clone(planned).get_epsilon(self.delta))
+                value = self._epsilon_of(planned, urgent)
+            except _Interrupted:
+                continue  # settle() or close() came: the next round takes its job
             except Exception:
                 value = None
                 self.errors += 1
                 if self.errors == 1:
                     logger.exception("Computing %s epsilon failed; training continues",
                                      self.mechanism)
-            cost = time.monotonic() - t0
+            cost = time.monotonic() - self._started  # the computation, not the child's start
             self._cost = cost if self._cost is None else 0.7 * self._cost + 0.3 * cost
             if value is not None:
                 self._learn((_prefix_key(history), sigma, q, target, value))
@@ -1126,9 +1208,34 @@ class BackgroundAccounting(Accounting):
             else:
                 planned.append((sigma, q, extra))
         try:
-            self._forecast = float(self._clone(planned).get_epsilon(self.delta))
+            self._forecast = self._epsilon_of(tuple(planned), False)
         except Exception:
             pass  # a forecast is an estimate; epsilon itself is counted when it fails
+
+    def _epsilon_of(self, history: Sequence[Segment], urgent: bool) -> float:
+        """The accountant's own ``get_epsilon`` for ``history``: in the child process when it
+        is ready (it starts with the first computation), else here -- at once when
+        :meth:`settle` waits for it (training is over: nothing left to slow down)."""
+        clone = self._clone(history)
+        child = self._child
+        if child is not None and not child.failed:
+            child.start()
+            while not urgent and not child.ready(timeout=0.05):
+                if self._stopping or self._urgent:
+                    raise _Interrupted  # settle() wants the exact value now, or close()
+                if child.failed:
+                    break
+            if child.ready():
+                self._started = time.monotonic()
+                try:
+                    answer = child.request((clone, self.delta))
+                except (pickle.PicklingError, TypeError, AttributeError):
+                    answer = None  # an accountant that cannot be sent: computed here
+                if isinstance(answer, float):
+                    return answer
+                if isinstance(answer, str):
+                    raise ValueError(f"{self.mechanism} get_epsilon failed: {answer}")
+        return float(clone.get_epsilon(self.delta))
 
     def settle(self, timeout: float = 10.0) -> bool:
         """Wait (bounded) until :attr:`latest` is exact for the last accounted step."""
@@ -1158,6 +1265,8 @@ class BackgroundAccounting(Accounting):
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
+        if self._child is not None:
+            self._child.close()  # a computation in flight is dropped
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
