@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import urllib.request
 
 import lightning.pytorch as pl
@@ -206,3 +207,52 @@ def test_closing_drops_a_vector_in_flight_at_once():
     assert not heavy.is_alive() and result == [None]
     assert child.pid not in _children()
     assert process.compute(1.0, 0.01, np.array([2.0])) is None  # closed for good
+
+
+def test_prv_epsilon_comes_from_a_child_process_that_stops_with_the_fit(monkeypatch):
+    answered: list[float] = []
+    original = accounting_module._Child.request
+
+    def spy(self, message):
+        answer = original(self, message)
+        if isinstance(message, tuple) and len(message) == 2 and isinstance(answer, float):
+            answered.append(answer)
+        return answer
+
+    monkeypatch.setattr(accounting_module._Child, "request", spy)
+    children: list[set[int]] = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            children.append(_accountant_children())
+            if trainer.global_step == 5:  # a longer run: give the child time to start
+                deadline = time.monotonic() + 60
+                while not answered and time.monotonic() < deadline:
+                    time.sleep(0.05)
+
+    monitor = PrivacyMonitor(delta=DELTA, progress_bar=False)
+    model = DPModel(accountant="prv")
+    fit(model, monitor, Watch(), max_steps=40, max_epochs=20)
+    exact = model.privacy_engine.accountant.get_epsilon(DELTA)
+    assert any(children), "no accountant child process ran during the fit"
+    assert answered, "no epsilon came from the child process"
+    assert monitor.last_snapshot.epsilon_exact == 1
+    assert monitor.last_snapshot.epsilon == pytest.approx(exact, rel=1e-9)
+    assert not _accountant_children()  # stopped with the fit
+
+
+def _accountant_children() -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                args = cmdline.read()
+        except OSError:
+            continue
+        if ppid == os.getpid() and b"import opacus.accountants" in args:
+            found.add(int(entry))
+    return found
