@@ -12,6 +12,8 @@ Rows, all on the same model (same initial weights), the same batches and the sam
   ``loss.item()`` after every step.
 - ``dp+monitor``: ``PrivacyMonitor`` with its defaults plus a target epsilon (every metric, every
   step) and an in-process ``PrometheusExporter`` serving /metrics.
+- ``dp+monitor mechanism=False``: the same without the mechanism metrics (device-side
+  reductions each step: asynchronous kernel launches on a GPU, real work on a CPU).
 
 The loop is Lightning's own (``Trainer.fit``) for every row, so the monitor runs exactly as users
 run it. Each repetition fits every row once, rows rotated, each for ``--warmup`` untimed steps and
@@ -50,7 +52,7 @@ from finetune_dp import DPTextClassifier, freeze_for_dp  # noqa: E402
 from machine import cpu_name  # noqa: E402
 from privacy_callbacks import DifferentialPrivacy, PrivacyMonitor, PrometheusExporter  # noqa: E402
 
-ROWS = ("plain", "dp", "dp+naive", "dp+monitor")
+ROWS = ("plain", "dp", "dp+naive", "dp+monitor", "dp+monitor mechanism=False")
 DELTA = 1e-5
 CONFIGS: dict[str, dict[str, int]] = {
     "tiny": dict(layers=2, hidden=32, heads=2, intermediate=64, seq=16, batch=8),
@@ -127,10 +129,11 @@ def run_block(model: DPTextClassifier, row: str, accelerator: str, warmup: int, 
         callbacks.append(private)
     if row == "dp+naive":
         callbacks.append(NaiveEpsilon(DELTA, private.privacy_engine))
-    elif row == "dp+monitor":
+    elif row.startswith("dp+monitor"):
         callbacks.append(PrivacyMonitor(delta=DELTA, target_epsilon=8.0,
                                         exporters=[PrometheusExporter(port=0)],
-                                        session_id="bench", model_name="bench"))
+                                        session_id="bench", model_name="bench",
+                                        mechanism="mechanism=False" not in row))
     timer = BlockTimer(warmup, warmup + steps - 1, cuda)
     callbacks.append(timer)
     trainer = pl.Trainer(accelerator=accelerator, devices=1, max_epochs=1,
