@@ -9,8 +9,9 @@ step on a small CPU) is fitted with Lightning's own loop, rows rotated in every 
 - ``dp``: no monitor (a timing callback only, present in every row).
 - ``monitor <accountant>``: ``PrivacyMonitor`` with its defaults, a target epsilon and an
   in-process ``PrometheusExporter`` (scraped by nobody), for RDP, PRV and GDP.
-- ``monitor rdp, sigma schedule``: the same under Opacus' ``ExponentialNoise`` stepped every
+- ``monitor rdp schedule``: the same under Opacus' ``ExponentialNoise`` stepped every
   batch (a new sigma every step).
+- ``monitor rdp mechanism=False`` (on request, ``--rows``): without the mechanism metrics.
 
 Reported per row, after 20 warm-up steps: the gap between consecutive ``on_train_batch_end``
 calls (median and mean over rounds of the per-fit median/mean), its difference to ``dp`` of the
@@ -84,7 +85,8 @@ def _fit(row: str, steps: int) -> tuple[list[float], list[float]]:
         if "schedule" in row:
             model_cls = ScheduledModel
         monitor = PrivacyMonitor(1e-5, target_epsilon=1e4, progress_bar=False,
-                                 exporters=[PrometheusExporter(port=0)])
+                                 exporters=[PrometheusExporter(port=0)],
+                                 mechanism="mechanism=False" not in row)
         _timed(monitor, hook_times)
         callbacks.append(monitor)
     model = model_cls(n=8 * steps, batch_size=8, accountant=accountant)
