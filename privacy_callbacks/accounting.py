@@ -217,7 +217,7 @@ class _Child:
                     proc = self._proc = subprocess.Popen(
                         self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                         stderr=subprocess.DEVNULL, close_fds=True)
-                except OSError:
+                except (OSError, ValueError, TypeError):  # no usable interpreter to start
                     self.failed = True
                     return None
                 self._ready = False
