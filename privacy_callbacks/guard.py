@@ -235,7 +235,7 @@ class BudgetGuard(Callback):
         """What a cleared check holds for: the step's (sigma, q) after exactly this history."""
         assert self.ledger is not None
         history = self.ledger.accounting.accountant.history
-        return sigma, q, len(history), tuple(history[-1]) if history else None
+        return sigma, q, len(history), history[-1] if history else None
 
     def _skip(self, trainer: pl.Trainer, optimizer: Any, sigma: float, q: float | None) -> None:
         probe.skip_next_step(optimizer)

@@ -166,6 +166,8 @@ class PrivacyMetrics(Callback):
         self._exhausted = False
         self._logged_step: int | None = None
         self._attached = False
+        self._log_every = 50
+        self._log_loggers = False
 
     @property
     def state_key(self) -> str:
@@ -232,6 +234,9 @@ class PrivacyMetrics(Callback):
         self.model_name = self.model_name or check_label("model_name", type(pl_module).__name__)
         planned = trainer.estimated_stepping_batches
         self._planned_steps = int(planned) if math.isfinite(planned) else None
+        # Fixed for the fit (Lightning's connectors set them; the class does not declare them).
+        self._log_every = max(1, trainer.log_every_n_steps)  # type: ignore[attr-defined]
+        self._log_loggers = bool(trainer.loggers) and self._exporting
         self._last_step = trainer.global_step
         self._samples = 0
         self._t_last = None
@@ -370,9 +375,9 @@ class PrivacyMetrics(Callback):
             self._publisher.publish_later(self._build, record)
         else:
             self._build(record)
-        every = max(1, trainer.log_every_n_steps)  # type: ignore[attr-defined]  # set by Lightning
+        every = self._log_every
         log_bar = self.progress_bar and (batch_idx == 0 or step % every == 0)
-        log_loggers = bool(trainer.loggers) and self._exporting and step % every == 0
+        log_loggers = self._log_loggers and step % every == 0
         if not (log_bar or log_loggers):
             return
         # The cadence's own value, computed now for the history now (a release labelled with

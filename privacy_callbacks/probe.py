@@ -161,18 +161,30 @@ def _hook_sample_rate(optimizer: DPOptimizer) -> float | None:
     closure gives the exact float the hook uses, so a predicted step merges with Opacus' own.
     """
     hook = getattr(optimizer, "step_hook", None)
+    cached = _HOOK_RATES.get(id(hook))
+    if cached is not None and cached[0] is hook:
+        return cached[1]  # a closure's cell is never rebound: read once per hook
     code = getattr(hook, "__code__", None)
     cells = getattr(hook, "__closure__", None)
-    if code is None or not cells:
-        return None
-    for name, cell in zip(code.co_freevars, cells):
-        if name == "sample_rate":
-            try:
-                value = cell.cell_contents
-            except ValueError:
-                return None
-            return float(value) if isinstance(value, (int, float)) else None
-    return None
+    rate = None
+    if code is not None and cells:
+        for name, cell in zip(code.co_freevars, cells):
+            if name == "sample_rate":
+                try:
+                    value = cell.cell_contents
+                except ValueError:
+                    break
+                rate = float(value) if isinstance(value, (int, float)) else None
+                break
+    if hook is not None:
+        if len(_HOOK_RATES) > 64:
+            _HOOK_RATES.clear()
+        _HOOK_RATES[id(hook)] = (hook, rate)
+    return rate
+
+
+# id(hook) -> (hook, its closure's sample rate): the hook is kept, so its id is not reused.
+_HOOK_RATES: dict[int, tuple[Any, float | None]] = {}
 
 
 def accumulated_iterations(optimizer: DPOptimizer) -> int:
