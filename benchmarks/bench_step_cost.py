@@ -11,13 +11,15 @@ step on a small CPU) is fitted with Lightning's own loop, rows rotated in every 
   in-process ``PrometheusExporter`` (scraped by nobody), for RDP, PRV and GDP.
 - ``monitor rdp schedule``: the same under Opacus' ``ExponentialNoise`` stepped every
   batch (a new sigma every step).
-- ``monitor rdp mechanism=False`` (on request, ``--rows``): without the mechanism metrics.
+- ``monitor rdp mechanism=False``, ``monitor rdp schedule no target`` (on request,
+  ``--rows``): without the mechanism metrics; without a target (so without a budget guard).
 
 Reported per row, after 20 warm-up steps: the gap between consecutive ``on_train_batch_end``
 calls (median and mean over rounds of the per-fit median/mean), its difference to ``dp`` of the
 same run, and the time spent inside the monitor's own per-step hooks on the training thread
 (``on_train_batch_start``, ``on_before_optimizer_step``, ``on_train_batch_end``; mean, p99 and
-max over every step of every round) -- the cost the ``<= 20 us`` target is about.
+max over every step of every round) -- the cost the ``<= 20 us`` target is about -- and the
+part of it spent in the accounting (epsilon for the metrics, the guard's checks).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import logging
 import os
 import statistics
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -43,7 +46,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from dp_models import DPModel, ScheduledModel  # noqa: E402
 from machine import cpu_name  # noqa: E402
-from privacy_callbacks import PrivacyMonitor, PrometheusExporter  # noqa: E402
+from privacy_callbacks import PrivacyMonitor, PrometheusExporter, accounting  # noqa: E402
 
 HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
 WARMUP = 20
@@ -57,8 +60,41 @@ class _Gap(Callback):
         self.t.append(time.perf_counter())
 
 
-def _timed(monitor: PrivacyMonitor, into: list[float]) -> None:
-    """Wrap the monitor's per-step hooks: their time per batch goes to ``into``."""
+# Time spent computing epsilon (any accounting method) on the training thread, this step.
+_EPS = [0.0, 0]  # seconds, nesting depth
+_ACCOUNTING_METHODS = ("update", "view", "epsilon_after", "steps_until", "exhaustion_steps",
+                       "exhaustion_cached", "forecast", "rdp_after", "settle")
+
+
+def _time_accounting() -> None:
+    """Wrap every accounting method: time on the training thread goes to ``_EPS``."""
+    main, clock = threading.main_thread(), time.perf_counter
+    for cls in (accounting.Accounting, accounting.RdpAccounting,
+                accounting.BackgroundAccounting):
+        for name in _ACCOUNTING_METHODS:
+            if name not in vars(cls):
+                continue
+            method = vars(cls)[name]
+
+            def timed(self: Any, *args: Any, _method: Callable[..., Any] = method,
+                      **kwargs: Any) -> Any:
+                if threading.current_thread() is not main:
+                    return _method(self, *args, **kwargs)
+                _EPS[1] += 1
+                t = clock()
+                try:
+                    return _method(self, *args, **kwargs)
+                finally:
+                    _EPS[1] -= 1
+                    if not _EPS[1]:
+                        _EPS[0] += clock() - t
+
+            setattr(cls, name, timed)
+
+
+def _timed(monitor: PrivacyMonitor, into: list[float], eps_into: list[float]) -> None:
+    """Wrap the monitor's per-step hooks: their time per batch goes to ``into``, the epsilon
+    part of it to ``eps_into``."""
     clock = time.perf_counter
     acc = [0.0]
     for name in HOOKS:
@@ -70,13 +106,14 @@ def _timed(monitor: PrivacyMonitor, into: list[float]) -> None:
             acc[0] += clock() - t
             if _name == "on_train_batch_end":
                 into.append(acc[0])
-                acc[0] = 0.0
+                eps_into.append(_EPS[0])
+                acc[0] = _EPS[0] = 0.0
 
         setattr(monitor, name, timed)
 
 
-def _fit(row: str, steps: int) -> tuple[list[float], list[float]]:
-    gap, hook_times = _Gap(), []
+def _fit(row: str, steps: int) -> tuple[list[float], list[float], list[float]]:
+    gap, hook_times, eps_times = _Gap(), [], []
     callbacks: list[Callback] = []
     accountant = "rdp"
     model_cls: type[DPModel] = DPModel
@@ -84,10 +121,10 @@ def _fit(row: str, steps: int) -> tuple[list[float], list[float]]:
         accountant = row.split()[1]
         if "schedule" in row:
             model_cls = ScheduledModel
-        monitor = PrivacyMonitor(1e-5, target_epsilon=1e4, progress_bar=False,
-                                 exporters=[PrometheusExporter(port=0)],
+        monitor = PrivacyMonitor(1e-5, target_epsilon=None if "no target" in row else 1e4,
+                                 progress_bar=False, exporters=[PrometheusExporter(port=0)],
                                  mechanism="mechanism=False" not in row)
-        _timed(monitor, hook_times)
+        _timed(monitor, hook_times, eps_times)
         callbacks.append(monitor)
     model = model_cls(n=8 * steps, batch_size=8, accountant=accountant)
     trainer = pl.Trainer(max_epochs=1, callbacks=[*callbacks, gap], logger=False,
@@ -95,7 +132,7 @@ def _fit(row: str, steps: int) -> tuple[list[float], list[float]]:
                          enable_model_summary=False, accelerator="cpu")
     trainer.fit(model)
     t = gap.t[WARMUP:]
-    return [b - a for a, b in zip(t, t[1:])], hook_times[WARMUP:]
+    return [b - a for a, b in zip(t, t[1:])], hook_times[WARMUP:], eps_times[WARMUP:]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -115,11 +152,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     gaps: dict[str, list[tuple[float, float]]] = {r: [] for r in rows}
     hooks: dict[str, list[float]] = {r: [] for r in rows}
+    eps: dict[str, list[float]] = {r: [] for r in rows}
+    _time_accounting()
     for k in range(rounds):
         for row in rows[k % len(rows):] + rows[:k % len(rows)]:
-            g, h = _fit(row, steps)
+            g, h, e = _fit(row, steps)
             gaps[row].append((statistics.median(g), statistics.mean(g)))
             hooks[row].extend(h)
+            eps[row].extend(e)
     base = rows[0]
     base_med = statistics.median(m for m, _ in gaps[base]) * 1e6
     base_mean = statistics.median(m for _, m in gaps[base]) * 1e6
@@ -129,8 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} · "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     print("| row | step median µs | over dp | step mean µs | over dp | "
-          "monitor hooks µs mean | p99 | max |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "monitor hooks µs mean | p99 | max | of which ε µs mean | p99 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     out: dict[str, Any] = {"rounds": rounds, "steps": steps, "load": load, "rows": {}}
     for row in rows:
         med = statistics.median(m for m, _ in gaps[row]) * 1e6
@@ -138,15 +178,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         h = sorted(hooks[row])
         hook = ({"mean": statistics.mean(h) * 1e6, "p99": h[int(0.99 * (len(h) - 1))] * 1e6,
                  "max": h[-1] * 1e6} if h else None)
+        e = sorted(eps[row])
+        eps_us = ({"mean": statistics.mean(e) * 1e6, "p99": e[int(0.99 * (len(e) - 1))] * 1e6}
+                  if e else None)
         out["rows"][row] = {"step_median_us": med, "step_mean_us": mean,
                             "over_dp_median_us": med - base_med,
-                            "over_dp_mean_us": mean - base_mean, "hooks_us": hook}
+                            "over_dp_mean_us": mean - base_mean, "hooks_us": hook,
+                            "epsilon_us": eps_us}
         over = "" if row == base else (
             f"+{med - base_med:.0f} ({(med / base_med - 1) * 100:+.1f} %)")
         over_m = "" if row == base else (
             f"+{mean - base_mean:.0f} ({(mean / base_mean - 1) * 100:+.1f} %)")
-        hook_cols = (" | | |" if hook is None else
-                     f" {hook['mean']:.1f} | {hook['p99']:.1f} | {hook['max']:.0f} |")
+        hook_cols = (" | | | | |" if hook is None or eps_us is None else
+                     f" {hook['mean']:.1f} | {hook['p99']:.1f} | {hook['max']:.0f} |"
+                     f" {eps_us['mean']:.1f} | {eps_us['p99']:.1f} |")
         print(f"| {row} | {med:.0f} | {over} | {mean:.0f} | {over_m} |{hook_cols}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
