@@ -361,6 +361,12 @@ class _RdpMath:
         # neither undoes the other's sum.
         self._live = _Prefix()
         self._views = _Prefix()
+        # quick_bound: the order it reads, and its running sum over the live history's finished
+        # segments, (history, segments summed, the last of them, sum, the order summed).
+        self._sub_list: list[float] = self._sub.tolist()
+        self._add_list: list[float] = self._add.tolist()
+        self._order: int | None = None
+        self._quick: tuple | None = None
         # Background worker.
         self.track_exact = track_exact
         self.on_exact: Callable[[tuple, float], None] | None = None
@@ -540,10 +546,69 @@ class _RdpMath:
         # reduction of 151 values keeps it. min is NaN if any order is, else nanargmin's value.
         best = eps.min()
         if best == best:
+            if self._order is None or eps[self._order] != best:
+                values = eps.tolist()
+                self._order = values.index(min(values))  # quick_bound's order from now on
             return float(best)
         if np.isnan(eps).all():
             return math.inf
         return float(eps[np.nanargmin(eps)])
+
+    def _bound_at(self, sigma: float, q: float, i: int) -> float | None:
+        """Order ``i`` of a cached vector at or above (sigma, q)'s, without computing one."""
+        vec = self._cached((sigma, q))
+        if vec is None and sigma > 0 and q > 0:
+            k = _cell(sigma)
+            with self._cache_lock:
+                for cell in (k, k - 1, k - 2):
+                    vec = self._grid.get((cell, q))
+                    if vec is not None:
+                        break
+            self._request(sigma, q)  # keep the grid ahead, as lookup() does
+        return None if vec is None else float(vec[i])
+
+    def quick_bound(self, history: list, extra: Segment) -> float | None:
+        """An upper bound of the epsilon after ``history`` plus ``extra``, in pure Python.
+
+        Epsilon is a minimum over the RDP orders, so the value at any one order bounds it; this
+        reads the order that was best at the last full computation, from cached vectors (exact,
+        or the grid's, which lie above) and a running sum over the history's finished segments:
+        a few dictionary look-ups a step, no array work. ``None`` when a segment has no cached
+        vector yet or no order was picked yet. Float rounding is left to the caller's margin.
+        """
+        i = self._order
+        if i is None:
+            return None
+        n = len(history)
+        quick = self._quick
+        if (quick is not None and quick[0] is history and quick[4] == i and quick[1] <= n - 1
+                and (quick[1] == 0 or history[quick[1] - 1] is quick[2])):
+            start, total, last = quick[1], quick[3], quick[2]
+        else:  # another history, or another order: its sum starts again
+            start, total, last = 0, 0.0, None
+        for j in range(start, n - 1):
+            sigma, q, steps = history[j]
+            value = self._bound_at(sigma, q, i)
+            if value is None:
+                return None
+            total += value * steps
+            last = history[j]
+        self._quick = (history, max(start, n - 1), last, total, i)
+        sigma_e, q_e, steps_e = extra
+        if n:
+            sigma, q, steps = history[n - 1]
+            if (sigma, q) == (sigma_e, q_e):
+                steps, steps_e = steps + steps_e, 0
+            value = self._bound_at(sigma, q, i)
+            if value is None:
+                return None
+            total += value * steps
+        if steps_e:
+            value = self._bound_at(sigma_e, q_e, i)
+            if value is None:
+                return None
+            total += value * steps_e
+        return total - self._sub_list[i] + self._add_list[i]
 
     def steps_until(self, history: list, target: float, noise_multiplier: float,
                     sample_rate: float) -> int | None:
@@ -746,6 +811,8 @@ class Accounting:
         # One computation at a time: the training thread (budget guard, progress bar) and the
         # publisher thread (each step's snapshot) share the RDP sums and caches.
         self._calc = threading.RLock()
+        # GDP's own bound is not RDP's: fits() always computes it in full there.
+        self._quick_off = False
 
     def view(self) -> View:
         """The accountant's history as it is now, for :meth:`update` later (microseconds)."""
@@ -806,6 +873,18 @@ class Accounting:
         with self._calc:
             rdp, _ = self._total(view, (noise_multiplier, sample_rate, extra_steps))
             return self._rdp.epsilon(rdp) + self._margin
+
+    def fits(self, target: float, noise_multiplier: float, sample_rate: float) -> bool:
+        """Whether one more step at (sigma, q) keeps epsilon at most ``target``: the answer of
+        :meth:`epsilon_after` ``(1, ...) <= target``, in microseconds when an upper bound at one
+        RDP order already shows it (:meth:`_RdpMath.quick_bound`), else computed in full."""
+        with self._calc:
+            quick = None if self._quick_off else self._rdp.quick_bound(
+                self.accountant.history, (noise_multiplier, sample_rate, 1))
+            # The margin covers float rounding (relative 1e-15 per operation) many times over.
+            if quick is not None and (quick + self._margin) * (1 + 1e-9) + 1e-12 <= target:
+                return True
+            return self.epsilon_after(1, noise_multiplier, sample_rate) <= target
 
     def steps_until(self, target: float, noise_multiplier: float,
                     sample_rate: float) -> int | None:
@@ -992,6 +1071,7 @@ class BackgroundAccounting(Accounting):
         self.min_interval = min_interval
         self._bounded = self.mechanism == "prv"
         self._gdp = self.mechanism == "gdp"
+        self._quick_off = self._gdp or not self._bounded
         self._gdp_scale = math.sqrt(2.0 * math.log(1.0 / delta))
         if self._bounded:
             self._rdp = _RdpMath(delta * (1 - 2 * _PRV_DELTA_ERROR))

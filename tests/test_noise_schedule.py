@@ -120,3 +120,48 @@ def test_bound_vectors_are_above_opacus_at_every_order():
                                             orders=orders)
             assert np.all(grid >= truth)
     math_.close()
+
+
+def test_one_order_quick_bound_is_never_below_opacus():
+    """The guard clears a step from one RDP order's value (pure Python, Accounting.fits): it
+    must never be below Opacus' epsilon for that step, for decaying, rising and mixed
+    schedules, and fits() must say no whenever Opacus' epsilon is past the target."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    from privacy_callbacks.accounting import RdpAccounting
+
+    rng = np.random.default_rng(7)
+    orders = np.array(RDPAccountant.DEFAULT_ALPHAS)
+    vectors: dict[tuple[float, float], np.ndarray] = {}
+
+    def vector(sigma: float, q: float) -> np.ndarray:
+        if (sigma, q) not in vectors:
+            vectors[sigma, q] = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
+                                                         orders=orders)
+        return vectors[sigma, q]
+
+    checked = quick_used = 0
+    for trial in range(6):
+        accountant = RDPAccountant()
+        accounting = RdpAccounting(accountant, 1e-5)
+        sigma, q = float(rng.uniform(0.8, 3.0)), float(rng.choice([0.01, 0.05, 0.125]))
+        rdp = np.zeros_like(orders)
+        for step in range(40):
+            factor = (0.99, 1.01, float(rng.uniform(0.97, 1.03)))[trial % 3]
+            sigma = max(0.5, sigma * factor)
+            accountant.step(noise_multiplier=sigma, sample_rate=q)
+            rdp = rdp + vector(sigma, q)
+            accounting.epsilon_after(1, sigma, q)  # the full path picks the order
+            for nxt in (sigma, sigma * 0.995, sigma * 1.02):
+                exact = get_privacy_spent(orders=orders, rdp=rdp + vector(nxt, q),
+                                          delta=1e-5)[0]
+                quick = accounting._rdp.quick_bound(accountant.history, (nxt, q, 1))
+                if quick is not None:
+                    quick_used += 1
+                    assert quick >= exact * (1 - 1e-12), (trial, step, nxt, quick, exact)
+                for target in (exact * 0.999, exact * (1 - 1e-12), exact * 1.001, exact * 2):
+                    if exact > target:
+                        assert not accounting.fits(target, nxt, q), (trial, step, target)
+                checked += 1
+        accounting.close()
+    assert checked == 6 * 40 * 3 and quick_used > checked // 2
