@@ -124,8 +124,9 @@ def test_training_thread_computes_no_epsilon_per_step(monkeypatch):
     assert monitor.last_snapshot.epsilon == opacus_epsilon([(1.0, 0.125, 16)])
 
 
-def _children() -> set[int]:
-    """This process's RDP vector children still running (from /proc)."""
+def _children(marker: bytes = b"_privacy_rdp") -> set[int]:
+    """This process's children whose command line holds ``marker`` (from /proc): by default
+    the RDP vector children."""
     found = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -137,7 +138,7 @@ def _children() -> set[int]:
                 args = cmdline.read()
         except OSError:
             continue
-        if ppid == os.getpid() and b"_privacy_rdp" in args:
+        if ppid == os.getpid() and marker in args:
             found.add(int(entry))
     return found
 
@@ -242,17 +243,4 @@ def test_prv_epsilon_comes_from_a_child_process_that_stops_with_the_fit(monkeypa
 
 
 def _accountant_children() -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                args = cmdline.read()
-        except OSError:
-            continue
-        if ppid == os.getpid() and b"import opacus.accountants" in args:
-            found.add(int(entry))
-    return found
+    return _children(b"import opacus.accountants")
