@@ -448,12 +448,7 @@ class _RdpMath:
         if vec is not None:
             return vec, True
         if noise_multiplier > 0 and sample_rate > 0:
-            k = _cell(noise_multiplier)
-            with self._cache_lock:
-                for cell in (k, k - 1, k - 2):
-                    vec = self._grid.get((cell, sample_rate))
-                    if vec is not None:
-                        break
+            vec = self._grid_bound(noise_multiplier, sample_rate)
             if key != self._first or self._sync_left <= 0:
                 # sigma (or q) moves: compute grid points ahead of it. One (sigma, q) alone is
                 # computed exactly right here; the grid would only cost the training thread.
@@ -554,16 +549,21 @@ class _RdpMath:
             return math.inf
         return float(eps[np.nanargmin(eps)])
 
+    def _grid_bound(self, sigma: float, q: float) -> np.ndarray | None:
+        """The cached grid vector nearest below sigma (same q), which lies above (sigma, q)'s."""
+        k = _cell(sigma)
+        with self._cache_lock:
+            for cell in (k, k - 1, k - 2):
+                vec = self._grid.get((cell, q))
+                if vec is not None:
+                    return vec
+        return None
+
     def _bound_at(self, sigma: float, q: float, i: int) -> float | None:
         """Order ``i`` of a cached vector at or above (sigma, q)'s, without computing one."""
         vec = self._cached((sigma, q))
         if vec is None and sigma > 0 and q > 0:
-            k = _cell(sigma)
-            with self._cache_lock:
-                for cell in (k, k - 1, k - 2):
-                    vec = self._grid.get((cell, q))
-                    if vec is not None:
-                        break
+            vec = self._grid_bound(sigma, q)
             self._request(sigma, q)  # keep the grid ahead, as lookup() does
         return None if vec is None else float(vec[i])
 

@@ -103,8 +103,7 @@ class ComplianceAudit(Callback):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        PrivacyLedger.note_checkpoint(trainer, checkpoint)
-        states = trainer.__dict__.get("_privacy_checkpoint_states") or []
+        states = PrivacyLedger.note_checkpoint(trainer, checkpoint)
         self._resumed = states[0] if states else None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

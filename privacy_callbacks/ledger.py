@@ -149,7 +149,7 @@ class PrivacyLedger:
                 "history": [list(seg) for seg in accountant.history]}
 
     @staticmethod
-    def note_checkpoint(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+    def note_checkpoint(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
         """Keep the privacy states a checkpoint holds, for :meth:`restore` (``on_load_checkpoint``).
 
         Any of this package's callbacks saved one; a fit resumed with other callbacks or other
@@ -160,6 +160,7 @@ class PrivacyLedger:
                  if isinstance(key, str) and key.startswith(_STATE_OWNERS)
                  and isinstance(state, dict) and "history" in state]
         trainer.__dict__[_CHECKPOINT_STATES] = found
+        return found
 
     def restore(self, trainer: pl.Trainer, allow_privacy_reset: bool,
                 target_epsilon: float | None = None) -> None:

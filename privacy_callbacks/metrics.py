@@ -61,6 +61,23 @@ def check_exporters(exporters: Sequence[Exporter]) -> tuple[Exporter, ...]:
     return found
 
 
+def load_saved_with_other_settings(callback: Any, checkpoint: dict[str, Any]) -> None:
+    """Load ``callback``'s state saved under another ``state_key`` (``on_load_checkpoint``).
+
+    The state_key comes from the settings; a run resumed with other settings (a new target,
+    another exporter, no session name) must still find its session. Lightning loads the
+    callback's own key after this hook; with no such key, a checkpoint holding a single state
+    of the callback's class is its.
+    """
+    states = checkpoint.get("callbacks") or {}
+    if callback.state_key in states or callback._legacy_state_key in states:
+        return
+    mine = [state for key, state in states.items()
+            if isinstance(key, str) and key.startswith(type(callback).__qualname__)]
+    if len(mine) == 1:
+        callback.load_state_dict(mine[0])
+
+
 class PrivacyMetrics(Callback):
     """Publishes the privacy spent by an Opacus DP-SGD run after every optimizer step.
 
@@ -311,17 +328,7 @@ class PrivacyMetrics(Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         PrivacyLedger.note_checkpoint(trainer, checkpoint)
-        # The state_key comes from the settings; a run resumed with other settings (a new
-        # target, another exporter, no session name) must still find its session. Lightning
-        # loads our own key after this hook; with no such key, a checkpoint holding a single
-        # state of this class is ours.
-        states = checkpoint.get("callbacks") or {}
-        if self.state_key in states or self._legacy_state_key in states:
-            return
-        mine = [state for key, state in states.items()
-                if isinstance(key, str) and key.startswith(type(self).__qualname__)]
-        if len(mine) == 1:
-            self.load_state_dict(mine[0])
+        load_saved_with_other_settings(self, checkpoint)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning restores callback state before or after on_fit_start depending on the

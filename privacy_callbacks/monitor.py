@@ -14,7 +14,7 @@ from .compliance import DPPolicy
 from .compliance_audit import ComplianceAudit, check_policy, check_thresholds
 from .exporters.base import Exporter
 from .guard import BudgetGuard, check_delta, check_target
-from .metrics import PrivacyMetrics, check_exporters
+from .metrics import PrivacyMetrics, check_exporters, load_saved_with_other_settings
 from .oversight import DEFAULT_THRESHOLDS
 from .snapshot import PrivacySnapshot
 
@@ -240,14 +240,7 @@ class PrivacyMonitor(Callback):
                            checkpoint: dict[str, Any]) -> None:
         for part in self.parts:
             part.on_load_checkpoint(trainer, pl_module, checkpoint)
-        # As PrivacyMetrics does for its own key: a checkpoint saved with other settings.
-        states = checkpoint.get("callbacks") or {}
-        if self.state_key in states or self._legacy_state_key in states:
-            return
-        mine = [state for key, state in states.items()
-                if isinstance(key, str) and key.startswith(type(self).__qualname__)]
-        if len(mine) == 1:
-            self.load_state_dict(mine[0])
+        load_saved_with_other_settings(self, checkpoint)
 
     # -- every hook goes to the parts that have it, in order ----------------------------------
 
