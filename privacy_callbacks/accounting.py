@@ -90,6 +90,10 @@ _AHEAD = 4
 # few of a run (a constant sigma is exact from its first step, and a sigma raised once, as a
 # budget guard's check of it, exact at once); after that the worker does it.
 _SYNC = 4
+# A falling sigma with nothing cached below it: one vector computed at this fraction of it
+# bounds every step until sigma falls below it (about 100 steps of a 0.999 decay), by when
+# the worker's grid has come.
+_FLOOR = 0.9
 # A background exact prefix is taken over only when at most this many segments follow it.
 _REBASE = 4
 # Orders per piece of a background vector computation (about 1 ms each).
@@ -115,6 +119,12 @@ class _SharedVectors:
             if vec is not None:
                 self._vectors.move_to_end(key)
             return vec
+
+    def of_rate(self, orders_key: bytes, q: float) -> list[tuple[float, np.ndarray]]:
+        """Every (sigma, vector) kept for these orders and sample rate ``q``."""
+        with self._lock:
+            return [(key[1], vec) for key, vec in self._vectors.items()
+                    if key[2] == q and key[0] == orders_key]
 
     def clear(self) -> None:
         """Forget every vector (what a new process starts with)."""
@@ -351,6 +361,9 @@ class _RdpMath:
             collections.OrderedDict())
         self._cache_lock = threading.Lock()
         self._sync_left = _SYNC
+        # Of those, computed exactly: a constant sigma and one change of it (a resumed or
+        # replaced history, a sigma lowered once) are exact at once.
+        self._exact_sync = 2
         # The first (sigma, q) looked up: until another one comes, sigma is not moving and the
         # worker has nothing to compute ahead.
         self._first: tuple[float, float] | None = None
@@ -449,14 +462,32 @@ class _RdpMath:
             return vec, True
         if noise_multiplier > 0 and sample_rate > 0:
             vec = self._grid_bound(noise_multiplier, sample_rate)
-            if key != self._first or self._sync_left <= 0:
+            moving = key != self._first
+            if moving or self._sync_left <= 0:
                 # sigma (or q) moves: compute grid points ahead of it. One (sigma, q) alone is
                 # computed exactly right here; the grid would only cost the training thread.
                 self._request(noise_multiplier, sample_rate)
             if vec is not None:
                 return vec, False
+            if moving and self._exact_sync <= 0:
+                # sigma keeps moving (a schedule). Until the grid comes: a cached vector a
+                # little below sigma bounds it, else one computed here at _FLOOR * sigma,
+                # which bounds the next steps too.
+                below = self._below(noise_multiplier, sample_rate, _FLOOR * noise_multiplier)
+                if below is not None:
+                    return below[1], False
+                if self._sync_left > 0:
+                    self._sync_left -= 1
+                    floor = _FLOOR * noise_multiplier
+                    vec = self._compute(floor, sample_rate)
+                    self._store((floor, sample_rate), vec)
+                    return vec, False
+                below = self._below(noise_multiplier, sample_rate, 0.0)
+                if below is not None:  # further below: looser, still far tighter than none
+                    return below[1], False
         if self._sync_left > 0 or noise_multiplier <= 0 or sample_rate <= 0:
             self._sync_left -= noise_multiplier > 0 and sample_rate > 0
+            self._exact_sync -= 1
             vec = self._compute(noise_multiplier, sample_rate)
             self._store(key, vec)
             return vec, True
@@ -492,6 +523,30 @@ class _RdpMath:
             st.exact = st.exact and exact
             st.last = history[i]
         st.n = n_prefix
+
+    def exact_total(self, history: list, extra: Segment) -> np.ndarray | int:
+        """RDP of ``history`` plus ``extra`` from exact vectors only: the worker's exact prefix
+        where it matches, cached vectors, else computed here (Opacus' ``compute_rdp``, 6-70 ms
+        each). For the one decision a bound must not make: skipping a step."""
+        start, rdp = 0, 0
+        pub = self._pub
+        n = len(history)
+        if pub is not None and pub[0] is history and 0 < pub[1] < n and (
+                history[pub[1] - 1] is pub[2]):
+            start, rdp = pub[1], pub[3]
+        segments = list(history[start:])
+        sigma_e, q_e, steps_e = extra
+        if segments and segments[-1][:2] == (sigma_e, q_e):
+            segments[-1] = (sigma_e, q_e, segments[-1][2] + steps_e)
+        elif steps_e:
+            segments.append(extra)
+        for sigma, q, steps in segments:
+            vec = self._cached((sigma, q))
+            if vec is None:
+                vec = self._compute(sigma, q)
+                self._store((sigma, q), vec)
+            rdp = rdp + vec * steps
+        return rdp
 
     def total(self, history: list, extra: Segment | None = None,
               view: tuple[int, Segment | None] | None = None) -> tuple[np.ndarray | int, int]:
@@ -564,8 +619,28 @@ class _RdpMath:
         vec = self._cached((sigma, q))
         if vec is None and sigma > 0 and q > 0:
             vec = self._grid_bound(sigma, q)
+            if vec is None:
+                below = self._below(sigma, q, 0.0)
+                vec = None if below is None else below[1]
             self._request(sigma, q)  # keep the grid ahead, as lookup() does
         return None if vec is None else float(vec[i])
+
+    def _below(self, sigma: float, q: float, lowest: float,
+               highest: bool = True) -> tuple[float, np.ndarray] | None:
+        """A cached vector of q (exact or the grid's) at a sigma in [lowest, sigma], with that
+        sigma: the highest such (the tightest bound) or, ``highest=False``, the lowest (the
+        bound that holds the longest while sigma falls). RDP decreases in sigma, so it bounds
+        (sigma, q) at every order."""
+        best: tuple[float, np.ndarray] | None = None
+        with self._cache_lock:
+            points = [(math.exp(cell * _GRID), vec) for (cell, rate), vec in self._grid.items()
+                      if rate == q]
+            points += [(at, vec) for (at, rate), vec in self._vectors.items() if rate == q]
+        points += _SHARED.of_rate(self._orders_key, q)  # computed by an earlier fit
+        for at, vec in points:
+            if lowest <= at <= sigma and (best is None or (at > best[0]) == highest):
+                best = at, vec
+        return best
 
     def quick_bound(self, history: list, extra: Segment) -> float | None:
         """An upper bound of the epsilon after ``history`` plus ``extra``, in pure Python.
@@ -609,6 +684,36 @@ class _RdpMath:
                 return None
             total += value * steps_e
         return total - self._sub_list[i] + self._add_list[i]
+
+    def allowance(self, history: list, limit: float, sigma: float,
+                  q: float) -> tuple[int, float] | None:
+        """Steps that surely keep :meth:`quick_bound` at most ``limit``, and the sigma floor they
+        hold for: ``(k, floor)`` such that any ``k`` further steps, each at sample rate ``q`` and
+        a noise multiplier ``>= floor``, keep it there.
+
+        The per-step increment is the cached vector at ``floor`` -- the lowest one kept within
+        ``_FLOOR`` below ``sigma`` (a falling sigma stays above it for many steps), else the
+        highest below -- read at the quick bound's order: Opacus' subsampled-Gaussian RDP
+        decreases in sigma at every order, so each such step adds at most that much. Pure
+        Python, no vector computed; ``None`` when nothing cached bounds (sigma, q) yet.
+        """
+        i = self._order
+        if i is None or not (sigma > 0 and q > 0):
+            return None
+        now = self.quick_bound(history, (sigma, q, 0))
+        if now is None:
+            return None
+        below = (self._below(sigma, q, _FLOOR * sigma, highest=False)
+                 or self._below(sigma, q, 0.0))
+        if below is None:
+            return None
+        floor, vec = below
+        step = float(vec[i])
+        room = limit - now
+        if not (step > 0 and room > 0):
+            return (0, floor) if step > 0 else None
+        # A relative 1e-9 off the count covers the float rounding of the running sum.
+        return max(0, math.floor(room / step * (1 - 1e-9))), floor
 
     def steps_until(self, history: list, target: float, noise_multiplier: float,
                     sample_rate: float) -> int | None:
@@ -884,7 +989,54 @@ class Accounting:
             # The margin covers float rounding (relative 1e-15 per operation) many times over.
             if quick is not None and (quick + self._margin) * (1 + 1e-9) + 1e-12 <= target:
                 return True
-            return self.epsilon_after(1, noise_multiplier, sample_rate) <= target
+            if self.epsilon_after(1, noise_multiplier, sample_rate) <= target:
+                return True
+            if self._rdp.exact or self._quick_off:  # GDP: its own bound, not RDP's
+                return False
+            # A bound (a noise schedule's sigma not on the grid yet) says no: the exact value
+            # decides, or a guard would stop a fit that still has budget.
+            rdp = self._rdp.exact_total(self.accountant.history,
+                                        (noise_multiplier, sample_rate, 1))
+            return self._rdp.epsilon(rdp) + self._margin <= target
+
+    def credit(self, target: float, noise_multiplier: float,
+               sample_rate: float) -> tuple[int, float, bool] | None:
+        """Further steps that surely keep :meth:`epsilon_after` at most ``target``, without
+        computing anything: ``(k, floor, exact)``, such that any ``k`` further steps, each at
+        this sample rate and a noise multiplier ``>= floor``, keep it there; ``exact`` when
+        ``k`` is :meth:`exhaustion_steps` itself.
+
+        The cached count of :meth:`exhaustion_steps` when it holds (floor: sigma itself),
+        else one RDP order's bound with the lowest cached vector at or below sigma
+        (:meth:`_RdpMath.allowance`; a noise schedule's sigma stays above it for many steps).
+        ``None`` when neither is at hand: ask :meth:`fits`.
+        """
+        left = self.exhaustion_cached(target, noise_multiplier, sample_rate)
+        if left is None:
+            return 1 << 62, noise_multiplier, False  # unbounded
+        if left is not MISSING:
+            return left, noise_multiplier, True
+        if self._quick_off:
+            return None
+        with self._calc:
+            # The same margins as fits(): (bound + margin) * (1 + 1e-9) + 1e-12 <= target.
+            limit = (target - 1e-12) / (1 + 1e-9) - self._margin
+            bound = self._rdp.allowance(self.accountant.history, limit, noise_multiplier,
+                                        sample_rate)
+        return None if bound is None else (*bound, False)
+
+    def keep_bound_current(self) -> None:
+        """Bring the running sum of :meth:`credit` and :meth:`fits` up to the history's
+        finished segments (off the training thread, a few microseconds a new segment): under
+        a noise schedule a guard's next check then sums a few segments, not a hundred."""
+        if self._quick_off or self._rdp._order is None:
+            return
+        history = self.accountant.history
+        n = len(history)
+        if n:
+            last = history[n - 1]
+            with self._calc:
+                self._rdp.quick_bound(history, (last[0], last[1], 0))
 
     def steps_until(self, target: float, noise_multiplier: float,
                     sample_rate: float) -> int | None:

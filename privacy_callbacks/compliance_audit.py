@@ -79,7 +79,7 @@ class ComplianceAudit(Callback):
         self._exporting = False
         self._resumed: dict[str, Any] | None = None
         self._last_step = -1
-        self._stepped = False
+        self._start_step = -1
 
     @property
     def state_key(self) -> str:
@@ -98,8 +98,7 @@ class ComplianceAudit(Callback):
         self.ledger.subscribe(self.event)
         self.ledger.watch(self._observe)
         self._exporting = trainer.is_global_zero
-        self._last_step = trainer.global_step
-        self._stepped = False
+        self._last_step = self._start_step = trainer.global_step
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -110,7 +109,7 @@ class ComplianceAudit(Callback):
         ledger = self.ledger
         assert ledger is not None
         ledger.restore(trainer, self.allow_privacy_reset, self.target_epsilon)
-        self._last_step = trainer.global_step
+        self._last_step = self._start_step = trainer.global_step
         resumed, self._resumed = self._resumed, None
         oversight = self.oversight
         if not oversight.active or not self._exporting:
@@ -139,15 +138,17 @@ class ComplianceAudit(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        ledger, step = self.ledger, trainer.global_step
-        if ledger is None or step == self._last_step or not self._exporting:
-            return
-        self._last_step, self._stepped = step, True
-        if ledger.reporter is None:
-            # No metrics callback computes each step's epsilon: compute it here.
-            latest = ledger.accounting.update()
-            if latest is not None:
-                self._observe(latest, step)
+        ledger = self.ledger
+        if ledger is None or ledger.reporter is not None or not self._exporting:
+            return  # a metrics callback computes each step's epsilon, and calls _observe
+        step = trainer.global_step
+        if step == self._last_step:
+            return  # no optimizer step in this batch (gradient accumulation)
+        self._last_step = step
+        # No metrics callback computes each step's epsilon: compute it here.
+        latest = ledger.accounting.update()
+        if latest is not None:
+            self._observe(latest, step)
 
     def _observe(self, latest: Epsilon, step: int) -> None:
         """One step's epsilon: audit the thresholds and policy limits it crosses."""
@@ -166,7 +167,7 @@ class ComplianceAudit(Callback):
         if ledger is None or not self._exporting or not self.oversight.active:
             return
         accounting = ledger.accounting
-        if not self._stepped:
+        if trainer.global_step == self._start_step:
             return  # no step in this fit
         accounting.settle(timeout=10.0)
         latest = accounting.latest

@@ -41,15 +41,19 @@ class BudgetGuard(Callback):
     """Stops the fit before any optimizer step that would take epsilon past ``target_epsilon``.
 
     Modelled on Lightning's ``EarlyStopping``, with the accountant as the monitored quantity.
-    After each optimizer step it computes epsilon for one more step at the noise multiplier and
-    sample rate Opacus will account next, and sets ``trainer.should_stop`` if that step would
-    pass the target. Right before each optimizer step it checks the exact step Opacus is about
-    to account (a noise scheduler, a partial accumulation at an epoch's end or ``min_steps``
-    can change it) and skips that step -- its batch is dropped, never released -- if it would
-    pass. Epsilon after the fit is at most the target. For PRV and GDP accountants the checks
-    use the upper bounds of :mod:`privacy_callbacks.accounting`: it may stop a little early,
-    never late. Under DDP every rank decides from the same inputs (checked once at the start),
-    so every rank stops on the same step with no per-step collective.
+    Right before each optimizer step it checks the exact step Opacus is about to account (its
+    noise multiplier and sample rate: a noise scheduler, a partial accumulation at an epoch's
+    end or ``min_steps`` can change them) and skips that step -- its batch is dropped, never
+    released -- if it would pass the target. After a step it sets ``trainer.should_stop`` if
+    one more step at the noise multiplier now set would pass. A check grants a credit: how many
+    further steps at that sample rate and at least a floor noise multiplier surely fit (the
+    accountant's own count, or one RDP order's bound); the steps it covers are cleared by
+    comparing sigma, q and the history's last segment, with nothing computed. A step is
+    skipped, or the fit stopped, only on an exact RDP value, never on a looser bound. Epsilon
+    after the fit is at most the target. For PRV and GDP accountants the checks use the upper
+    bounds of :mod:`privacy_callbacks.accounting`: it may stop a little early, never late.
+    Under DDP every rank decides from the same inputs (checked once at the start), so every
+    rank stops on the same step with no per-step collective.
 
     Args:
         target_epsilon: The epsilon budget.
@@ -87,8 +91,13 @@ class BudgetGuard(Callback):
         self._planned_steps: int | None = None
         self._accumulate = 1
         self._last_step = -1
-        # (sigma, q, accountant state) for which one more step is known to stay within the target.
-        self._cleared: tuple[Any, ...] | None = None
+        # Steps known to stay within the target without computing anything:
+        # (count, sigma floor, q, segments, last segment) -- any `count` further steps at q and
+        # a sigma >= floor fit, while the history is (segments, last segment) before the next.
+        self._credit: tuple[Any, ...] | None = None
+        self._exact_count = False  # the credit is the accountant's own count at one sigma
+        self._recheck = False  # the after-step check is due (the credit ran out)
+        self._rates: dict[int, probe.AccountedRate] = {}
         # Optimizers whose last step the guard skipped: what it accumulated is dropped after it.
         self._skipped: list[Any] = []
 
@@ -107,7 +116,8 @@ class BudgetGuard(Callback):
         self._planned_steps = int(planned) if math.isfinite(planned) else None
         self._last_step = trainer.global_step
         self.stopped = False
-        self._cleared = None
+        self._forget()
+        self._rates = {id(opt): probe.AccountedRate(opt) for opt in self._optimizers}
         self._skipped = []
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -119,6 +129,7 @@ class BudgetGuard(Callback):
         self.ledger.restore(trainer, self.allow_privacy_reset, self.target_epsilon)
         self._agree_across_ranks(trainer)
         self._last_step = trainer.global_step
+        self._forget()  # a restored history is not the one any credit was counted from
         self._check_plan(trainer)
 
     def state_dict(self) -> dict[str, Any]:
@@ -167,7 +178,16 @@ class BudgetGuard(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._drop_skipped()
+        if self._skipped:
+            self._drop_skipped()
+        if self.stop and not self._recheck:
+            # The step just run was cleared with room for at least one more at its q and any
+            # sigma above the credit's floor: nothing to stop, unless a scheduler has already
+            # set a lower sigma. (No optimizer step in this batch: nothing to check either.)
+            credit = self._credit
+            if credit is None or self._optimizers[0].noise_multiplier >= credit[1]:
+                return
+        self._recheck = False
         ledger, step = self.ledger, trainer.global_step
         if ledger is None or step == self._last_step:
             return  # no optimizer step in this batch (gradient accumulation)
@@ -186,7 +206,8 @@ class BudgetGuard(Callback):
         ledger.exhaustion = _NOT_CHECKED if left is MISSING else left
         if self.stopped:
             return
-        if left is MISSING:
+        if left is MISSING or left == 0:
+            # A count of 0 may come from bounds; fits() decides a stop on the exact value.
             left = None if accounting.fits(self.target_epsilon, sigma, q) else 0
         if left == 0:
             if not self.stop:
@@ -194,36 +215,75 @@ class BudgetGuard(Callback):
                 return
             self._stop(trainer, step, sigma, q, skipped=False)
         else:
-            self._cleared = self._cleared_key(sigma, q)
+            # The next step at this (sigma, q) fits: a credit of one.
+            self._grant(1 if left is None else left, sigma, q, history, exact=left is not None)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Any) -> None:
         # The check after the last step used the sigma and q of that moment; a noise scheduler,
         # a partial accumulation at the end of an epoch or a fit that must go on (min_epochs)
-        # can change what this step accounts. Re-check the exact step Opacus is about to account
-        # (microseconds, and only when sigma or q differ) and skip it if it would pass.
+        # can change what this step accounts. Check the exact step Opacus is about to account
+        # and skip it if it would pass. Most steps are cleared by the credit of an earlier
+        # check (a comparison of sigma, q and the history's last segment, nothing computed).
         ledger = self.ledger
-        if ledger is None or not self.stop or optimizer not in self._optimizers:
+        if ledger is None or not self.stop:
             return
+        rate = self._rates.get(id(optimizer))
+        if rate is None:
+            return  # not a DP optimizer of this fit
         sigma = float(optimizer.noise_multiplier)
-        q = probe.accounted_sample_rate(optimizer)
+        q = rate()
         if q is None:
             # What this step will be charged cannot be known, so it cannot be checked.
             self._skip(trainer, optimizer, sigma, None)
             return
-        key = self._cleared_key(sigma, q)
-        if key == self._cleared:
+        accounting = ledger.accounting
+        history = accounting.accountant.history
+        credit = self._credit
+        if credit is not None and sigma >= credit[1] and q == credit[2]:
+            n = len(history)
+            if n == credit[3] and history[n - 1] == credit[4]:
+                self._spend(credit[0], credit[1], sigma, q, n, credit[4])
+                return
+        target = self.target_epsilon
+        grant = accounting.credit(target, sigma, q)
+        if grant is not None and grant[0] >= 1:
+            self._exact_count = grant[2]
+        elif accounting.fits(target, sigma, q):
+            grant, self._exact_count = (1, sigma, False), False
+        else:
+            self._credit = None
+            self._skip(trainer, optimizer, sigma, q)
             return
-        if ledger.accounting.fits(self.target_epsilon, sigma, q):
-            self._cleared = key
-            return
-        self._skip(trainer, optimizer, sigma, q)
+        n = len(history)
+        self._spend(grant[0], grant[1], sigma, q, n, history[n - 1] if n else None)
 
-    def _cleared_key(self, sigma: float, q: float) -> tuple[Any, ...]:
-        """What a cleared check holds for: the step's (sigma, q) after exactly this history."""
+    def _spend(self, count: int, floor: float, sigma: float, q: float, n: int,
+               last: Any) -> None:
+        """Clear the step about to be accounted at (sigma, q) from a credit of ``count``
+        steps, the history being (``n`` segments, ``last``); keep the rest for the next."""
+        left = count - 1
         assert self.ledger is not None
-        history = self.ledger.accounting.accountant.history
-        return sigma, q, len(history), history[-1] if history else None
+        # The accountant's own count of steps left holds for its sigma only.
+        self.ledger.exhaustion = left if self._exact_count and sigma == floor else _NOT_CHECKED
+        if left <= 0:
+            self._credit, self._recheck = None, True
+            return
+        # The history once Opacus accounted this step (its accountants merge a step into the
+        # last segment when sigma and q are the same).
+        if last is not None and last[0] == sigma and last[1] == q:
+            self._credit = (left, floor, q, n, (last[0], last[1], last[2] + 1))
+        else:
+            self._credit = (left, floor, q, n + 1, (sigma, q, 1))
+
+    def _grant(self, count: int, sigma: float, q: float, history: list, exact: bool) -> None:
+        """A credit of ``count`` steps at (sigma, q) from the history as it is now."""
+        n = len(history)
+        self._credit = (count, sigma, q, n, history[n - 1] if n else None)
+        self._exact_count = exact
+
+    def _forget(self) -> None:
+        self._credit, self._exact_count, self._recheck = None, False, False
 
     def _skip(self, trainer: pl.Trainer, optimizer: Any, sigma: float, q: float | None) -> None:
         probe.skip_next_step(optimizer)
@@ -243,7 +303,7 @@ class BudgetGuard(Callback):
         already = self.stopped
         trainer.should_stop = True
         self.stopped = True
-        self._cleared = None
+        self._forget()
         ledger = self.ledger
         assert ledger is not None
         ledger.exhausted = True

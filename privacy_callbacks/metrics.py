@@ -18,7 +18,7 @@ from . import probe
 from .accounting import Epsilon
 from .exporters.base import Exporter, RunInfo
 from .guard import check_delta, check_target
-from .ledger import _NOT_CHECKED, PrivacyLedger
+from .ledger import _NOT_CHECKED, PrivacyLedger, step_progress
 from .pii import check_label, protect_loggers
 from .publisher import Publisher
 from .security import RiskBound, attack_results
@@ -177,6 +177,7 @@ class PrivacyMetrics(Callback):
         self._exporting = False
         self._started = False
         self._last_step = -1
+        self._progress: Any = None  # step_progress(trainer), from on_train_start
         self._samples = 0
         self._batches = 0
         self._t_last: float | None = None
@@ -337,6 +338,7 @@ class PrivacyMetrics(Callback):
         self.ledger.restore(trainer, self.allow_privacy_reset, self.target_epsilon)
         self._session_baseline()
         self._last_step = trainer.global_step
+        self._progress = step_progress(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t_last = None
@@ -365,7 +367,8 @@ class PrivacyMetrics(Callback):
         self._batches += 1
         if self.raw_private_statistics:
             self._samples += _batch_len(batch)
-        step, ledger = trainer.global_step, self.ledger
+        progress, ledger = self._progress, self.ledger
+        step = trainer.global_step if progress is None else progress.completed
         if step == self._last_step or ledger is None:
             return  # no optimizer step in this batch (gradient accumulation)
         self._last_step = step
@@ -434,6 +437,7 @@ class PrivacyMetrics(Callback):
                 exhaustion = (guard_exhaustion if guard_exhaustion is not _NOT_CHECKED
                               else accounting.exhaustion_steps(target, sigma, q))
         if target is not None:
+            accounting.keep_bound_current()  # for a budget guard's next check
             if eps is not None:
                 remaining = target - eps
             # A guard's decision, or (reporting only) one more step would pass the target.
@@ -524,6 +528,7 @@ class PrivacyMetrics(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._progress = None
         if self._probe is not None:
             self._probe.close()
             self._probe = None

@@ -53,10 +53,10 @@ logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning,
                         module=__name__)
 
-__all__ = ["HOW_TO_WIRE", "MechanismProbe", "accounted_sample_rate", "discard_skipped_step",
-           "dp_config", "find_accountant", "find_dp_optimizers", "gradient_noise_multiplier",
-           "global_expected_batch_size", "secure_mode", "skip_next_step",
-           "training_data_facts"]
+__all__ = ["HOW_TO_WIRE", "AccountedRate", "MechanismProbe", "accounted_sample_rate",
+           "discard_skipped_step", "dp_config", "find_accountant", "find_dp_optimizers",
+           "gradient_noise_multiplier", "global_expected_batch_size", "secure_mode",
+           "skip_next_step", "training_data_facts"]
 
 HOW_TO_WIRE = (
     "Wire Opacus as its Lightning example does: create `self.privacy_engine = PrivacyEngine()` in "
@@ -232,6 +232,47 @@ def accounted_sample_rate(optimizer: DPOptimizer, accumulated: int | None = None
         accumulated = accumulated_iterations(optimizer)
     # Same operands and order as the hook: sample_rate * accumulated_iterations.
     return rate * accumulated
+
+
+class AccountedRate:
+    """:func:`accounted_sample_rate` of one optimizer, in a few attribute reads per step.
+
+    Caches what a step does not change: Opacus' hook and its closure's rate, and the first
+    trained parameter, whose ``grad_sample`` says the batches accumulated. Anything else
+    (another hook, a hook that states its own rate, a parameter no longer trained, no
+    per-sample gradients) takes :func:`accounted_sample_rate` itself.
+    """
+
+    __slots__ = ("optimizer", "_hook", "_rate", "_param")
+
+    def __init__(self, optimizer: DPOptimizer) -> None:
+        self.optimizer = optimizer
+        self._hook: Any = None
+        self._rate: float | None = None
+        self._param: Any = None
+
+    def __call__(self) -> float | None:
+        optimizer = self.optimizer
+        rate, param = self._rate, self._param
+        if (rate is not None and param is not None and param.requires_grad
+                and getattr(optimizer, "step_hook", None) is self._hook):
+            samples = getattr(param, "grad_sample", None)
+            if type(samples) is list:
+                return rate * len(samples)  # as the hook: sample_rate * accumulated_iterations
+            if isinstance(samples, torch.Tensor):
+                return rate * 1
+        return self._slow()
+
+    def _slow(self) -> float | None:
+        optimizer = self.optimizer
+        hook = getattr(optimizer, "step_hook", None)
+        self._hook, self._rate, self._param = hook, None, None
+        if not callable(getattr(getattr(hook, "__self__", None), "accounted_sample_rate",
+                                None)):
+            self._rate = _hook_sample_rate(optimizer)
+            self._param = next((p for group in optimizer.param_groups
+                                for p in group["params"] if p.requires_grad), None)
+        return accounted_sample_rate(optimizer)
 
 
 def gradient_noise_multiplier(optimizer: DPOptimizer, sigma: float | None = None) -> float:

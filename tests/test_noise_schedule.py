@@ -167,3 +167,98 @@ def test_one_order_quick_bound_is_never_below_opacus():
     # How often the quick bound applies depends on how far the background grid got (timing);
     # a constant sigma's first step always has its exact vector.
     assert checked == 6 * 40 * 3 and quick_used > 0
+
+
+def test_a_credit_never_admits_a_step_past_the_target():
+    """The budget guard clears most steps from a credit (Accounting.credit): k further steps at
+    any sigma >= a floor. Adversarially: k steps at the floor itself (the worst sigma the credit
+    admits), for decaying, rising and mixed schedules and targets right at the edge, must keep
+    Opacus' own epsilon within the target."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    from privacy_callbacks.accounting import RdpAccounting
+
+    rng = np.random.default_rng(11)
+    orders = np.array(RDPAccountant.DEFAULT_ALPHAS)
+    vectors: dict[tuple[float, float], np.ndarray] = {}
+
+    def vector(sigma: float, q: float) -> np.ndarray:
+        if (sigma, q) not in vectors:
+            vectors[sigma, q] = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
+                                                         orders=orders)
+        return vectors[sigma, q]
+
+    def opacus(rdp: np.ndarray) -> float:
+        return float(get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)[0])
+
+    bounded = exact_counts = 0
+    for trial in range(6):
+        accountant = RDPAccountant()
+        accounting = RdpAccounting(accountant, 1e-5)
+        sigma, q = float(rng.uniform(0.8, 3.0)), float(rng.choice([0.01, 0.05, 0.125]))
+        rdp = np.zeros_like(orders)
+        for step in range(30):
+            factor = (0.995, 1.01, float(rng.uniform(0.97, 1.03)))[trial % 3]
+            sigma = max(0.5, sigma * factor)
+            accountant.step(noise_multiplier=sigma, sample_rate=q)
+            rdp = rdp + vector(sigma, q)
+            accounting.epsilon_after(1, sigma, q)  # a full check: picks the order, vectors
+            nxt = sigma * factor
+            for m in (1, 3, 12):
+                edge = opacus(rdp + m * vector(nxt, q))
+                for target in (edge * (1 - 1e-9), edge, edge * 1.05):
+                    if step % 5 == 0 and m == 3:  # the metrics' count, when it is at hand
+                        accounting.exhaustion_steps(target, nxt, q)
+                    credit = accounting.credit(target, nxt, q)
+                    if credit is None or credit[0] < 1:
+                        continue
+                    k, floor, exact = credit
+                    assert floor <= nxt
+                    worst = opacus(rdp + k * vector(floor, q))
+                    assert worst <= target, (trial, step, m, target, credit, worst)
+                    if exact:
+                        exact_counts += 1
+                        assert k == accounting.exhaustion_steps(target, nxt, q)
+                    else:
+                        bounded += 1
+        accounting.close()
+    assert bounded > 50 and exact_counts > 0, (bounded, exact_counts)
+
+
+def test_guard_under_a_schedule_clears_steps_from_credit_and_stops_at_the_edge(monkeypatch):
+    """A budget guard on a noise schedule (a new sigma every step) stops where Opacus' epsilon
+    would pass the target, and clears most steps without computing anything."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    from privacy_callbacks.accounting import Accounting
+
+    checks = []
+    original = Accounting.fits
+
+    def counted(self, *args):
+        checks.append(args)
+        return original(self, *args)
+
+    monkeypatch.setattr(Accounting, "fits", counted)
+    orders = RDPAccountant.DEFAULT_ALPHAS
+
+    def opacus(history) -> float:
+        rdp = sum(rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders)
+                  for s, q, n in history)
+        return float(get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)[0])
+
+    steps = 120
+    model = ScheduledModel(gamma=0.995, n=8 * steps, batch_size=8)
+    q = 8 / (8 * steps)
+    # The target: epsilon after 90 steps of this schedule.
+    target = opacus([(1.0 * 0.995 ** i, q, 1) for i in range(90)])
+    monitor = PrivacyMonitor(delta=1e-5, target_epsilon=target, mechanism=False,
+                             progress_bar=False)
+    trainer = fit(model, monitor, max_epochs=1)
+    history = list(model.privacy_engine.accountant.history)
+    assert monitor.guard.stopped
+    assert opacus(history) <= target
+    sigma = float(trainer.optimizers[0].noise_multiplier)
+    assert opacus([*history, (sigma, q, 1)]) > target  # the next step would have passed it
+    assert len(history) >= 85  # stopped at the edge, not early
+    assert len(checks) <= len(history) // 3, len(checks)  # most steps cleared from credit
