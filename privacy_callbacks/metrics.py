@@ -114,7 +114,7 @@ class PrivacyMetrics(Callback):
         max_pending: int = 10_000,
         allow_privacy_reset: bool = False,
         mechanism: bool = True,
-        overhead_every: int | None = 200,
+        overhead_every: int | None = 1000,
         raw_private_statistics: bool = False,
     ) -> None:
         self.delta = check_delta(delta)

@@ -35,12 +35,12 @@ class PrivacyMonitor(Callback):
     background publisher that feeds the exporters. Epsilon also goes to the progress bar and the
     trainer's loggers at the trainer's ``log_every_n_steps`` cadence.
 
-    Budget guard: with ``target_epsilon`` set, after each optimizer step the monitor computes
-    epsilon for one more step at the noise multiplier and sample rate Opacus will account next,
-    and stops the fit (on every rank together) if that step would pass the target. Epsilon after
-    the fit is at most the target. For PRV and GDP accountants the guard uses the upper bounds of
-    :mod:`privacy_callbacks.accounting`, never below their epsilon: it may stop a little early,
-    never late.
+    Budget guard: with ``target_epsilon`` set, before each optimizer step the monitor checks the
+    step Opacus is about to account and skips it if it would pass the target, and after a step
+    it stops the fit (on every rank together) if one more would (see :class:`BudgetGuard`).
+    Epsilon after the fit is at most the target. For PRV and GDP accountants the guard uses the
+    upper bounds of :mod:`privacy_callbacks.accounting`, never below their epsilon: it may stop
+    a little early, never late.
 
     Resume: the accountant's history is saved in Lightning checkpoints and put back into the
     Opacus accountant on ``trainer.fit(ckpt_path=...)``, so epsilon continues where it stopped.
@@ -82,8 +82,8 @@ class PrivacyMonitor(Callback):
             batch without noise. They fall outside epsilon: a record with an unusual gradient
             is visible in them. For debugging on data that needs no protection.
         overhead_every: Time one plain forward/backward pass (per-sample hooks off, nothing
-            kept) every this many optimizer steps to compute ``privacy_overhead_ratio``;
-            ``None`` turns the overhead ratios off.
+            kept) every this many optimizer steps (1000 by default, and at the third step) to
+            compute ``privacy_overhead_ratio``; ``None`` turns the overhead ratios off.
 
     ``session_id`` and ``model_name`` become metric labels: they are checked (at most 128 of
     ``A-Z a-z 0-9 _ . : / -``), and a value that looks like personal data (an e-mail address, a
@@ -122,7 +122,7 @@ class PrivacyMonitor(Callback):
         stop_at_target: bool = True,
         allow_privacy_reset: bool = False,
         mechanism: bool = True,
-        overhead_every: int | None = 200,
+        overhead_every: int | None = 1000,
         raw_private_statistics: bool = False,
     ) -> None:
         # Every argument is checked here, before any part is built, so a mistake names the
@@ -159,6 +159,7 @@ class PrivacyMonitor(Callback):
             hook: tuple(p for p in self.parts
                         if getattr(type(p), hook) is not getattr(Callback, hook))
             for hook in _HOOKS}
+        self._bind_step_hooks()
         exporter_names = [type(e).__name__ if type(e).__repr__ is object.__repr__ else repr(e)
                           for e in self.metrics.exporters]
         # Lightning reads state_key around every hook call: computed once.
@@ -255,6 +256,17 @@ class PrivacyMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for part in self._has["on_train_start"]:
             part.on_train_start(trainer, pl_module)
+        self._bind_step_hooks()
+
+    def _bind_step_hooks(self) -> None:
+        """The per-step hooks, bound once per fit to the parts with work per step: the
+        compliance part has none while the metrics part hands it each step's epsilon."""
+        ledger = self.compliance.ledger
+        quiet = {self.compliance} if ledger is not None and ledger.reporter is not None else set()
+        self._step_hooks = {
+            hook: tuple(getattr(p, hook) for p in self._has[hook] if p not in quiet)
+            for hook in ("on_train_batch_start", "on_before_optimizer_step",
+                         "on_train_batch_end")}
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for part in self._has["on_train_epoch_start"]:
@@ -262,18 +274,18 @@ class PrivacyMonitor(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
-        for part in self._has["on_train_batch_start"]:
-            part.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        for hook in self._step_hooks["on_train_batch_start"]:
+            hook(trainer, pl_module, batch, batch_idx)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Any) -> None:
-        for part in self._has["on_before_optimizer_step"]:
-            part.on_before_optimizer_step(trainer, pl_module, optimizer)
+        for hook in self._step_hooks["on_before_optimizer_step"]:
+            hook(trainer, pl_module, optimizer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        for part in self._has["on_train_batch_end"]:
-            part.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        for hook in self._step_hooks["on_train_batch_end"]:
+            hook(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for part in self._has["on_validation_end"]:

@@ -259,7 +259,9 @@ class AccountedRate:
             samples = getattr(param, "grad_sample", None)
             if type(samples) is list:
                 return rate * len(samples)  # as the hook: sample_rate * accumulated_iterations
-            if isinstance(samples, torch.Tensor):
+            if samples is not None:
+                # A tensor (Opacus keeps a tensor or a list there): one backward pass. Not
+                # isinstance(): torch.Tensor's metaclass makes that a Python call.
                 return rate * 1
         return self._slow()
 
