@@ -63,7 +63,8 @@ class _Gap(Callback):
 # Time spent computing epsilon (any accounting method) on the training thread, this step.
 _EPS = [0.0, 0]  # seconds, nesting depth
 _ACCOUNTING_METHODS = ("update", "view", "epsilon_after", "steps_until", "exhaustion_steps",
-                       "exhaustion_cached", "forecast", "rdp_after", "settle")
+                       "exhaustion_cached", "forecast", "rdp_after", "settle", "fits", "credit",
+                       "keep_bound_current")
 
 
 def _time_accounting() -> None:

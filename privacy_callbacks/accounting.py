@@ -94,6 +94,9 @@ _SYNC = 4
 # bounds every step until sigma falls below it (about 100 steps of a 0.999 decay), by when
 # the worker's grid has come.
 _FLOOR = 0.9
+# Exact vectors a guard computes before it skips a step on a bound's word; with more missing
+# (a long schedule without the exact worker), the bound's answer stands: it stops early.
+_EXACT_MISSING = 64
 # A background exact prefix is taken over only when at most this many segments follow it.
 _REBASE = 4
 # Orders per piece of a background vector computation (about 1 ms each).
@@ -524,10 +527,11 @@ class _RdpMath:
             st.last = history[i]
         st.n = n_prefix
 
-    def exact_total(self, history: list, extra: Segment) -> np.ndarray | int:
+    def exact_total(self, history: list, extra: Segment) -> np.ndarray | int | None:
         """RDP of ``history`` plus ``extra`` from exact vectors only: the worker's exact prefix
         where it matches, cached vectors, else computed here (Opacus' ``compute_rdp``, 6-70 ms
-        each). For the one decision a bound must not make: skipping a step."""
+        each; ``None`` rather than more than ``_EXACT_MISSING`` of them). For the one decision
+        a bound must not make: skipping a step."""
         start, rdp = 0, 0
         pub = self._pub
         n = len(history)
@@ -540,6 +544,9 @@ class _RdpMath:
             segments[-1] = (sigma_e, q_e, segments[-1][2] + steps_e)
         elif steps_e:
             segments.append(extra)
+        missing = [seg[:2] for seg in segments if self._cached(seg[:2]) is None]
+        if len(set(missing)) > _EXACT_MISSING:
+            return None
         for sigma, q, steps in segments:
             vec = self._cached((sigma, q))
             if vec is None:
@@ -982,7 +989,9 @@ class Accounting:
     def fits(self, target: float, noise_multiplier: float, sample_rate: float) -> bool:
         """Whether one more step at (sigma, q) keeps epsilon at most ``target``: the answer of
         :meth:`epsilon_after` ``(1, ...) <= target``, in microseconds when an upper bound at one
-        RDP order already shows it (:meth:`_RdpMath.quick_bound`), else computed in full."""
+        RDP order already shows it (:meth:`_RdpMath.quick_bound`), else computed in full. A
+        "no" from bounding vectors (a schedule's sigma not on the grid yet) is checked with
+        exact ones first, when at most ``_EXACT_MISSING`` of them are missing."""
         with self._calc:
             quick = None if self._quick_off else self._rdp.quick_bound(
                 self.accountant.history, (noise_multiplier, sample_rate, 1))
@@ -997,7 +1006,7 @@ class Accounting:
             # decides, or a guard would stop a fit that still has budget.
             rdp = self._rdp.exact_total(self.accountant.history,
                                         (noise_multiplier, sample_rate, 1))
-            return self._rdp.epsilon(rdp) + self._margin <= target
+            return rdp is not None and self._rdp.epsilon(rdp) + self._margin <= target
 
     def credit(self, target: float, noise_multiplier: float,
                sample_rate: float) -> tuple[int, float, bool] | None:

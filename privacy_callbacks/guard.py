@@ -48,8 +48,9 @@ class BudgetGuard(Callback):
     one more step at the noise multiplier now set would pass. A check grants a credit: how many
     further steps at that sample rate and at least a floor noise multiplier surely fit (the
     accountant's own count, or one RDP order's bound); the steps it covers are cleared by
-    comparing sigma, q and the history's last segment, with nothing computed. A step is
-    skipped, or the fit stopped, only on an exact RDP value, never on a looser bound. Epsilon
+    comparing sigma, q and the history's last segment, with nothing computed. Before a bound's
+    "no" skips a step or stops the fit, the exact RDP value is computed (see
+    :meth:`~privacy_callbacks.accounting.Accounting.fits`). Epsilon
     after the fit is at most the target. For PRV and GDP accountants the checks use the upper
     bounds of :mod:`privacy_callbacks.accounting`: it may stop a little early, never late.
     Under DDP every rank decides from the same inputs (checked once at the start), so every
