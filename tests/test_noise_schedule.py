@@ -7,6 +7,7 @@ step, and the final one equals it once the background worker has caught up.
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 
@@ -62,6 +63,37 @@ def _rdp_truth(history: list) -> tuple[dict[int, float], dict[int, float]]:
         truth[i] = float(eps)
         risk[i] = advantage_from_rdp(total, orders)
     return truth, risk
+
+
+@functools.cache
+def _one_step_rdp(sigma: float, q: float) -> np.ndarray:
+    """Opacus' RDP of one step at (sigma, q), at its default orders."""
+    return rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
+                                    orders=RDPAccountant.DEFAULT_ALPHAS)
+
+
+def _random_schedules(seed: int, steps: int, decay: float):
+    """Six schedules at a random first sigma and q (falling by ``decay``, rising, mixed): after
+    each step, (trial, step, accountant, its RdpAccounting after a full check of the next
+    step, sigma, q, Opacus' RDP so far, the schedule's factor)."""
+    from privacy_callbacks.accounting import RdpAccounting
+
+    rng = np.random.default_rng(seed)
+    for trial in range(6):
+        accountant = RDPAccountant()
+        accounting = RdpAccounting(accountant, 1e-5)
+        sigma, q = float(rng.uniform(0.8, 3.0)), float(rng.choice([0.01, 0.05, 0.125]))
+        rdp = np.zeros(len(RDPAccountant.DEFAULT_ALPHAS))
+        try:
+            for step in range(steps):
+                factor = (decay, 1.01, float(rng.uniform(0.97, 1.03)))[trial % 3]
+                sigma = max(0.5, sigma * factor)
+                accountant.step(noise_multiplier=sigma, sample_rate=q)
+                rdp = rdp + _one_step_rdp(sigma, q)
+                accounting.epsilon_after(1, sigma, q)  # the full path picks the order
+                yield trial, step, accountant, accounting, sigma, q, rdp, factor
+        finally:
+            accounting.close()
 
 
 @pytest.mark.parametrize("mechanism", ["rdp", "prv"])
@@ -128,42 +160,22 @@ def test_one_order_quick_bound_is_never_below_opacus():
     schedules, and fits() must say no whenever Opacus' epsilon is past the target."""
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
-    from privacy_callbacks.accounting import RdpAccounting
-
-    rng = np.random.default_rng(7)
     orders = np.array(RDPAccountant.DEFAULT_ALPHAS)
-    vectors: dict[tuple[float, float], np.ndarray] = {}
-
-    def vector(sigma: float, q: float) -> np.ndarray:
-        if (sigma, q) not in vectors:
-            vectors[sigma, q] = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
-                                                         orders=orders)
-        return vectors[sigma, q]
+    vector = _one_step_rdp
 
     checked = quick_used = 0
-    for trial in range(6):
-        accountant = RDPAccountant()
-        accounting = RdpAccounting(accountant, 1e-5)
-        sigma, q = float(rng.uniform(0.8, 3.0)), float(rng.choice([0.01, 0.05, 0.125]))
-        rdp = np.zeros_like(orders)
-        for step in range(40):
-            factor = (0.99, 1.01, float(rng.uniform(0.97, 1.03)))[trial % 3]
-            sigma = max(0.5, sigma * factor)
-            accountant.step(noise_multiplier=sigma, sample_rate=q)
-            rdp = rdp + vector(sigma, q)
-            accounting.epsilon_after(1, sigma, q)  # the full path picks the order
-            for nxt in (sigma, sigma * 0.995, sigma * 1.02):
-                exact = get_privacy_spent(orders=orders, rdp=rdp + vector(nxt, q),
-                                          delta=1e-5)[0]
-                quick = accounting._rdp.quick_bound(accountant.history, (nxt, q, 1))
-                if quick is not None:
-                    quick_used += 1
-                    assert quick >= exact * (1 - 1e-12), (trial, step, nxt, quick, exact)
-                for target in (exact * 0.999, exact * (1 - 1e-12), exact * 1.001, exact * 2):
-                    if exact > target:
-                        assert not accounting.fits(target, nxt, q), (trial, step, target)
-                checked += 1
-        accounting.close()
+    for trial, step, accountant, accounting, sigma, q, rdp, _ in _random_schedules(7, 40, 0.99):
+        for nxt in (sigma, sigma * 0.995, sigma * 1.02):
+            exact = get_privacy_spent(orders=orders, rdp=rdp + vector(nxt, q),
+                                      delta=1e-5)[0]
+            quick = accounting._rdp.quick_bound(accountant.history, (nxt, q, 1))
+            if quick is not None:
+                quick_used += 1
+                assert quick >= exact * (1 - 1e-12), (trial, step, nxt, quick, exact)
+            for target in (exact * 0.999, exact * (1 - 1e-12), exact * 1.001, exact * 2):
+                if exact > target:
+                    assert not accounting.fits(target, nxt, q), (trial, step, target)
+            checked += 1
     # How often the quick bound applies depends on how far the background grid got (timing);
     # a constant sigma's first step always has its exact vector.
     assert checked == 6 * 40 * 3 and quick_used > 0
@@ -176,52 +188,32 @@ def test_a_credit_never_admits_a_step_past_the_target():
     Opacus' own epsilon within the target."""
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
-    from privacy_callbacks.accounting import RdpAccounting
-
-    rng = np.random.default_rng(11)
     orders = np.array(RDPAccountant.DEFAULT_ALPHAS)
-    vectors: dict[tuple[float, float], np.ndarray] = {}
-
-    def vector(sigma: float, q: float) -> np.ndarray:
-        if (sigma, q) not in vectors:
-            vectors[sigma, q] = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
-                                                         orders=orders)
-        return vectors[sigma, q]
+    vector = _one_step_rdp
 
     def opacus(rdp: np.ndarray) -> float:
         return float(get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)[0])
 
     bounded = exact_counts = 0
-    for trial in range(6):
-        accountant = RDPAccountant()
-        accounting = RdpAccounting(accountant, 1e-5)
-        sigma, q = float(rng.uniform(0.8, 3.0)), float(rng.choice([0.01, 0.05, 0.125]))
-        rdp = np.zeros_like(orders)
-        for step in range(30):
-            factor = (0.995, 1.01, float(rng.uniform(0.97, 1.03)))[trial % 3]
-            sigma = max(0.5, sigma * factor)
-            accountant.step(noise_multiplier=sigma, sample_rate=q)
-            rdp = rdp + vector(sigma, q)
-            accounting.epsilon_after(1, sigma, q)  # a full check: picks the order, vectors
-            nxt = sigma * factor
-            for m in (1, 3, 12):
-                edge = opacus(rdp + m * vector(nxt, q))
-                for target in (edge * (1 - 1e-9), edge, edge * 1.05):
-                    if step % 5 == 0 and m == 3:  # the metrics' count, when it is at hand
-                        accounting.exhaustion_steps(target, nxt, q)
-                    credit = accounting.credit(target, nxt, q)
-                    if credit is None or credit[0] < 1:
-                        continue
-                    k, floor, exact = credit
-                    assert floor <= nxt
-                    worst = opacus(rdp + k * vector(floor, q))
-                    assert worst <= target, (trial, step, m, target, credit, worst)
-                    if exact:
-                        exact_counts += 1
-                        assert k == accounting.exhaustion_steps(target, nxt, q)
-                    else:
-                        bounded += 1
-        accounting.close()
+    for trial, step, _, accounting, sigma, q, rdp, factor in _random_schedules(11, 30, 0.995):
+        nxt = sigma * factor
+        for m in (1, 3, 12):
+            edge = opacus(rdp + m * vector(nxt, q))
+            for target in (edge * (1 - 1e-9), edge, edge * 1.05):
+                if step % 5 == 0 and m == 3:  # the metrics' count, when it is at hand
+                    accounting.exhaustion_steps(target, nxt, q)
+                credit = accounting.credit(target, nxt, q)
+                if credit is None or credit[0] < 1:
+                    continue
+                k, floor, exact = credit
+                assert floor <= nxt
+                worst = opacus(rdp + k * vector(floor, q))
+                assert worst <= target, (trial, step, m, target, credit, worst)
+                if exact:
+                    exact_counts += 1
+                    assert k == accounting.exhaustion_steps(target, nxt, q)
+                else:
+                    bounded += 1
     assert bounded > 50 and exact_counts > 0, (bounded, exact_counts)
 
 
