@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PrivacyMetrics"]
 
+#: Seconds between two snapshots with the forecast, steps left and risk bound computed, at most
+#: (they are computed for the newest step queued whenever the publisher catches up).
+_ASSESS_EVERY = 0.5
+
 
 def _batch_len(batch: Any) -> int:
     """Samples in a batch, from host-side shape metadata only."""
@@ -182,6 +186,7 @@ class PrivacyMetrics(Callback):
         self._batches = 0
         self._t_last: float | None = None
         self._exhausted = False
+        self._assessed_at = -math.inf
         self._logged_step: int | None = None
         self._attached = False
         self._log_every = 50
@@ -402,8 +407,14 @@ class PrivacyMetrics(Callback):
         if log_loggers:
             self._log_to_loggers(trainer, step, latest.value, record[3])
 
-    def _build(self, record: tuple) -> PrivacySnapshot:
-        """The snapshot of one step, from what the training thread noted (publisher thread)."""
+    def _build(self, record: tuple, newest: bool = True) -> PrivacySnapshot:
+        """The snapshot of one step, from what the training thread noted (publisher thread).
+
+        The forecast, the steps left and the risk bound are computed for the ``newest`` record
+        queued (and at least every :data:`_ASSESS_EVERY` seconds): only their latest value is
+        read (a gauge), and under a noise schedule they cost hundreds of microseconds a step.
+        The other records' snapshots hold ``None`` for them (``assessed`` is False).
+        """
         (step, timestamp_ns, view, sigma, clip, batches, samples, seconds, stats,
          guard_exhausted, guard_exhaustion) = record
         opt = self._optimizers[0]
@@ -428,22 +439,30 @@ class PrivacyMetrics(Callback):
         if latest is not None:
             ledger.observe(latest, step)
         target = self.target_epsilon
-        forecast = exhaustion = remaining = exhausted = None
-        if q is not None:
+        forecast = exhaustion = remaining = exhausted = risk = None
+        now = time.monotonic()
+        assessed = newest or now - self._assessed_at >= _ASSESS_EVERY
+        if guard_exhaustion is not _NOT_CHECKED:
+            exhaustion = guard_exhaustion  # the guard's count for this very step: free
+        if assessed:
+            self._assessed_at = now
+        if assessed and q is not None:
             if self._planned_steps is not None:
                 forecast = accounting.forecast(max(0, self._planned_steps - step), sigma, q,
                                                view)
-            if target is not None:
-                exhaustion = (guard_exhaustion if guard_exhaustion is not _NOT_CHECKED
-                              else accounting.exhaustion_steps(target, sigma, q))
+            if target is not None and exhaustion is None:
+                exhaustion = accounting.exhaustion_steps(target, sigma, q)
         if target is not None:
-            accounting.keep_bound_current()  # for a budget guard's next check
+            if assessed:
+                accounting.keep_bound_current()  # for a budget guard's next check
             if eps is not None:
                 remaining = target - eps
             # A guard's decision, or (reporting only) one more step would pass the target.
             self._exhausted = self._exhausted or guard_exhausted or exhaustion == 0
             exhausted = int(self._exhausted)
         assert self._risk is not None
+        if assessed:
+            risk = self._risk.score(eps, sigma, q, view, None if latest is None else latest.step)
         mia = self._mia
         scores, audit_bound = attack_results(self._attacks)
         snapshot = PrivacySnapshot(
@@ -456,8 +475,7 @@ class PrivacyMetrics(Callback):
             accounting_errors=accounting.errors,
             target_epsilon=target, budget_remaining=remaining, epsilon_forecast=forecast,
             budget_exhaustion_steps=exhaustion, budget_exhausted=exhausted, rank=self._rank,
-            membership_inference_risk=self._risk.score(
-                eps, sigma, q, view, None if latest is None else latest.step),
+            membership_inference_risk=risk, assessed=assessed,
             membership_inference_auc=None if mia is None else mia.auc,
             membership_inference_advantage=None if mia is None else mia.advantage,
             attack_scores=scores, audit_epsilon_lower_bound=audit_bound,

@@ -14,7 +14,8 @@ from .snapshot import PrivacySnapshot
 logger = logging.getLogger(__name__)
 
 # A snapshot, or what to build one from on the publisher thread: (build, record).
-_Item = PrivacySnapshot | tuple[Callable[[Any], PrivacySnapshot], Any]
+_Build = Callable[[Any, bool], PrivacySnapshot]
+_Item = PrivacySnapshot | tuple[_Build, Any]
 
 __all__ = ["Publisher"]
 
@@ -25,7 +26,9 @@ class Publisher:
     The publisher thread is not woken per snapshot: it drains the queue every ``interval``
     seconds, so the training thread never pays a thread switch (or GIL hand-over) per step.
     :meth:`publish_later` queues what a snapshot is built from, so the building (epsilon, the
-    budget metrics) happens here too, in one warm batch, not in the training step.
+    budget metrics) happens here too, in one warm batch, not in the training step. The build
+    is told whether its record is the newest queued: what only the latest value of matters
+    (forecasts) is computed for that one.
 
     When exporters fall behind by more than ``max_pending`` snapshots, the oldest are dropped and
     counted in :attr:`dropped` (exported as ``privacy_export_dropped_total{exporter="publisher"}``).
@@ -59,8 +62,9 @@ class Publisher:
         """Queue ``snapshot``; never blocks. Called on the training thread."""
         self._put(snapshot)
 
-    def publish_later(self, build: Callable[[Any], PrivacySnapshot], record: Any) -> None:
-        """Queue ``build(record)``, called on the publisher thread; never blocks."""
+    def publish_later(self, build: _Build, record: Any) -> None:
+        """Queue ``build(record, newest)``, called on the publisher thread, ``newest`` telling
+        whether no later record was queued by then; never blocks."""
         self._put((build, record))
 
     def _put(self, snapshot: _Item) -> None:
@@ -87,7 +91,7 @@ class Publisher:
                 snapshot: PrivacySnapshot | None
                 if isinstance(item, tuple):
                     try:
-                        snapshot = item[0](item[1])
+                        snapshot = item[0](item[1], not queue)
                     except Exception:
                         snapshot = None
                         self._fail("building the snapshot")

@@ -42,6 +42,11 @@ class PrivacySnapshot:
         session_errors_offset: The same for ``accounting_errors`` (each fit counts its own).
         budget_exhausted: 1 once the budget guard found that one more step would pass the
             target, else 0; ``None`` without a target.
+        assessed: Whether ``epsilon_forecast``, ``budget_exhaustion_steps`` and
+            ``membership_inference_risk`` were computed for this step. Only their latest value
+            is read, so the publisher computes them for the newest step it has (and at least
+            every half second); the snapshots of the steps it builds in the same batch hold
+            ``None`` for them.
         device_stats: Handle on device-side statistics
             (:class:`~privacy_callbacks.device.DeviceStats`), resolved by the publisher. The
             mechanism properties below read it and are ``None`` until it is resolved.
@@ -77,6 +82,7 @@ class PrivacySnapshot:
     session_steps_offset: int = 0
     session_epsilon_offset: float = 0.0
     session_errors_offset: int = 0
+    assessed: bool = True
     device_stats: Any = field(default=None, compare=False, repr=False)
 
     @property

@@ -124,3 +124,19 @@ def test_outage_longer_than_the_clients_retries_requeues_and_loses_nothing():
         assert steps == list(range(1, 33))
     finally:
         server.stop()
+
+
+def test_the_publisher_tells_each_build_whether_a_newer_step_is_queued():
+    # Forecasts and the risk bound are computed for the newest step only: a publisher that
+    # fell behind by five steps computes them once, not five times.
+    from privacy_callbacks.publisher import Publisher
+
+    built: list[tuple[int, bool]] = []
+    publisher = Publisher([], interval=60.0)  # drains only when flushed
+    try:
+        for step in range(5):
+            publisher.publish_later(lambda record, newest: built.append((record, newest)), step)
+        assert publisher.flush(timeout=10.0)
+    finally:
+        publisher.close(timeout=10.0)
+    assert built == [(0, False), (1, False), (2, False), (3, False), (4, True)]

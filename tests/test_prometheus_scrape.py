@@ -77,6 +77,27 @@ def test_gauges_keep_the_step_time_a_later_snapshot_lacks_and_drop_other_missing
     exporter.close()
 
 
+def test_forecast_steps_left_and_risk_come_from_the_newest_snapshot_that_computed_them():
+    exporter = PrometheusExporter(port=0, serve=False)
+    exporter.open(RunInfo(session_id="s", model_name="m", accountant="rdp"))
+    exporter.export(dataclasses.replace(snapshot(1), epsilon_forecast=2.5,
+                                        budget_exhaustion_steps=70, membership_inference_risk=0.2))
+    # A step built in the same publisher batch as a newer one: those three are not computed.
+    exporter.export(dataclasses.replace(snapshot(2), assessed=False))
+    reg = exporter.registry
+    assert reg.get_sample_value("privacy_epsilon_consumed", ACC) == 0.02  # the newest step's
+    assert reg.get_sample_value("privacy_epsilon_forecast", ACC) == 2.5
+    assert reg.get_sample_value("privacy_budget_exhaustion_steps", ACC) == 70
+    assert reg.get_sample_value("membership_inference_risk_score", BASE) == 0.2
+    # A newer step that computed them, and found no forecast (no planned end), replaces them.
+    exporter.export(dataclasses.replace(snapshot(3), budget_exhaustion_steps=68,
+                                        membership_inference_risk=0.21))
+    assert reg.get_sample_value("privacy_epsilon_forecast", ACC) is None
+    assert reg.get_sample_value("privacy_budget_exhaustion_steps", ACC) == 68
+    assert reg.get_sample_value("membership_inference_risk_score", BASE) == 0.21
+    exporter.close()
+
+
 def test_consumed_counter_counts_exact_epsilon_only():
     """An upper bound is published until the exact epsilon is known (PRV, GDP, a noise
     schedule); a counter cannot go down, so the bound must never reach it."""

@@ -44,6 +44,9 @@ __all__ = ["PrometheusExporter"]
 _TIMED = frozenset({"throughput", "step_seconds"})
 _MEASURED = frozenset({"clipped_fraction", "signal_magnitude", "signal_to_noise_ratio",
                        "overhead"})
+# Gauges computed for the newest step of each publisher batch only (PrivacySnapshot.assessed).
+_ASSESSED = frozenset({"epsilon_forecast", "budget_exhaustion_steps",
+                       "membership_inference_risk"})
 
 
 class _Gauge:
@@ -58,7 +61,8 @@ class _Gauge:
         free = [i for i, name in enumerate(names) if name not in values]
         self.free = free[0] if free else None
         self.values = [values[name] for name in names if name in values]
-        self.source = 1 if self.attr in _TIMED else 2 if self.attr in _MEASURED else 0
+        self.source = (1 if self.attr in _TIMED else 2 if self.attr in _MEASURED
+                       else 3 if self.attr in _ASSESSED else 0)
 
     def add(self, family: GaugeMetricFamily, value: Any) -> None:
         if isinstance(value, Mapping):
@@ -141,14 +145,16 @@ class _Collector:
     def __init__(self, families: dict[str, Any]) -> None:
         self.families = families  # counters and histograms
         self.lock = threading.Lock()
-        # (gauges by name, newest snapshot, newest with a step time, newest with device stats)
-        self.state: tuple[dict[str, _Gauge], Any, Any, Any] = ({}, None, None, None)
+        # (gauges by name, newest snapshot, newest with a step time, newest with device stats,
+        # newest assessed)
+        self.state: tuple[dict[str, _Gauge], Any, Any, Any, Any] = ({}, None, None, None, None)
 
     def publish(self, snapshot: PrivacySnapshot) -> None:
-        gauges, _, timed, measured = self.state
+        gauges, _, timed, measured, assessed = self.state
         self.state = (gauges, snapshot,
                       snapshot if snapshot.step_seconds is not None else timed,
-                      snapshot if snapshot.device_stats is not None else measured)
+                      snapshot if snapshot.device_stats is not None else measured,
+                      snapshot if snapshot.assessed else assessed)
 
     def describe(self) -> Iterable[Metric]:
         for metric in catalog.METRICS:
@@ -634,7 +640,7 @@ class PrometheusExporter(Exporter):
             if self._session is not None:
                 for family in self.families.values():
                     family.clear()
-            snapshots = (None, None, None)
+            snapshots = (None, None, None, None)
             self._counted.clear()
             self._violation_children = {}
             self._session = info.session_id
