@@ -2,6 +2,7 @@
 
     python benchmarks/bench_step_cost.py                 # 5 rounds x 300-step fits per row
     python benchmarks/bench_step_cost.py --quick --json /tmp/sc.json
+    python benchmarks/bench_step_cost.py --baseline /tmp/before   # side by side with a tree
 
 A tiny Opacus-wired MLP (``tests/dp_models.DPModel``: batch 8, one torch thread, a 1-2 ms DP
 step on a small CPU) is fitted with Lightning's own loop, rows rotated in every round:
@@ -13,10 +14,14 @@ step on a small CPU) is fitted with Lightning's own loop, rows rotated in every 
   batch (a new sigma every step).
 - ``monitor rdp mechanism=False``, ``monitor rdp schedule no target`` (on request,
   ``--rows``): without the mechanism metrics; without a target (so without a budget guard).
+- ``<row> [baseline]`` (with ``--baseline DIR``): the same row with another tree of the package
+  (``git archive REV | tar -x -C DIR``), in the same rounds: before and after side by side.
 
 Reported per row, after 20 warm-up steps: the gap between consecutive ``on_train_batch_end``
 calls (median and mean over rounds of the per-fit median/mean), its difference to ``dp`` of the
-same run, and the time spent inside the monitor's own per-step hooks on the training thread
+same run, the process's CPU time per step (every thread: the training thread, the publisher,
+the exporters; steal time excluded, so less sensitive to a busy host than the gaps), and the time
+spent inside the monitor's own per-step hooks on the training thread
 (``on_train_batch_start``, ``on_before_optimizer_step``, ``on_train_batch_end``; mean, p99 and
 max over every step of every round) -- the cost the ``<= 20 us`` target is about -- and the
 part of it spent in the accounting (epsilon for the metrics, the guard's checks).
@@ -25,6 +30,8 @@ part of it spent in the accounting (epsilon for the metrics, the guard's checks)
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -55,9 +62,11 @@ WARMUP = 20
 class _Gap(Callback):
     def __init__(self) -> None:
         self.t: list[float] = []
+        self.cpu: list[float] = []
 
     def on_train_batch_end(self, *args: Any) -> None:
         self.t.append(time.perf_counter())
+        self.cpu.append(time.process_time())
 
 
 # Time spent computing epsilon (any accounting method) on the training thread, this step.
@@ -67,11 +76,32 @@ _ACCOUNTING_METHODS = ("update", "view", "epsilon_after", "steps_until", "exhaus
                        "keep_bound_current")
 
 
-def _time_accounting() -> None:
+# Another tree of the package (``--baseline``), imported under another name: its rows end in
+# " [baseline]" and run in the same rounds, so before and after are compared side by side.
+_BASELINE: Any = None
+
+
+def _load_baseline(root: Path) -> Any:
+    """``root``'s ``privacy_callbacks`` as the package ``privacy_callbacks_baseline`` (it imports
+    its own modules relatively)."""
+    init = root / "privacy_callbacks" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline {root}: no privacy_callbacks/__init__.py there; give the "
+                         "root of an unpacked tree (git archive REV | tar -x -C DIR)")
+    spec = importlib.util.spec_from_file_location(
+        "privacy_callbacks_baseline", init, submodule_search_locations=[str(init.parent)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    importlib.import_module(f"{spec.name}.accounting")
+    return module
+
+
+def _time_accounting(acc: Any) -> None:
     """Wrap every accounting method: time on the training thread goes to ``_EPS``."""
     main, clock = threading.main_thread(), time.perf_counter
-    for cls in (accounting.Accounting, accounting.RdpAccounting,
-                accounting.BackgroundAccounting):
+    for cls in (acc.Accounting, acc.RdpAccounting, acc.BackgroundAccounting):
         for name in _ACCOUNTING_METHODS:
             if name not in vars(cls):
                 continue
@@ -113,7 +143,7 @@ def _timed(monitor: PrivacyMonitor, into: list[float], eps_into: list[float]) ->
         setattr(monitor, name, timed)
 
 
-def _fit(row: str, steps: int) -> tuple[list[float], list[float], list[float]]:
+def _fit(row: str, steps: int) -> tuple[list[float], list[float], list[float], float]:
     gap, hook_times, eps_times = _Gap(), [], []
     callbacks: list[Callback] = []
     accountant = "rdp"
@@ -122,9 +152,12 @@ def _fit(row: str, steps: int) -> tuple[list[float], list[float], list[float]]:
         accountant = row.split()[1]
         if "schedule" in row:
             model_cls = ScheduledModel
-        monitor = PrivacyMonitor(1e-5, target_epsilon=None if "no target" in row else 1e4,
-                                 progress_bar=False, exporters=[PrometheusExporter(port=0)],
-                                 mechanism="mechanism=False" not in row)
+        package = _BASELINE if row.endswith("[baseline]") else None
+        monitor_cls = PrivacyMonitor if package is None else package.PrivacyMonitor
+        exporter_cls = PrometheusExporter if package is None else package.PrometheusExporter
+        monitor = monitor_cls(1e-5, target_epsilon=None if "no target" in row else 1e4,
+                              progress_bar=False, exporters=[exporter_cls(port=0)],
+                              mechanism="mechanism=False" not in row)
         _timed(monitor, hook_times, eps_times)
         callbacks.append(monitor)
     model = model_cls(n=8 * steps, batch_size=8, accountant=accountant)
@@ -132,8 +165,10 @@ def _fit(row: str, steps: int) -> tuple[list[float], list[float], list[float]]:
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu")
     trainer.fit(model)
-    t = gap.t[WARMUP:]
-    return [b - a for a, b in zip(t, t[1:])], hook_times[WARMUP:], eps_times[WARMUP:]
+    t, cpu = gap.t[WARMUP:], gap.cpu[WARMUP:]
+    cpu_per_step = (cpu[-1] - cpu[0]) / (len(cpu) - 1)
+    return ([b - a for a, b in zip(t, t[1:])], hook_times[WARMUP:], eps_times[WARMUP:],
+            cpu_per_step)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -145,37 +180,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows", default="dp,monitor rdp,monitor prv,monitor gdp,"
                         "monitor rdp schedule")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--baseline", type=Path,
+                        help="the root of another tree of the package (say, the last release "
+                        "unpacked with git archive): each monitor row also runs with it, as "
+                        "'<row> [baseline]', in the same rounds")
     args = parser.parse_args(argv)
     rounds, steps = (2, 60) if args.quick else (args.rounds, args.steps)
     rows = args.rows.split(",")
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
+    global _BASELINE
+    _time_accounting(accounting)
+    if args.baseline is not None:
+        _BASELINE = _load_baseline(args.baseline.resolve())
+        _time_accounting(_BASELINE.accounting)
+        rows = [r for row in rows
+                for r in ((row,) if row == "dp" else (row, f"{row} [baseline]"))]
     gaps: dict[str, list[tuple[float, float]]] = {r: [] for r in rows}
     hooks: dict[str, list[float]] = {r: [] for r in rows}
     eps: dict[str, list[float]] = {r: [] for r in rows}
-    _time_accounting()
+    cpu: dict[str, list[float]] = {r: [] for r in rows}
     for k in range(rounds):
         for row in rows[k % len(rows):] + rows[:k % len(rows)]:
-            g, h, e = _fit(row, steps)
+            g, h, e, c = _fit(row, steps)
+            cpu[row].append(c)
             gaps[row].append((statistics.median(g), statistics.mean(g)))
             hooks[row].extend(h)
             eps[row].extend(e)
     base = rows[0]
     base_med = statistics.median(m for m, _ in gaps[base]) * 1e6
     base_mean = statistics.median(m for _, m in gaps[base]) * 1e6
+    base_cpu = statistics.median(cpu[base]) * 1e6
     load = os.getloadavg()
     print(f"{cpu_name()} · torch {torch.__version__} · "
           f"{rounds} rounds x {steps} steps, rows rotated · load average "
           f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} · "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
-    print("| row | step median µs | over dp | step mean µs | over dp | "
+    print("| row | step median µs | over dp | step mean µs | over dp | CPU µs/step | over dp | "
           "monitor hooks µs mean | p99 | max | of which ε µs mean | p99 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     out: dict[str, Any] = {"rounds": rounds, "steps": steps, "load": load, "rows": {}}
     for row in rows:
         med = statistics.median(m for m, _ in gaps[row]) * 1e6
         mean = statistics.median(m for _, m in gaps[row]) * 1e6
+        cpu_us = statistics.median(cpu[row]) * 1e6
         h = sorted(hooks[row])
         hook = ({"mean": statistics.mean(h) * 1e6, "p99": h[int(0.99 * (len(h) - 1))] * 1e6,
                  "max": h[-1] * 1e6} if h else None)
@@ -184,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   if e else None)
         out["rows"][row] = {"step_median_us": med, "step_mean_us": mean,
                             "over_dp_median_us": med - base_med,
-                            "over_dp_mean_us": mean - base_mean, "hooks_us": hook,
+                            "over_dp_mean_us": mean - base_mean, "cpu_us": cpu_us,
+                            "over_dp_cpu_us": cpu_us - base_cpu, "hooks_us": hook,
                             "epsilon_us": eps_us}
         over = "" if row == base else (
             f"+{med - base_med:.0f} ({(med / base_med - 1) * 100:+.1f} %)")
@@ -193,7 +243,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         hook_cols = (" | | | | |" if hook is None or eps_us is None else
                      f" {hook['mean']:.1f} | {hook['p99']:.1f} | {hook['max']:.0f} |"
                      f" {eps_us['mean']:.1f} | {eps_us['p99']:.1f} |")
-        print(f"| {row} | {med:.0f} | {over} | {mean:.0f} | {over_m} |{hook_cols}")
+        over_c = "" if row == base else (
+            f"+{cpu_us - base_cpu:.0f} ({(cpu_us / base_cpu - 1) * 100:+.1f} %)")
+        print(f"| {row} | {med:.0f} | {over} | {mean:.0f} | {over_m} | {cpu_us:.0f} | {over_c} "
+              f"|{hook_cols}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return out

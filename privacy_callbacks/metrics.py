@@ -453,8 +453,7 @@ class PrivacyMetrics(Callback):
             if target is not None and exhaustion is None:
                 exhaustion = accounting.exhaustion_steps(target, sigma, q)
         if target is not None:
-            if assessed:
-                accounting.keep_bound_current()  # for a budget guard's next check
+            accounting.keep_bound_current()  # for a budget guard's next check
             if eps is not None:
                 remaining = target - eps
             # A guard's decision, or (reporting only) one more step would pass the target.

@@ -52,6 +52,11 @@ class Publisher:
         self._idle = threading.Condition()
         self._published = 0
         self._done = 0
+        # Builds queued and dropped (training thread), taken (publisher thread): each written by
+        # one thread, so "no newer build queued" needs no lock.
+        self._builds_queued = 0
+        self._builds_dropped = 0
+        self._builds_taken = 0
         self._stop = False
         self._failed: set[str] = set()
         self._last_step = -1
@@ -64,14 +69,16 @@ class Publisher:
 
     def publish_later(self, build: _Build, record: Any) -> None:
         """Queue ``build(record, newest)``, called on the publisher thread, ``newest`` telling
-        whether no later record was queued by then; never blocks."""
+        whether no later build was queued by then; never blocks."""
+        self._builds_queued += 1
         self._put((build, record))
 
     def _put(self, snapshot: _Item) -> None:
         queue = self._queue
         if len(queue) >= self._max:
             try:
-                queue.popleft()
+                if isinstance(queue.popleft(), tuple):
+                    self._builds_dropped += 1
                 self.dropped += 1
             except IndexError:  # the publisher thread just emptied it
                 pass
@@ -91,7 +98,10 @@ class Publisher:
                 snapshot: PrivacySnapshot | None
                 if isinstance(item, tuple):
                     try:
-                        snapshot = item[0](item[1], not queue)
+                        self._builds_taken += 1
+                        newest = (self._builds_taken + self._builds_dropped
+                                  >= self._builds_queued)
+                        snapshot = item[0](item[1], newest)
                     except Exception:
                         snapshot = None
                         self._fail("building the snapshot")

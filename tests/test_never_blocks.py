@@ -140,3 +140,19 @@ def test_the_publisher_tells_each_build_whether_a_newer_step_is_queued():
     finally:
         publisher.close(timeout=10.0)
     assert built == [(0, False), (1, False), (2, False), (3, False), (4, True)]
+
+
+def test_a_newer_snapshot_queued_behind_a_build_leaves_it_the_newest_build():
+    # An exact epsilon published from the accounting thread after the last step's record must
+    # not cost that step its forecast and risk bound (nothing newer will compute them).
+    from privacy_callbacks.publisher import Publisher
+
+    built: list[tuple[int, bool]] = []
+    publisher = Publisher([], interval=60.0)
+    try:
+        publisher.publish_later(lambda record, newest: built.append((record, newest)), 1)
+        publisher.publish(None)  # type: ignore[arg-type]  # delivered as is: nothing to build
+        assert publisher.flush(timeout=10.0)
+    finally:
+        publisher.close(timeout=10.0)
+    assert built == [(1, True)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import types
 
 from privacy_callbacks import PrivacySnapshot, PrometheusExporter
 from privacy_callbacks.exporters.base import RunInfo
@@ -77,15 +78,22 @@ def test_gauges_keep_the_step_time_a_later_snapshot_lacks_and_drop_other_missing
     exporter.close()
 
 
-def test_forecast_steps_left_and_risk_come_from_the_newest_snapshot_that_computed_them():
+def test_a_step_with_a_newer_one_queued_feeds_histograms_only():
     exporter = PrometheusExporter(port=0, serve=False)
     exporter.open(RunInfo(session_id="s", model_name="m", accountant="rdp"))
     exporter.export(dataclasses.replace(snapshot(1), epsilon_forecast=2.5,
                                         budget_exhaustion_steps=70, membership_inference_risk=0.2))
-    # A step built in the same publisher batch as a newer one: those three are not computed.
-    exporter.export(dataclasses.replace(snapshot(2), assessed=False))
+    # A step built in the same publisher batch as a newer one: those three are not computed,
+    # and its gauges and counters are not served (the newer step's will be); a histogram
+    # counts its observation.
+    stats = types.SimpleNamespace(noise_magnitude=3.0, per_sample_grad_norms=None,
+                                  clipped_fraction=None, signal_magnitude=None,
+                                  signal_to_noise_ratio=None, overhead=None)
+    exporter.export(dataclasses.replace(snapshot(2), assessed=False, device_stats=stats))
     reg = exporter.registry
-    assert reg.get_sample_value("privacy_epsilon_consumed", ACC) == 0.02  # the newest step's
+    assert reg.get_sample_value("privacy_noise_magnitude_count", BASE) == 1
+    assert reg.get_sample_value("privacy_epsilon_consumed", ACC) == 0.01
+    assert reg.get_sample_value("training_steps_with_privacy_total", BASE) == 1
     assert reg.get_sample_value("privacy_epsilon_forecast", ACC) == 2.5
     assert reg.get_sample_value("privacy_budget_exhaustion_steps", ACC) == 70
     assert reg.get_sample_value("membership_inference_risk_score", BASE) == 0.2

@@ -44,9 +44,6 @@ __all__ = ["PrometheusExporter"]
 _TIMED = frozenset({"throughput", "step_seconds"})
 _MEASURED = frozenset({"clipped_fraction", "signal_magnitude", "signal_to_noise_ratio",
                        "overhead"})
-# Gauges computed for the newest step of each publisher batch only (PrivacySnapshot.assessed).
-_ASSESSED = frozenset({"epsilon_forecast", "budget_exhaustion_steps",
-                       "membership_inference_risk"})
 
 
 class _Gauge:
@@ -61,8 +58,7 @@ class _Gauge:
         free = [i for i, name in enumerate(names) if name not in values]
         self.free = free[0] if free else None
         self.values = [values[name] for name in names if name in values]
-        self.source = (1 if self.attr in _TIMED else 2 if self.attr in _MEASURED
-                       else 3 if self.attr in _ASSESSED else 0)
+        self.source = 1 if self.attr in _TIMED else 2 if self.attr in _MEASURED else 0
 
     def add(self, family: GaugeMetricFamily, value: Any) -> None:
         if isinstance(value, Mapping):
@@ -145,16 +141,14 @@ class _Collector:
     def __init__(self, families: dict[str, Any]) -> None:
         self.families = families  # counters and histograms
         self.lock = threading.Lock()
-        # (gauges by name, newest snapshot, newest with a step time, newest with device stats,
-        # newest assessed)
-        self.state: tuple[dict[str, _Gauge], Any, Any, Any, Any] = ({}, None, None, None, None)
+        # (gauges by name, newest snapshot, newest with a step time, newest with device stats)
+        self.state: tuple[dict[str, _Gauge], Any, Any, Any] = ({}, None, None, None)
 
     def publish(self, snapshot: PrivacySnapshot) -> None:
-        gauges, _, timed, measured, assessed = self.state
+        gauges, _, timed, measured = self.state
         self.state = (gauges, snapshot,
                       snapshot if snapshot.step_seconds is not None else timed,
-                      snapshot if snapshot.device_stats is not None else measured,
-                      snapshot if snapshot.assessed else assessed)
+                      snapshot if snapshot.device_stats is not None else measured)
 
     def describe(self) -> Iterable[Metric]:
         for metric in catalog.METRICS:
@@ -546,6 +540,7 @@ class PrometheusExporter(Exporter):
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._bound: list[_Bound] = []
+        self._histograms: list[_Bound] = []
         self._health: list[tuple[Any, Any]] = []
         self._health_last: list[float] = []
         self._counted: dict[Any, float] = {}
@@ -640,7 +635,7 @@ class PrometheusExporter(Exporter):
             if self._session is not None:
                 for family in self.families.values():
                     family.clear()
-            snapshots = (None, None, None, None)
+            snapshots = (None, None, None)
             self._counted.clear()
             self._violation_children = {}
             self._session = info.session_id
@@ -654,6 +649,7 @@ class PrometheusExporter(Exporter):
                                  *snapshots)
         self._bound = [_Bound(metric, self.families[metric.name], values, self._counted)
                        for metric in fed if metric.kind != "gauge"]
+        self._histograms = [bound for bound in self._bound if bound.kind == "histogram"]
         dropped = self.families["privacy_export_dropped_total"]
         base = {"session_id": info.session_id, "model_name": info.model_name}
         # Every exporter, the publisher included, reports its drops here (0 is worth seeing).
@@ -674,6 +670,16 @@ class PrometheusExporter(Exporter):
 
     def export(self, snapshot: PrivacySnapshot) -> None:
         collector = self._collector
+        if not snapshot.assessed:
+            # A newer step follows in the same publisher batch: only histograms need every
+            # step; gauges and counters (running totals) are served from the newest assessed
+            # snapshot, so every scrape still reads one snapshot's record.
+            with collector.lock:
+                for bound in self._histograms:
+                    value = getattr(snapshot, bound.attr)
+                    if value is not None:
+                        bound.update(value)
+            return
         with collector.lock:
             collector.publish(snapshot)
             # Ranks other than 0 export no privacy values (steps is None there).
