@@ -20,6 +20,7 @@ from .snapshot import PrivacySnapshot
 
 __all__ = ["PrivacyMonitor"]
 
+_STEP_HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
 _HOOKS = ("setup", "on_fit_start", "on_train_start", "on_train_epoch_start",
           "on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end",
           "on_validation_end", "on_train_end", "on_fit_end", "on_exception", "teardown")
@@ -256,17 +257,21 @@ class PrivacyMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for part in self._has["on_train_start"]:
             part.on_train_start(trainer, pl_module)
-        self._bind_step_hooks()
 
     def _bind_step_hooks(self) -> None:
-        """The per-step hooks, bound once per fit to the parts with work per step: the
-        compliance part has none while the metrics part hands it each step's epsilon."""
-        ledger = self.compliance.ledger
-        quiet = {self.compliance} if ledger is not None and ledger.reporter is not None else set()
+        """The per-step hooks, bound once to the parts with work per step.
+
+        The compliance part has none: the metrics part, the trainer's reporter from
+        ``on_fit_start`` on, hands it each step's epsilon. A hook with one such part is that
+        part's own method, set on the instance, so Lightning calls it with no loop in between
+        (unless a subclass overrides the hook).
+        """
         self._step_hooks = {
-            hook: tuple(getattr(p, hook) for p in self._has[hook] if p not in quiet)
-            for hook in ("on_train_batch_start", "on_before_optimizer_step",
-                         "on_train_batch_end")}
+            hook: tuple(getattr(p, hook) for p in self._has[hook] if p is not self.compliance)
+            for hook in _STEP_HOOKS}
+        for hook, bound in self._step_hooks.items():
+            if len(bound) == 1 and getattr(type(self), hook) is getattr(PrivacyMonitor, hook):
+                setattr(self, hook, bound[0])
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for part in self._has["on_train_epoch_start"]:

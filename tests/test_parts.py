@@ -244,3 +244,20 @@ def test_prv_epsilon_comes_from_a_child_process_that_stops_with_the_fit(monkeypa
 
 def _accountant_children() -> set[int]:
     return _children(b"import opacus.accountants")
+
+
+def test_a_subclass_overriding_a_step_hook_is_still_called_and_the_parts_too():
+    # The monitor binds a per-step hook with one part to that part's method on the instance;
+    # a subclass's own hook must not be shadowed by it.
+    calls = []
+
+    class Mine(PrivacyMonitor):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            calls.append(trainer.global_step)
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    model = DPModel(n=64)
+    monitor = Mine(1e-5, target_epsilon=1e-3, session_id="sub")  # the guard stops at once
+    fit(model, monitor)
+    assert calls == [0]  # called; and the guard it forwards to skipped that step
+    assert monitor.guard.stopped and model.privacy_engine.accountant.history == []
