@@ -377,8 +377,8 @@ class _RdpMath:
         # neither undoes the other's sum.
         self._live = _Prefix()
         self._views = _Prefix()
-        # quick_bound: the order it reads, and its running sum over the live history's finished
-        # segments, (history, segments summed, the last of them, sum, the order summed).
+        # quick_bound: the order it reads, and its running sum (at every order) over the live
+        # history's finished segments, (history, segments summed, the last of them, sum).
         self._sub_list: list[float] = self._sub.tolist()
         self._add_list: list[float] = self._add.tolist()
         self._order: int | None = None
@@ -621,8 +621,8 @@ class _RdpMath:
                     return vec
         return None
 
-    def _bound_at(self, sigma: float, q: float, i: int) -> float | None:
-        """Order ``i`` of a cached vector at or above (sigma, q)'s, without computing one."""
+    def _vector_at(self, sigma: float, q: float) -> np.ndarray | None:
+        """A cached vector at or above (sigma, q)'s at every order, without computing one."""
         vec = self._cached((sigma, q))
         if vec is None and sigma > 0 and q > 0:
             vec = self._grid_bound(sigma, q)
@@ -630,6 +630,11 @@ class _RdpMath:
                 below = self._below(sigma, q, 0.0)
                 vec = None if below is None else below[1]
             self._request(sigma, q)  # keep the grid ahead, as lookup() does
+        return vec
+
+    def _bound_at(self, sigma: float, q: float, i: int) -> float | None:
+        """Order ``i`` of :meth:`_vector_at`."""
+        vec = self._vector_at(sigma, q)
         return None if vec is None else float(vec[i])
 
     def _below(self, sigma: float, q: float, lowest: float,
@@ -662,20 +667,24 @@ class _RdpMath:
         if i is None:
             return None
         n = len(history)
+        # The running sum is kept at every order (one small array add a segment): epsilon's best
+        # order moves as the history grows, and a sum kept for one order only would start again
+        # from the first segment each time it does.
         quick = self._quick
-        if (quick is not None and quick[0] is history and quick[4] == i and quick[1] <= n - 1
+        if (quick is not None and quick[0] is history and quick[1] <= n - 1
                 and (quick[1] == 0 or history[quick[1] - 1] is quick[2])):
-            start, total, last = quick[1], quick[3], quick[2]
-        else:  # another history, or another order: its sum starts again
-            start, total, last = 0, 0.0, None
+            start, vector, last = quick[1], quick[3], quick[2]
+        else:  # another history: its sum starts again
+            start, vector, last = 0, None, None
         for j in range(start, n - 1):
             sigma, q, steps = history[j]
-            value = self._bound_at(sigma, q, i)
-            if value is None:
+            vec = self._vector_at(sigma, q)
+            if vec is None:
                 return None
-            total += value * steps
+            vector = vec * steps if vector is None else vector + vec * steps
             last = history[j]
-        self._quick = (history, max(start, n - 1), last, total, i)
+        self._quick = (history, max(start, n - 1), last, vector)
+        total = 0.0 if vector is None else float(vector[i])
         sigma_e, q_e, steps_e = extra
         if n:
             sigma, q, steps = history[n - 1]

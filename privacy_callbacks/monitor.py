@@ -74,7 +74,9 @@ class PrivacyMonitor(Callback):
             accountant differ (the saved history is carried over). Off by default: silently
             restarting epsilon would under-report the privacy spent.
         mechanism: Measure clipping, noise, signal and DP overhead on the device each step
-            (see the README's "Mechanism metrics"); ``False`` leaves the optimizer untouched.
+            (on a CPU, without per-sample statistics, every k-th step, k set by their cost to
+            1 % of the step; see the README's "Mechanism metrics"); ``False`` leaves the
+            optimizer untouched.
             Every default mechanism metric is data-independent, post-processing of the noised
             update, or -- with ``DifferentialPrivacy(statistics_noise_multiplier=...)`` -- a
             noised histogram accounted in epsilon.

@@ -411,7 +411,9 @@ class MechanismProbe:
     (``p.grad - p.summed_grad`` after ``add_noise``, reduced with ``torch._foreach_norm``), the
     per-sample statistics the run releases, an asynchronous copy into a pinned buffer and timing
     events. The publisher's thread resolves the :class:`~privacy_callbacks.device.DeviceStats`
-    handle.
+    handle. On a CPU, where this is synchronous work in the step, the statistics without
+    per-sample ones are measured every :attr:`stride`-th step: their own time over
+    ``STATS_SHARE`` of the step's, re-set at each measured step (and always at a calibration).
 
     Per-sample statistics (``statistics``): ``None`` releases none; ``"dp"`` releases the
     histogram of per-sample norms (bucket edges: the catalog's and C) as counts with Gaussian
@@ -430,6 +432,10 @@ class MechanismProbe:
     """
 
     WARMUP_STEPS = 2
+    #: On a CPU, the largest share of a step the statistics may take: they are synchronous work
+    #: in the step there, so without per-sample statistics they are measured every k-th step.
+    STATS_SHARE = 0.01
+    MAX_STRIDE = 100
 
     def __init__(self, trainer: Any, pl_module: Any, optimizer: DPOptimizer, *,
                  overhead_every: int | None, statistics: str | None = None) -> None:
@@ -458,6 +464,13 @@ class MechanismProbe:
         self._clip_value: Any = None
         self._handle: DeviceStats | None = None
         self._reducing = True
+        # Whether this step's statistics are measured, and the next step measured at the latest:
+        # on a CPU, without per-sample statistics (which a run asked for every step), the stride
+        # follows their cost, STATS_SHARE of the step; on a GPU they are asynchronous work.
+        self._measuring = True
+        self._measure_at = 0
+        self._stride_by_cost = statistics is None and device.type == "cpu"
+        self.stride = 1
         self._installed: list[str] = []
         self._model = OverheadModel()
         self._hooks = find_grad_sample_hooks(trainer, pl_module, params)
@@ -541,8 +554,12 @@ class MechanismProbe:
             if slot is None:
                 return
             every = self.overhead_every
-            if self._timing and every is not None and self._steps >= self.WARMUP_STEPS and (
-                    self._steps - self.WARMUP_STEPS) % every == 0:
+            steps = self._steps
+            calibrating = (self._timing and every is not None and steps >= self.WARMUP_STEPS
+                           and (steps - self.WARMUP_STEPS) % every == 0)
+            # A calibration step is measured: its overhead ratio is what it is for.
+            self._measuring = calibrating or steps >= self._measure_at
+            if calibrating:
                 try:
                     self._calibrate(slot, batch, batch_idx)
                 except Exception:  # the user's training_step raised outside its real step
@@ -562,6 +579,14 @@ class MechanismProbe:
         slot.mark(Marks.END)
         if handle is None:
             self.pool.release(slot)
+        elif self._stride_by_cost:
+            # Host clock marks: the statistics' own time and the step's, known now.
+            own = slot.seconds(Marks.NOISE_END, Marks.STATS_END)
+            step = slot.seconds(Marks.START, Marks.END)
+            if own is not None and step:
+                self.stride = max(1, min(self.MAX_STRIDE,
+                                         math.ceil(own / (self.STATS_SHARE * step))))
+                self._measure_at = self._steps + self.stride - 1
         return handle
 
     def _wrap_clip(self, original: Any) -> Any:
@@ -574,7 +599,9 @@ class MechanismProbe:
                 slot.mark(Marks.CLIP_START)
             value = optimizer.max_grad_norm
             self._clip_value = value
-            if ghost:
+            if not self._measuring:
+                result = original(*args, **kwargs)
+            elif ghost:
                 norms = getattr(hooks, "per_sample_gradient_norms", None)
                 if isinstance(norms, torch.Tensor):
                     divisors.append(norms + _EPS)
@@ -600,7 +627,7 @@ class MechanismProbe:
             if slot is not None:
                 slot.mark(Marks.NOISE_START)
             result = original(*args, **kwargs)
-            if slot is not None and self._reducing:
+            if slot is not None and self._reducing and self._measuring:
                 slot.mark(Marks.NOISE_END)
                 try:
                     self._reduce(slot)

@@ -61,8 +61,10 @@ def assert_total_matches_side_by_side(result: dict) -> None:
 
 def test_bench_mechanism_quick_reported_total_agrees_with_side_by_side():
     result = _json(_run("bench_mechanism.py", "--quick"))
-    # Every timed step of the monitored fits carried an overhead total (3 rounds x 13 steps).
-    assert result["timed_steps"] == {"plain": 39, "dp": 39, "reported": 39}
+    # 3 rounds x 13 timed steps; on a CPU the mechanism metrics (the overhead total with them)
+    # are measured every k-th step by their cost, and at every calibration.
+    steps = result["timed_steps"]
+    assert (steps["plain"], steps["dp"]) == (39, 39) and 3 <= steps["reported"] <= 39
     assert_total_matches_side_by_side(result)
 
 
@@ -72,6 +74,8 @@ def test_gpu_check_runs_on_cpu_and_its_reported_total_agrees_with_side_by_side()
     assert "sync check skipped: no CUDA device" in out
     result = _json(out[out.index("{"):])
     assert result["sync_check"] == "skipped (no CUDA)"
-    assert result["timed_steps"] == {"none": 39, "off": 39, "on": 39, "plain": 39,
-                                     "reported": 39}
+    steps = result["timed_steps"]
+    reported = steps.pop("reported")
+    assert steps == {"none": 39, "off": 39, "on": 39, "plain": 39}
+    assert 3 <= reported <= 39  # on a CPU, every k-th step and every calibration (see above)
     assert_total_matches_side_by_side(result)

@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 
 from dp_models import DPModel, PlainModel, make_data
 from privacy_callbacks import PrivacyMonitor, PrometheusExporter
+from privacy_callbacks.probe import MechanismProbe
 
 BASE = {"session_id": "t", "model_name": "DPModel"}
 
@@ -21,6 +22,14 @@ def own_random_state():
     """These tests seed torch: give later tests the random state they would have had."""
     with torch.random.fork_rng():
         yield
+
+
+@pytest.fixture(autouse=True)
+def every_step_measured(request, monkeypatch):
+    """These tests check each step's values: on a CPU the default metrics are measured every
+    k-th step, k following their cost (test_cpu_stride_* checks that); here every step."""
+    if "stride" not in request.node.name:
+        monkeypatch.setattr(MechanismProbe, "STATS_SHARE", 1.0)
 
 D = 8 * 16 + 16 + 16 * 2 + 2  # parameters of DPModel
 
@@ -552,3 +561,32 @@ def test_noise_std_follows_the_batches_a_window_really_accumulated():
     sigma_c = ddp_fit.SIGMA * ddp_fit.CLIP
     assert reported == pytest.approx([sigma_c / (32 * 3), sigma_c / 32])
     assert run["step_noise_std"] == pytest.approx(reported, rel=0.05)  # measured on the update
+
+
+@pytest.mark.parametrize("share", [1e-9, 1.0])
+def test_cpu_stride_measures_every_kth_step_by_cost_and_keeps_the_gauges(share, monkeypatch):
+    # On a CPU the statistics are work inside the step: without per-sample statistics they
+    # are measured every k-th step, k = their time over STATS_SHARE of the step's (at most
+    # MAX_STRIDE), the calibration step always. A share of 1e-9 makes k the maximum, 100.
+    monkeypatch.setattr(MechanismProbe, "STATS_SHARE", share)
+    exporter = PrometheusExporter(serve=False)
+    monitor = PrivacyMonitor(delta=1e-5, session_id="t", exporters=[exporter])
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            snap = monitor.last_snapshot
+            seen.append((snap.step, snap.noise_magnitude is not None))
+
+    fit(DPModel(n=8 * 12, batch_size=8), monitor, Spy())
+    assert [step for step, _ in seen] == list(range(1, 13))
+    measured = [step for step, has in seen if has]
+    if share == 1.0:
+        assert measured == list(range(1, 13))
+    else:
+        # The first step, then the calibration step (the third); the next would be step 103.
+        assert measured == [1, 3]
+    # The gauges read the newest measured step's values; the histogram counted each one.
+    assert exporter.registry.get_sample_value("privacy_signal_to_noise_ratio", BASE) is not None
+    assert exporter.registry.get_sample_value("privacy_noise_magnitude_count", BASE) == len(
+        measured)
