@@ -19,6 +19,8 @@ _Item = PrivacySnapshot | tuple[_Build, Any]
 
 __all__ = ["Publisher"]
 
+_LOOK_BEHIND = 16  # queued items a build looks through for a newer one
+
 
 class Publisher:
     """A bounded hand-off: :meth:`publish` is a deque append, nothing more.
@@ -52,11 +54,6 @@ class Publisher:
         self._idle = threading.Condition()
         self._published = 0
         self._done = 0
-        # Builds queued and dropped (training thread), taken (publisher thread): each written by
-        # one thread, so "no newer build queued" needs no lock.
-        self._builds_queued = 0
-        self._builds_dropped = 0
-        self._builds_taken = 0
         self._stop = False
         self._failed: set[str] = set()
         self._last_step = -1
@@ -70,7 +67,6 @@ class Publisher:
     def publish_later(self, build: _Build, record: Any) -> None:
         """Queue ``build(record, newest)``, called on the publisher thread, ``newest`` telling
         whether no later build was queued by then; never blocks."""
-        self._builds_queued += 1
         queue = self._queue
         if len(queue) < self._max:  # the common case, inline: this runs every step
             queue.append((build, record))
@@ -82,8 +78,7 @@ class Publisher:
         queue = self._queue
         if len(queue) >= self._max:
             try:
-                if isinstance(queue.popleft(), tuple):
-                    self._builds_dropped += 1
+                queue.popleft()
                 self.dropped += 1
             except IndexError:  # the publisher thread just emptied it
                 pass
@@ -103,10 +98,7 @@ class Publisher:
                 snapshot: PrivacySnapshot | None
                 if isinstance(item, tuple):
                     try:
-                        self._builds_taken += 1
-                        newest = (self._builds_taken + self._builds_dropped
-                                  >= self._builds_queued)
-                        snapshot = item[0](item[1], newest)
+                        snapshot = item[0](item[1], self._newest(queue))
                     except Exception:
                         snapshot = None
                         self._fail("building the snapshot")
@@ -123,6 +115,16 @@ class Publisher:
                     time.sleep(0)
             if self._stop and not queue:
                 return
+
+    @staticmethod
+    def _newest(queue: collections.deque[_Item]) -> bool:
+        """Whether no build is queued behind the one just taken (a snapshot queued from another
+        thread, a background epsilon, is not one). Behind a longer queue: no, without looking
+        (the build's own clock assesses at least every half second)."""
+        if len(queue) > _LOOK_BEHIND:
+            return False
+        # tuple() copies the deque in one C call: no append can interleave.
+        return not any(isinstance(item, tuple) for item in tuple(queue))
 
     def _deliver(self, snapshot: PrivacySnapshot) -> None:
         if snapshot.step < self._last_step:

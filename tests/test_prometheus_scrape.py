@@ -87,11 +87,14 @@ def test_a_step_with_a_newer_one_queued_feeds_histograms_only():
     # and its gauges and counters are not served (the newer step's will be); a histogram
     # counts its observation.
     stats = types.SimpleNamespace(noise_magnitude=3.0, per_sample_grad_norms=None,
-                                  clipped_fraction=None, signal_magnitude=None,
+                                  clipped_fraction=None, signal_magnitude=4.0,
                                   signal_to_noise_ratio=None, overhead=None)
     exporter.export(dataclasses.replace(snapshot(2), assessed=False, device_stats=stats))
     reg = exporter.registry
     assert reg.get_sample_value("privacy_noise_magnitude_count", BASE) == 1
+    # Device statistics come from the newest step that has them, assessed or not (on a CPU
+    # only every k-th step is measured).
+    assert reg.get_sample_value("privacy_signal_magnitude", BASE) == 4.0
     assert reg.get_sample_value("privacy_epsilon_consumed", ACC) == 0.01
     assert reg.get_sample_value("training_steps_with_privacy_total", BASE) == 1
     assert reg.get_sample_value("privacy_epsilon_forecast", ACC) == 2.5

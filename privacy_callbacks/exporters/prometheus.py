@@ -150,6 +150,11 @@ class _Collector:
                       snapshot if snapshot.step_seconds is not None else timed,
                       snapshot if snapshot.device_stats is not None else measured)
 
+    def publish_measured(self, snapshot: PrivacySnapshot) -> None:
+        """``snapshot``'s device statistics only: the newest measured step."""
+        gauges, newest, timed, _ = self.state
+        self.state = (gauges, newest, timed, snapshot)
+
     def describe(self) -> Iterable[Metric]:
         for metric in catalog.METRICS:
             if metric.kind == "gauge":
@@ -673,8 +678,12 @@ class PrometheusExporter(Exporter):
         if not snapshot.assessed:
             # A newer step follows in the same publisher batch: only histograms need every
             # step; gauges and counters (running totals) are served from the newest assessed
-            # snapshot, so every scrape still reads one snapshot's record.
+            # snapshot, so every scrape still reads one snapshot's record -- but for the
+            # mechanism gauges, which come from the newest snapshot with device statistics (on
+            # a CPU only every k-th step has them).
             with collector.lock:
+                if snapshot.device_stats is not None:
+                    collector.publish_measured(snapshot)
                 for bound in self._histograms:
                     value = getattr(snapshot, bound.attr)
                     if value is not None:
