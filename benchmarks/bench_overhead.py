@@ -19,8 +19,11 @@ The loop is Lightning's own (``Trainer.fit``) for every row, so the monitor runs
 run it. Each repetition fits every row once, rows rotated, each for ``--warmup`` untimed steps and
 ``--steps`` timed ones; the timed block is bracketed by a device synchronisation (on GPU) at both
 ends only, so asynchronous execution is not disturbed inside it. Reported: the median over
-repetitions of the mean step time, and ratios of medians. Embeddings are frozen (as in
-``examples/finetune_dp.py``); every encoder layer and the head are trained.
+repetitions of the mean step time, and ratios of medians. Every fit is checked to have done
+what it is timed for (Opacus accounted each step; a monitor published the accountant's own
+epsilon for the last step before ``fit`` returned); a fit that did not stops the benchmark.
+Embeddings are frozen (as in ``examples/finetune_dp.py``); every encoder layer and the head are
+trained.
 """
 
 from __future__ import annotations
@@ -127,13 +130,15 @@ def run_block(model: DPTextClassifier, row: str, accelerator: str, warmup: int, 
         private = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0,
                                       accountant=accountant, poisson_sampling=False)
         callbacks.append(private)
+    monitor = None
     if row == "dp+naive":
         callbacks.append(NaiveEpsilon(DELTA, private.privacy_engine))
     elif row.startswith("dp+monitor"):
-        callbacks.append(PrivacyMonitor(delta=DELTA, target_epsilon=8.0,
-                                        exporters=[PrometheusExporter(port=0)],
-                                        session_id="bench", model_name="bench",
-                                        mechanism="mechanism=False" not in row))
+        monitor = PrivacyMonitor(delta=DELTA, target_epsilon=8.0,
+                                 exporters=[PrometheusExporter(port=0)],
+                                 session_id="bench", model_name="bench",
+                                 mechanism="mechanism=False" not in row)
+        callbacks.append(monitor)
     timer = BlockTimer(warmup, warmup + steps - 1, cuda)
     callbacks.append(timer)
     trainer = pl.Trainer(accelerator=accelerator, devices=1, max_epochs=1,
@@ -144,7 +149,27 @@ def run_block(model: DPTextClassifier, row: str, accelerator: str, warmup: int, 
     trainer.fit(model)
     if timer.seconds is None:
         raise RuntimeError(f"row {row}: the timed block did not complete")
+    if row != "plain":
+        check_row(row, private.privacy_engine.accountant, monitor, warmup + steps)
     return timer.seconds / steps
+
+
+def check_row(row: str, accountant: Any, monitor: PrivacyMonitor | None, steps: int) -> None:
+    """Raise unless the row did what it is timed for: DP accounted every step, and the monitor
+    published the accountant's own epsilon for the last one (a monitor that did nothing would
+    look free)."""
+    accounted = sum(n for _, _, n in accountant.history)
+    if accounted != steps:
+        raise RuntimeError(f"row {row}: Opacus accounted {accounted} steps, not {steps}")
+    if monitor is None:
+        return
+    last = monitor.last_snapshot
+    expected = accountant.get_epsilon(DELTA)
+    if last is None or (last.step, last.epsilon, last.epsilon_exact) != (steps, expected, 1):
+        raise RuntimeError(
+            f"row {row}: the monitor's last snapshot is "
+            f"{None if last is None else (last.step, last.epsilon, last.epsilon_exact)}, not "
+            f"(step, epsilon, exact) = {(steps, expected, 1)}")
 
 
 def environment(accelerator: str) -> dict[str, Any]:

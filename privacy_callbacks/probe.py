@@ -413,7 +413,8 @@ class MechanismProbe:
     events. The publisher's thread resolves the :class:`~privacy_callbacks.device.DeviceStats`
     handle. On a CPU, where this is synchronous work in the step, the statistics without
     per-sample ones are measured every :attr:`stride`-th step: their own time over
-    ``STATS_SHARE`` of the step's, re-set at each measured step (and always at a calibration).
+    ``STATS_SHARE`` of the step's, re-set at each measured step (and always at a calibration);
+    the other steps take no slot and set no mark.
 
     Per-sample statistics (``statistics``): ``None`` releases none; ``"dp"`` releases the
     histogram of per-sample norms (bucket edges: the catalog's and C) as counts with Gaussian
@@ -468,7 +469,7 @@ class MechanismProbe:
         # on a CPU, without per-sample statistics (which a run asked for every step), the stride
         # follows their cost, STATS_SHARE of the step; on a GPU they are asynchronous work.
         self._measuring = True
-        self._measure_at = 0
+        self._measure_at: float = 0
         self._stride_by_cost = statistics is None and device.type == "cpu"
         self.stride = 1
         self._installed: list[str] = []
@@ -549,16 +550,20 @@ class MechanismProbe:
     def batch_start(self, batch: Any, batch_idx: int) -> None:
         """Start timing the optimizer step this batch belongs to (calibrating when due)."""
         if self._slot is None:
+            steps = self._steps
+            if steps < self._measure_at:
+                # Not measured (a CPU's stride): nothing of this step would be read, so it takes
+                # no slot and no marks. The next calibration step is never past _measure_at.
+                self._measuring = False
+                return
+            self._measuring = True
             slot = self._slot = self.pool.acquire()
             self._micro_batches = 0
             if slot is None:
                 return
             every = self.overhead_every
-            steps = self._steps
             calibrating = (self._timing and every is not None and steps >= self.WARMUP_STEPS
                            and (steps - self.WARMUP_STEPS) % every == 0)
-            # A calibration step is measured: its overhead ratio is what it is for.
-            self._measuring = calibrating or steps >= self._measure_at
             if calibrating:
                 try:
                     self._calibrate(slot, batch, batch_idx)
@@ -586,8 +591,19 @@ class MechanismProbe:
             if own is not None and step:
                 self.stride = max(1, min(self.MAX_STRIDE,
                                          math.ceil(own / (self.STATS_SHARE * step))))
-                self._measure_at = self._steps + self.stride - 1
+                # A calibration step is measured: its overhead ratio is what it is for.
+                self._measure_at = min(self._steps + self.stride - 1,
+                                       self._next_calibration(self._steps))
         return handle
+
+    def _next_calibration(self, step: int) -> float:
+        """The first calibration step at or after step index ``step`` (inf: none)."""
+        every, warmup = self.overhead_every, self.WARMUP_STEPS
+        if not self._timing or every is None:
+            return math.inf
+        if step <= warmup:
+            return warmup
+        return warmup + -(-(step - warmup) // every) * every
 
     def _wrap_clip(self, original: Any) -> Any:
         optimizer, divisors = self.optimizer, self._divisors
