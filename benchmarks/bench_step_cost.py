@@ -8,6 +8,10 @@ A tiny Opacus-wired MLP (``tests/dp_models.DPModel``: batch 8, one torch thread,
 step on a small CPU) is fitted with Lightning's own loop, rows rotated in every round:
 
 - ``dp``: no monitor (a timing callback only, present in every row).
+- ``floor``: not a monitor but the least one with a budget guard does per step (read sigma,
+  the rate the step is charged at and the accountant's history, compare them with a kept
+  credit, append one record), timed the same way: the floor the monitor's hooks are compared
+  with on this machine.
 - ``monitor <accountant>``: ``PrivacyMonitor`` with its defaults, a target epsilon and an
   in-process ``PrometheusExporter`` (scraped by nobody), for RDP, PRV and GDP.
 - ``monitor rdp schedule``: the same under Opacus' ``ExponentialNoise`` stepped every
@@ -33,6 +37,7 @@ part of it spent in the accounting (epsilon for the metrics, the guard's checks)
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import importlib.util
 import json
@@ -56,7 +61,8 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from dp_models import DPModel, ScheduledModel  # noqa: E402
 from machine import cpu_name  # noqa: E402
-from privacy_callbacks import PrivacyMonitor, PrometheusExporter, accounting  # noqa: E402
+from privacy_callbacks import PrivacyMonitor, PrometheusExporter, accounting, probe  # noqa: E402
+from privacy_callbacks.ledger import step_progress  # noqa: E402
 
 HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
 WARMUP = 20
@@ -72,6 +78,60 @@ class _Gap(Callback):
         self.t.append(time.perf_counter())
         self.cpu.append(time.process_time())
         self.thread.append(time.thread_time())  # the training thread's own CPU time
+
+
+class _Floor(Callback):
+    """The least a per-step monitor with a budget guard does on the training thread.
+
+    Before the optimizer step: sigma, the rate the step will be charged at and the accountant's
+    history, compared with a kept credit (as the guard clears most steps); after it: the step,
+    the clocks, sigma and C in one record appended to a deque. No thread, no exporter, no
+    epsilon, no mechanism metrics -- a reference for the monitor's own hooks, timed the same way.
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.optimizer: Any = trainer.optimizers[0]
+        self.rate = probe.AccountedRate(self.optimizer)
+        engine: Any = pl_module.privacy_engine
+        self.accountant = engine.accountant
+        self.progress = step_progress(trainer)
+        self.records: collections.deque[tuple[Any, ...]] = collections.deque()
+        self.credit: tuple[Any, ...] | None = None
+        self.last_step = trainer.global_step
+        self.t_last: float | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if self.t_last is None:
+            self.t_last = time.perf_counter()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Any) -> None:
+        sigma, q = float(optimizer.noise_multiplier), self.rate()
+        history = self.accountant.history
+        n = len(history)
+        last = history[n - 1] if n else None
+        credit = self.credit
+        if not (credit is not None and sigma >= credit[0] and q == credit[1]
+                and n == credit[2] and last == credit[3]):
+            credit = (sigma, q, n, last)
+        same = last is not None and last[0] == sigma and last[1] == q
+        self.credit = (credit[0], q, n if same else n + 1,
+                       (sigma, q, last[2] + 1 if same and last is not None else 1))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self.progress.completed
+        if step == self.last_step:
+            return
+        self.last_step = step
+        now, t_last = time.perf_counter(), self.t_last
+        history, opt = self.accountant.history, self.optimizer
+        n = len(history)
+        self.records.append((step, time.time_ns(), (history, n, history[n - 1]),
+                             float(opt.noise_multiplier), float(opt.max_grad_norm),
+                             None if t_last is None else now - t_last))
+        self.t_last = now
 
 
 # Time spent computing epsilon (any accounting method) on the training thread, this step.
@@ -103,14 +163,17 @@ def _load_baseline(root: Path) -> Any:
     return module
 
 
-def _time_accounting(acc: Any) -> None:
-    """Wrap every accounting method: time on the training thread goes to ``_EPS``."""
+def _time_accounting(acc: Any) -> Callable[[], None]:
+    """Wrap every accounting method: time on the training thread goes to ``_EPS``. Returns
+    what puts the methods back."""
     main, clock = threading.main_thread(), time.perf_counter
+    wrapped: list[tuple[type, str, Any]] = []
     for cls in (acc.Accounting, acc.RdpAccounting, acc.BackgroundAccounting):
         for name in _ACCOUNTING_METHODS:
             if name not in vars(cls):
                 continue
             method = vars(cls)[name]
+            wrapped.append((cls, name, method))
 
             def timed(self: Any, *args: Any, _method: Callable[..., Any] = method,
                       **kwargs: Any) -> Any:
@@ -127,8 +190,14 @@ def _time_accounting(acc: Any) -> None:
 
             setattr(cls, name, timed)
 
+    def restore() -> None:
+        for cls, name, method in wrapped:
+            setattr(cls, name, method)
 
-def _timed(monitor: PrivacyMonitor, into: list[float], eps_into: list[float]) -> None:
+    return restore
+
+
+def _timed(monitor: Callback, into: list[float], eps_into: list[float]) -> None:
     """Wrap the monitor's per-step hooks: their time per batch goes to ``into``, the epsilon
     part of it to ``eps_into``."""
     clock = time.perf_counter
@@ -153,7 +222,11 @@ def _fit(row: str, steps: int) -> tuple[list[float], list[float], list[float], f
     callbacks: list[Callback] = []
     accountant = "rdp"
     model_cls: type[DPModel] = DPModel
-    if row != "dp":
+    if row == "floor":
+        floor = _Floor()
+        _timed(floor, hook_times, eps_times)
+        callbacks.append(floor)
+    elif row != "dp":
         accountant = row.split()[1]
         if "schedule" in row:
             model_cls = ScheduledModel
@@ -170,6 +243,14 @@ def _fit(row: str, steps: int) -> tuple[list[float], list[float], list[float], f
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu")
     trainer.fit(model)
+    if callbacks and not isinstance(callbacks[0], _Floor):
+        # A monitor that did nothing would look free: it must have published the accountant's
+        # own epsilon for the last step before fit returned.
+        fitted: Any = callbacks[0]
+        last, expected = fitted.last_snapshot, model.privacy_engine.get_epsilon(1e-5)
+        if last is None or (last.step, last.epsilon) != (steps, expected):
+            raise RuntimeError(f"row {row}: the monitor's last snapshot is "
+                               f"{last and (last.step, last.epsilon)}, not {(steps, expected)}")
     t, cpu, thread = gap.t[WARMUP:], gap.cpu[WARMUP:], gap.thread[WARMUP:]
     return ([b - a for a, b in zip(t, t[1:])], hook_times[WARMUP:], eps_times[WARMUP:],
             (cpu[-1] - cpu[0]) / (len(cpu) - 1), (thread[-1] - thread[0]) / (len(thread) - 1))
@@ -181,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="2 rounds of 60 steps")
-    parser.add_argument("--rows", default="dp,monitor rdp,monitor prv,monitor gdp,"
+    parser.add_argument("--rows", default="dp,floor,monitor rdp,monitor prv,monitor gdp,"
                         "monitor rdp schedule")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--baseline", type=Path,
@@ -191,16 +272,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     rounds, steps = (2, 60) if args.quick else (args.rounds, args.steps)
     rows = args.rows.split(",")
+    for row in rows:
+        words = row.split()
+        if row not in ("dp", "floor") and not (
+                len(words) >= 2 and words[0] == "monitor" and words[1] in ("rdp", "prv", "gdp")
+                and " ".join(words[2:]) in ("", "schedule", "schedule no target",
+                                            "mechanism=False", "no target")):
+            raise SystemExit(f"Unexpected row in --rows: {row!r}; use dp, floor or 'monitor "
+                             "<rdp|prv|gdp>' optionally followed by 'schedule', "
+                             "'schedule no target', 'no target' or 'mechanism=False'")
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
     global _BASELINE
-    _time_accounting(accounting)
+    restore = [_time_accounting(accounting)]
     if args.baseline is not None:
         _BASELINE = _load_baseline(args.baseline.resolve())
-        _time_accounting(_BASELINE.accounting)
+        restore.append(_time_accounting(_BASELINE.accounting))
         rows = [r for row in rows
-                for r in ((row,) if row == "dp" else (row, f"{row} [baseline]"))]
+                for r in ((row,) if row in ("dp", "floor") else (row, f"{row} [baseline]"))]
+    try:
+        return _run(args, rows, rounds, steps)
+    finally:
+        for put_back in restore:
+            put_back()
+
+
+def _run(args: argparse.Namespace, rows: list[str], rounds: int, steps: int) -> dict[str, Any]:
     gaps: dict[str, list[tuple[float, float]]] = {r: [] for r in rows}
     hooks: dict[str, list[float]] = {r: [] for r in rows}
     eps: dict[str, list[float]] = {r: [] for r in rows}
