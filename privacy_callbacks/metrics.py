@@ -354,8 +354,9 @@ class PrivacyMetrics(Callback):
                              batch: Any, batch_idx: int) -> None:
         if self._t_last is None:
             self._t_last = time.perf_counter()
-        if self._probe is not None:
-            self._probe.batch_start(batch, batch_idx)
+        probe = self._probe
+        if probe is not None and self._last_step >= probe.due:  # else a step not measured
+            probe.batch_start(batch, batch_idx, self._last_step)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t_last = None  # validation time is not training throughput
@@ -377,7 +378,8 @@ class PrivacyMetrics(Callback):
         if step == self._last_step or ledger is None:
             return  # no optimizer step in this batch (gradient accumulation)
         self._last_step = step
-        stats = self._probe.step_end() if self._probe is not None else None
+        probe = self._probe
+        stats = probe.step_end(step) if probe is not None and probe.slot is not None else None
         now = time.perf_counter()
         t_last = self._t_last
         seconds = now - t_last if t_last is not None and now > t_last else None

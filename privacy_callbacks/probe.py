@@ -458,18 +458,19 @@ class MechanismProbe:
         self._params = params
         self._pl_module = pl_module
         self._trainer = trainer
-        self._slot: Any = None
+        #: The timing slot of the optimizer step in progress; ``None`` when it is not measured.
+        self.slot: Any = None
         self._micro_batches = 0
-        self._steps = 0
+        self._first: int | None = None  # the trainer's step count at this fit's first step
         self._divisors: list[torch.Tensor] = []
         self._clip_value: Any = None
         self._handle: DeviceStats | None = None
         self._reducing = True
-        # Whether this step's statistics are measured, and the next step measured at the latest:
-        # on a CPU, without per-sample statistics (which a run asked for every step), the stride
-        # follows their cost, STATS_SHARE of the step; on a GPU they are asynchronous work.
-        self._measuring = True
-        self._measure_at: float = 0
+        #: The trainer's step count from which the next step is measured (the stride: on a
+        #: CPU, without per-sample statistics, which a run asked for every step, it follows
+        #: their cost, STATS_SHARE of the step; on a GPU they are asynchronous work and every
+        #: step is measured). A calibration step is never past it.
+        self.due: float = 0
         self._stride_by_cost = statistics is None and device.type == "cpu"
         self.stride = 1
         self._installed: list[str] = []
@@ -543,25 +544,28 @@ class MechanismProbe:
         for name in self._installed:
             self.optimizer.__dict__.pop(name, None)
         self._installed = []
-        self._slot = self._handle = self._pending = None
+        self.slot = self._handle = self._pending = None
 
     # -- training-thread hooks -------------------------------------------------------------
 
-    def batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Start timing the optimizer step this batch belongs to (calibrating when due)."""
-        if self._slot is None:
-            steps = self._steps
-            if steps < self._measure_at:
-                # Not measured (a CPU's stride): nothing of this step would be read, so it takes
-                # no slot and no marks. The next calibration step is never past _measure_at.
-                self._measuring = False
+    def batch_start(self, batch: Any, batch_idx: int, step: int) -> None:
+        """Start timing the optimizer step this batch belongs to (calibrating when due).
+
+        ``step``: the trainer's count of optimizer steps before this one. A step before
+        :attr:`due` is not measured: it takes no slot and no mark (nothing of it would be
+        read), so a caller may leave out both calls for it.
+        """
+        if self.slot is None:
+            if step < self.due:
                 return
-            self._measuring = True
-            slot = self._slot = self.pool.acquire()
+            if self._first is None:
+                self._first = step
+            slot = self.slot = self.pool.acquire()
             self._micro_batches = 0
             if slot is None:
                 return
             every = self.overhead_every
+            steps = step - self._first
             calibrating = (self._timing and every is not None and steps >= self.WARMUP_STEPS
                            and (steps - self.WARMUP_STEPS) % every == 0)
             if calibrating:
@@ -574,10 +578,10 @@ class MechanismProbe:
             slot.mark(Marks.START)
         self._micro_batches += 1
 
-    def step_end(self) -> DeviceStats | None:
-        """Close the step that just ran; the handle the snapshot carries, if any."""
-        slot, self._slot = self._slot, None
-        self._steps += 1
+    def step_end(self, step: int) -> DeviceStats | None:
+        """Close the step that just ran (``step``: the trainer's count of optimizer steps now);
+        the handle the snapshot carries, if any. Nothing to do for a step without a slot."""
+        slot, self.slot = self.slot, None
         handle, self._handle = self._handle, None
         if slot is None:
             return None
@@ -587,37 +591,37 @@ class MechanismProbe:
         elif self._stride_by_cost:
             # Host clock marks: the statistics' own time and the step's, known now.
             own = slot.seconds(Marks.NOISE_END, Marks.STATS_END)
-            step = slot.seconds(Marks.START, Marks.END)
-            if own is not None and step:
+            seconds = slot.seconds(Marks.START, Marks.END)
+            if own is not None and seconds:
                 self.stride = max(1, min(self.MAX_STRIDE,
-                                         math.ceil(own / (self.STATS_SHARE * step))))
+                                         math.ceil(own / (self.STATS_SHARE * seconds))))
                 # A calibration step is measured: its overhead ratio is what it is for.
-                self._measure_at = min(self._steps + self.stride - 1,
-                                       self._next_calibration(self._steps))
+                self.due = min(step + self.stride - 1, self._next_calibration(step))
         return handle
 
     def _next_calibration(self, step: int) -> float:
-        """The first calibration step at or after step index ``step`` (inf: none)."""
-        every, warmup = self.overhead_every, self.WARMUP_STEPS
-        if not self._timing or every is None:
+        """The trainer's step count of the first calibration step at or after ``step``
+        (inf: none)."""
+        every, warmup, first = self.overhead_every, self.WARMUP_STEPS, self._first
+        if not self._timing or every is None or first is None:
             return math.inf
-        if step <= warmup:
-            return warmup
-        return warmup + -(-(step - warmup) // every) * every
+        steps = step - first
+        if steps <= warmup:
+            return first + warmup
+        return first + warmup + -(-(steps - warmup) // every) * every
 
     def _wrap_clip(self, original: Any) -> Any:
         optimizer, divisors = self.optimizer, self._divisors
         ghost, hooks = self._ghost, self._hooks
 
         def clip(*args: Any, **kwargs: Any) -> Any:
-            slot = self._slot
-            if slot is not None:
-                slot.mark(Marks.CLIP_START)
+            slot = self.slot
             value = optimizer.max_grad_norm
             self._clip_value = value
-            if not self._measuring:
-                result = original(*args, **kwargs)
-            elif ghost:
+            if slot is None:  # a step not measured
+                return original(*args, **kwargs)
+            slot.mark(Marks.CLIP_START)
+            if ghost:
                 norms = getattr(hooks, "per_sample_gradient_norms", None)
                 if isinstance(norms, torch.Tensor):
                     divisors.append(norms + _EPS)
@@ -631,19 +635,18 @@ class MechanismProbe:
                 finally:
                     if optimizer.max_grad_norm is tap:
                         optimizer.max_grad_norm = value
-            if slot is not None:
-                slot.mark(Marks.CLIP_END)
+            slot.mark(Marks.CLIP_END)
             return result
 
         return clip
 
     def _wrap_noise(self, original: Any) -> Any:
         def add_noise(*args: Any, **kwargs: Any) -> Any:
-            slot = self._slot
+            slot = self.slot
             if slot is not None:
                 slot.mark(Marks.NOISE_START)
             result = original(*args, **kwargs)
-            if slot is not None and self._reducing and self._measuring:
+            if slot is not None and self._reducing:
                 slot.mark(Marks.NOISE_END)
                 try:
                     self._reduce(slot)

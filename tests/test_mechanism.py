@@ -34,12 +34,12 @@ def every_step_measured(request, monkeypatch):
 D = 8 * 16 + 16 + 16 * 2 + 2  # parameters of DPModel
 
 
-def fit(model, *callbacks, **trainer_kwargs):
+def fit(model, *callbacks, ckpt_path=None, **trainer_kwargs):
     kwargs = dict(max_epochs=1, enable_progress_bar=False, logger=False,
                   enable_checkpointing=False, enable_model_summary=False)
     kwargs.update(trainer_kwargs)
     trainer = pl.Trainer(callbacks=list(callbacks), **kwargs)
-    trainer.fit(model)
+    trainer.fit(model, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -590,3 +590,27 @@ def test_cpu_stride_measures_every_kth_step_by_cost_and_keeps_the_gauges(share, 
     assert exporter.registry.get_sample_value("privacy_signal_to_noise_ratio", BASE) is not None
     assert exporter.registry.get_sample_value("privacy_noise_magnitude_count", BASE) == len(
         measured)
+
+
+def test_cpu_stride_of_a_resumed_fit_counts_from_its_own_first_step(tmp_path, monkeypatch):
+    # The stride and the calibration follow the trainer's step count: a fit resumed at step 5
+    # measures its own first step (6) and its own calibration step (its third, 8), then none
+    # until the stride's end -- not steps 1 and 3 of a count that restarted.
+    monkeypatch.setattr(MechanismProbe, "STATS_SHARE", 1e-9)
+    first = fit(DPModel(n=8 * 12, batch_size=8), PrivacyMonitor(delta=1e-5, session_id="t"),
+                max_steps=5)
+    path = tmp_path / "part1.ckpt"
+    first.save_checkpoint(path)
+    monitor = PrivacyMonitor(delta=1e-5, session_id="t",
+                             exporters=[PrometheusExporter(serve=False)])
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            snap = monitor.last_snapshot
+            seen.append((snap.step, snap.noise_magnitude is not None))
+
+    fit(DPModel(n=8 * 12, batch_size=8), monitor, Spy(), max_steps=16, max_epochs=3,
+        ckpt_path=str(path))
+    assert [step for step, _ in seen] == list(range(6, 17))
+    assert [step for step, has in seen if has] == [6, 8]
