@@ -99,6 +99,9 @@ class BudgetGuard(Callback):
         self._exact_count = False  # the credit is the accountant's own count at one sigma
         self._recheck = False  # the after-step check is due (the credit ran out)
         self._rates: dict[int, probe.AccountedRate] = {}
+        self._optimizer: Any = None
+        self._rate: probe.AccountedRate | None = None
+        self._accountant: Any = None
         # Optimizers whose last step the guard skipped: what it accumulated is dropped after it.
         self._skipped: list[Any] = []
 
@@ -119,6 +122,11 @@ class BudgetGuard(Callback):
         self.stopped = False
         self._forget()
         self._rates = {id(opt): probe.AccountedRate(opt) for opt in self._optimizers}
+        # The first (usually the only) DP optimizer, its rate and the accountant, at hand for
+        # the check before every step.
+        self._optimizer = self._optimizers[0] if self._optimizers else None
+        self._rate = self._rates.get(id(self._optimizer))
+        self._accountant = self.ledger.accounting.accountant
         self._skipped = []
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -186,7 +194,7 @@ class BudgetGuard(Callback):
             # sigma above the credit's floor: nothing to stop, unless a scheduler has already
             # set a lower sigma. (No optimizer step in this batch: nothing to check either.)
             credit = self._credit
-            if credit is None or self._optimizers[0].noise_multiplier >= credit[1]:
+            if credit is None or self._optimizer.noise_multiplier >= credit[1]:
                 return
         self._recheck = False
         ledger, step = self.ledger, trainer.global_step
@@ -229,7 +237,7 @@ class BudgetGuard(Callback):
         ledger = self.ledger
         if ledger is None or not self.stop:
             return
-        rate = self._rates.get(id(optimizer))
+        rate = self._rate if optimizer is self._optimizer else self._rates.get(id(optimizer))
         if rate is None:
             return  # not a DP optimizer of this fit
         sigma = float(optimizer.noise_multiplier)
@@ -238,41 +246,35 @@ class BudgetGuard(Callback):
             # What this step will be charged cannot be known, so it cannot be checked.
             self._skip(trainer, optimizer, sigma, None)
             return
-        accounting = ledger.accounting
-        history = accounting.accountant.history
-        credit = self._credit
-        if credit is not None and sigma >= credit[1] and q == credit[2]:
-            n = len(history)
-            if n == credit[3] and history[n - 1] == credit[4]:
-                self._spend(credit[0], credit[1], sigma, q, n, credit[4])
-                return
-        target = self.target_epsilon
-        grant = accounting.credit(target, sigma, q)
-        if grant is not None and grant[0] >= 1:
-            self._exact_count = grant[2]
-        elif accounting.fits(target, sigma, q):
-            grant, self._exact_count = (1, sigma, False), False
-        else:
-            self._credit = None
-            self._skip(trainer, optimizer, sigma, q)
-            return
+        history = self._accountant.history
         n = len(history)
-        self._spend(grant[0], grant[1], sigma, q, n, history[n - 1] if n else None)
-
-    def _spend(self, count: int, floor: float, sigma: float, q: float, n: int,
-               last: Any) -> None:
-        """Clear the step about to be accounted at (sigma, q) from a credit of ``count``
-        steps, the history being (``n`` segments, ``last``); keep the rest for the next."""
+        last = history[n - 1] if n else None
+        credit = self._credit
+        if (credit is not None and sigma >= credit[1] and q == credit[2] and n == credit[3]
+                and last == credit[4]):
+            count, floor = credit[0], credit[1]
+        else:
+            target, accounting = self.target_epsilon, ledger.accounting
+            grant = accounting.credit(target, sigma, q)
+            if grant is not None and grant[0] >= 1:
+                self._exact_count = grant[2]
+            elif accounting.fits(target, sigma, q):
+                grant, self._exact_count = (1, sigma, False), False
+            else:
+                self._credit = None
+                self._skip(trainer, optimizer, sigma, q)
+                return
+            count, floor = grant[0], grant[1]
+        # Clear this step from the credit of `count` steps (at q and any sigma >= floor) and
+        # keep the rest for the next. The accountant's own count of steps left holds for its
+        # sigma only.
         left = count - 1
-        assert self.ledger is not None
-        # The accountant's own count of steps left holds for its sigma only.
-        self.ledger.exhaustion = left if self._exact_count and sigma == floor else _NOT_CHECKED
+        ledger.exhaustion = left if self._exact_count and sigma == floor else _NOT_CHECKED
         if left <= 0:
             self._credit, self._recheck = None, True
-            return
-        # The history once Opacus accounted this step (its accountants merge a step into the
-        # last segment when sigma and q are the same).
-        if last is not None and last[0] == sigma and last[1] == q:
+        elif last is not None and last[0] == sigma and last[1] == q:
+            # The history once Opacus accounted this step: its accountants merge a step into
+            # the last segment when sigma and q are the same.
             self._credit = (left, floor, q, n, (last[0], last[1], last[2] + 1))
         else:
             self._credit = (left, floor, q, n + 1, (sigma, q, 1))
