@@ -1,156 +1,200 @@
-"""Epsilon per step: privacy_callbacks' accounting vs Opacus' ``get_epsilon``.
+"""Accounting: how fast, how fresh, and how many steps the guard lets training take.
 
-    python benchmarks/bench_accounting.py            # full table (a few minutes: PRV is slow)
-    python benchmarks/bench_accounting.py --quick    # RDP only, small sizes (CI smoke test)
+    python benchmarks/bench_accounting.py                  # all three parts (a few minutes)
+    python benchmarks/bench_accounting.py --quick          # RDP speed and an RDP guard row only
+    python benchmarks/bench_accounting.py --guard --baseline /tmp/before   # beside another tree
 
-For each accountant, history length (steps) and number of (sigma, q) segments it builds the same
-history, then times what the training thread pays per step: ours is ``Accounting.update()``
-after one more accountant step (for PRV/GDP that is only the hand-off to the background worker);
-Opacus' is ``accountant.get_epsilon(delta)``. Both run in the same process, interleaved; the
-ratio is what counts. It also checks the values: RDP must be identical.
-
-Mean, 99th percentile and maximum are reported with the median: a background computation
-competes for the GIL, which shows in the tail. Scheduler rows decay sigma by 0.1 % every step
-(Opacus' ``ExponentialNoise(gamma=0.999)`` stepped every batch), so each step is a new segment;
-they run at a 20 ms step cadence (the sleep is not timed), as training would, next to a
-constant-sigma row at the same cadence (a step after a 20 ms sleep costs more on this CPU).
-``--schedule`` runs only those rows.
+1. **Speed**: epsilon per step as the publisher computes it (``Accounting.epsilon(view)`` after
+   one more accountant step) beside Opacus' ``get_epsilon``, in one process, interleaved; RDP's
+   values must be identical.
+2. **Freshness** (PRV, GDP): steps at a fixed cadence, one ``epsilon(view)`` each as the monitor
+   does; per step, what was published for it by the next step (exact, or a bound, and how far
+   above Opacus' value), and how long after the last step its exact value was known.
+3. **Guard**: a tiny DP fit (sigma 1, q 1/16: batch 32 of 512, 6 epochs planned) with
+   ``PrivacyMonitor(target_epsilon=...)`` for RDP, PRV and GDP at targets 1, 3 and 8: the steps
+   the guard released beside the steps the accountant allows (the last k with ``get_epsilon``
+   within the target). ``--baseline DIR`` adds the same fits with another tree of the package.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import platform
+import logging
 import statistics
 import sys
 import time
 import warnings
+from pathlib import Path
+from typing import Any
 
-import opacus
-from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
 
-from privacy_callbacks.accounting import make_accounting
+import lightning.pytorch as pl  # noqa: E402
+from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant  # noqa: E402
+
+from dp_models import DPModel  # noqa: E402
+from privacy_callbacks import PrivacyMonitor  # noqa: E402
+from privacy_callbacks.accounting import Accounting  # noqa: E402
 
 DELTA = 1e-5
 CLASSES = {"rdp": RDPAccountant, "prv": PRVAccountant, "gdp": GaussianAccountant}
 
 
-def build_history(steps: int, segments: int) -> list[tuple[float, float, int]]:
-    segments = min(segments, steps)
-    per, extra = divmod(steps, segments)
-    return [(0.8 + 0.01 * i, 0.01, per + (1 if i < extra else 0)) for i in range(segments)]
-
-
-def measure(mechanism: str, steps: int, segments: int, reps: int, opacus_reps: int,
-            schedule: bool = False, cadence: float = 0.0) -> dict:
+def _accountant(mechanism: str, history: list) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         accountant = CLASSES[mechanism]()
-        accountant.history = build_history(steps, segments)
-        ours = make_accounting(accountant, DELTA)
-        ours.update()
-        sigma, q, _ = accountant.history[-1]
-        ours_times, theirs_times = [], []
-        try:
-            for i in range(max(reps, opacus_reps)):
-                if i < reps:
-                    if schedule:
-                        sigma *= 0.999
-                    if cadence:
-                        time.sleep(cadence)
-                    accountant.step(noise_multiplier=sigma, sample_rate=q)
-                    t0 = time.perf_counter_ns()
-                    ours.update()
-                    ours_times.append(time.perf_counter_ns() - t0)
-                if i < opacus_reps:
-                    t0 = time.perf_counter_ns()
-                    theirs = accountant.get_epsilon(DELTA)
-                    theirs_times.append(time.perf_counter_ns() - t0)
-            ours.update()
-            settled = ours.settle(timeout=10.0)
-            if opacus_reps:
-                ours.settle(timeout=600)
-                theirs = accountant.get_epsilon(DELTA)
-                same = bool(ours.epsilon == theirs)
-            elif settled and mechanism == "rdp":  # exact once settled: check it
-                theirs = accountant.get_epsilon(DELTA)
-                same = bool(ours.epsilon == theirs)
-            else:  # Opacus takes minutes on this many segments
-                theirs, same = None, None
-        finally:
-            ours.close()
-    ours_us = statistics.median(ours_times) / 1e3
-    theirs_us = statistics.median(theirs_times) / 1e3 if theirs_times else None
-    ours_times.sort()
-    return {"accountant": mechanism, "steps": steps, "segments": segments, "schedule": schedule,
-            "cadence_ms": cadence * 1e3, "settled": settled,
-            "fallbacks": getattr(ours._rdp, "fallbacks", None),
-            "ours_us": ours_us, "ours_mean_us": statistics.mean(ours_times) / 1e3,
-            "ours_p99_us": ours_times[int(0.99 * (len(ours_times) - 1))] / 1e3,
-            "ours_max_us": ours_times[-1] / 1e3, "opacus_us": theirs_us,
-            "speedup": theirs_us / ours_us if theirs_us else None,
-            "epsilon": ours.epsilon, "opacus_epsilon": theirs, "identical": same}
+    accountant.history = list(history)
+    return accountant
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def speed(mechanism: str, steps: int, segments: int, reps: int, opacus_reps: int) -> dict:
+    per, extra = divmod(steps, segments)
+    accountant = _accountant(mechanism, [(0.8 + 0.01 * i, 0.01, per + (i < extra))
+                                         for i in range(segments)])
+    ours = Accounting(accountant, DELTA)
+    ours.prepare(*accountant.history[-1][:2])
+    ours_ns, theirs_ns = [], []
+    try:
+        for i in range(max(reps, opacus_reps)):
+            if i < reps:
+                sigma, q, _ = accountant.history[-1]
+                accountant.step(noise_multiplier=sigma, sample_rate=q)
+                view = ours.view()
+                t0 = time.perf_counter_ns()
+                ours.epsilon(view)
+                ours_ns.append(time.perf_counter_ns() - t0)
+            if i < opacus_reps:
+                t0 = time.perf_counter_ns()
+                theirs = accountant.get_epsilon(DELTA)
+                theirs_ns.append(time.perf_counter_ns() - t0)
+        settled = ours.settle(timeout=600)
+        theirs = accountant.get_epsilon(DELTA)
+    finally:
+        ours.close()
+    ours_ns.sort()
+    median = statistics.median(ours_ns) / 1e3
+    opacus = statistics.median(theirs_ns) / 1e3
+    return {"accountant": mechanism, "steps": steps, "segments": segments, "ours_us": median,
+            "ours_mean_us": statistics.mean(ours_ns) / 1e3,
+            "ours_p99_us": ours_ns[int(0.99 * (len(ours_ns) - 1))] / 1e3, "opacus_us": opacus,
+            "speedup": opacus / median, "identical": settled and ours.latest.value == theirs}
+
+
+def freshness(mechanism: str, cadence: float, steps: int) -> dict:
+    accountant = _accountant(mechanism, [])
+    ours = Accounting(accountant, DELTA)
+    ours.prepare(1.0, 0.01)
+    published: list[tuple[int, float, bool]] = []
+    try:
+        for _ in range(steps):
+            accountant.step(noise_multiplier=1.0, sample_rate=0.01)
+            ours.epsilon(ours.view())
+            time.sleep(cadence)
+            latest = ours.latest
+            assert latest is not None
+            published.append((latest.step, latest.value, latest.exact))
+        started = time.monotonic()
+        ours.settle(timeout=60)
+        settle_s = time.monotonic() - started
+    finally:
+        ours.close()
+    checked = published[::max(1, steps // 25)]
+    gaps = [value / _accountant(mechanism, [(1.0, 0.01, step)]).get_epsilon(DELTA) - 1
+            for step, value, _ in checked]
+    return {"accountant": mechanism, "cadence_ms": 1e3 * cadence, "steps": steps,
+            "exact_share": sum(exact for _, _, exact in published) / steps,
+            "mean_gap": statistics.mean(gaps), "min_gap": min(gaps), "settle_s": settle_s}
+
+
+def _baseline(root: Path) -> Any:
+    init = root / "privacy_callbacks" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline {root}: no privacy_callbacks/__init__.py there")
+    spec = importlib.util.spec_from_file_location(
+        "privacy_callbacks_baseline", init, submodule_search_locations=[str(init.parent)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def guard(mechanism: str, target: float, package: Any = None) -> dict:
+    model = DPModel(accountant=mechanism, n=512, batch_size=32)
+    monitor = (package.PrivacyMonitor if package is not None else PrivacyMonitor)(
+        DELTA, target_epsilon=target, progress_bar=False)
+    started = time.monotonic()
+    pl.Trainer(max_epochs=6, callbacks=[monitor], logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(model)
+    released = sum(s for _, _, s in model.privacy_engine.accountant.history)
+    allowed = 0  # at most the 96 planned
+    while allowed < 96 and _accountant(mechanism, [(1.0, 1 / 16, allowed + 1)]).get_epsilon(
+            DELTA) <= target:
+        allowed += 1
+    return {"accountant": mechanism, "target": target, "tree": "baseline" if package else "this",
+            "released": released, "allowed": allowed, "fit_s": time.monotonic() - started,
+            "epsilon": model.privacy_engine.accountant.get_epsilon(DELTA) if released else 0.0}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="RDP only, small sizes")
-    parser.add_argument("--schedule", action="store_true",
-                        help="only the noise-schedule rows and their constant-sigma baseline")
-    parser.add_argument("--json", help="also write the rows as JSON to this file")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--guard", action="store_true", help="part 3 only")
+    parser.add_argument("--baseline", type=Path, help="part 3 also with this tree")
+    parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-
-    if args.schedule:
-        grid = []
-    elif args.quick:
-        grid = [("rdp", 1, 1), ("rdp", 100, 1), ("rdp", 100, 10)]
-    else:
-        grid = [(m, s, g) for m in ("rdp", "prv", "gdp") for s in (1, 100, 10_000)
-                for g in (1, 10, 100)
-                if g <= s                            # a segment holds at least one step
-                and not (m == "gdp" and g > 1)       # GDP accepts one (sigma, q) only
-                and not (m == "prv" and g > 10)]     # PRV: ~35 s per Opacus call at 100
-    rows = []
-    for n, (mechanism, steps, segments) in enumerate(grid, 1):
-        slow = mechanism == "prv" or segments >= 100 or steps >= 10_000
-        row = measure(mechanism, steps, segments, reps=2000, opacus_reps=3 if slow else 20)
-        rows.append(row)
-        print(f"[{n}/{len(grid)}] {mechanism} steps={steps} segments={segments}: "
-              f"{row['speedup']:.0f}x", file=sys.stderr, flush=True)
-    for mechanism in ("rdp",) if args.quick else ("rdp", "prv"):
-        # The same 20 ms cadence with a constant sigma: what a step costs after a sleep here.
-        rows.append(measure(mechanism, 100, 1, reps=300, opacus_reps=0, cadence=0.02))
-        rows.append(measure(mechanism, 100, 1, reps=300, opacus_reps=0, schedule=True,
-                            cadence=0.02))
-
-    print(f"\nOpacus {opacus.__version__}, Python {platform.python_version()}, "
-          f"{platform.processor() or platform.machine()}, delta={DELTA}\n")
-    print("Ours: time on the training thread per step (RDP: the exact epsilon; PRV/GDP: the "
-          "hand-off to the background worker, which then runs Opacus' own get_epsilon).\n")
-    print("| accountant | steps | segments | ours µs/step median | mean | p99 | max "
-          "| Opacus get_epsilon µs | speed-up | identical ε |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for r in rows:
-        segments = f"+1 per step ({r['segments']} first)" if r["schedule"] else r["segments"]
-        if r["cadence_ms"]:
-            segments = f"{segments}, {r['cadence_ms']:.0f} ms cadence"
-        opacus_us = "-" if r["opacus_us"] is None else f"{r['opacus_us']:.0f}"
-        speedup = "-" if r["speedup"] is None else f"{r['speedup']:.0f}×"
-        same = "-" if r["identical"] is None else "yes" if r["identical"] else "NO"
-        print(f"| {r['accountant']} | {r['steps']} | {segments} | {r['ours_us']:.1f} | "
-              f"{r['ours_mean_us']:.1f} | {r['ours_p99_us']:.1f} | {r['ours_max_us']:.1f} | "
-              f"{opacus_us} | {speedup} | {same} |")
-    for r in rows:
-        if r["cadence_ms"]:
-            print(f"{r['accountant']} {'schedule' if r['schedule'] else 'constant sigma'}: "
-                  f"exact final value within the 10 s settle: {r['settled']}; closed-form "
-                  f"(no grid point yet) vectors: {r['fallbacks']}")
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    out: dict[str, Any] = {"speed": [], "freshness": [], "guard": []}
+    if not args.guard:
+        grid = [("rdp", 100, 1), ("rdp", 100, 10)] if args.quick else [
+            (m, s, g) for m in ("rdp", "prv", "gdp") for s, g in ((100, 1), (10_000, 1),
+                                                                   (10_000, 10))
+            if not (m == "gdp" and g > 1)]
+        out["speed"] = [speed(m, s, g, reps=500, opacus_reps=3 if m == "prv" else 10)
+                        for m, s, g in grid]
+        if not args.quick:
+            out["freshness"] = [freshness(m, c, 300) for m in ("prv", "gdp") for c in (0.02,)]
+    package = None if args.baseline is None else _baseline(args.baseline.resolve())
+    cases = [("rdp", 3.0)] if args.quick else [(m, t) for m in ("rdp", "prv", "gdp")
+                                               for t in (1.0, 3.0, 8.0)]
+    for mechanism, target in cases:
+        out["guard"].append(guard(mechanism, target))
+        if package is not None:
+            out["guard"].append(guard(mechanism, target, package))
+    print(table(out))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
-    return rows
+        args.json.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def table(out: dict[str, Any]) -> str:
+    lines = []
+    if out["speed"]:
+        lines += ["| accountant | steps | segments | ours µs median | mean | p99 | Opacus "
+                  "get_epsilon µs | speed-up | identical ε |", "|---|---:|---:|---:|---:|---:|"
+                  "---:|---:|---|"]
+        lines += [f"| {r['accountant']} | {r['steps']} | {r['segments']} | {r['ours_us']:.1f} | "
+                  f"{r['ours_mean_us']:.1f} | {r['ours_p99_us']:.1f} | {r['opacus_us']:.0f} | "
+                  f"{r['speedup']:.0f}× | {'yes' if r['identical'] else 'NO'} |"
+                  for r in out["speed"]] + [""]
+    if out["freshness"]:
+        lines += ["| accountant | cadence | steps | published exact by the next step | mean over "
+                  "Opacus | least | exact final after | ", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['accountant']} | {r['cadence_ms']:.0f} ms | {r['steps']} | "
+                  f"{100 * r['exact_share']:.0f} % | {100 * r['mean_gap']:+.2f} % | "
+                  f"{100 * r['min_gap']:+.2f} % | {r['settle_s']:.2f} s |"
+                  for r in out["freshness"]] + [""]
+    lines += ["| accountant | target | tree | steps released | steps the accountant allows | "
+              "ε after the fit | fit s |", "|---|---:|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['accountant']} | {r['target']:g} | {r['tree']} | {r['released']} | "
+              f"{r['allowed']} | {r['epsilon']:.3f} | {r['fit_s']:.1f} |" for r in out["guard"]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

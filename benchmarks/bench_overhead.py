@@ -1,19 +1,21 @@
-"""Training-step overhead of privacy monitoring: plain vs DP vs hand-written vs PrivacyMonitor.
+"""What privacy monitoring costs a training step: the benchmark to run.
 
-    python benchmarks/bench_overhead.py                   # CPU, tiny encoder (about a minute)
-    python benchmarks/bench_overhead.py --mode gpu        # MiniLM-size and BERT-base-size encoders
+    python benchmarks/bench_overhead.py                 # CPU: tiny encoder, then the hooks
+    python benchmarks/bench_overhead.py --mode gpu      # MiniLM-size and BERT-base-size encoders
+    python benchmarks/bench_overhead.py --hooks-only --baseline /tmp/before  # beside a tree
 
-Rows, all on the same model (same initial weights), the same batches and the same loop:
+Part 1, the overhead table. Rows, all on the same model (same initial weights), the same
+batches and the same loop:
 
 - ``plain``: no DP.
 - ``dp``: Opacus DP-SGD through the ``DifferentialPrivacy`` callback (fixed batches, no Poisson
   sampling, so every row does the same work), nothing else.
 - ``dp+naive``: what people write by hand: ``privacy_engine.get_epsilon(delta)`` and
   ``loss.item()`` after every step.
-- ``dp+monitor``: ``PrivacyMonitor`` with its defaults plus a target epsilon (every metric, every
-  step) and an in-process ``PrometheusExporter`` serving /metrics.
-- ``dp+monitor mechanism=False``: the same without the mechanism metrics (device-side
-  reductions each step: asynchronous kernel launches on a GPU, real work on a CPU).
+- ``dp+monitor``: ``PrivacyMonitor`` with its defaults, a target epsilon (so the budget guard)
+  and an in-process ``PrometheusExporter`` serving /metrics.
+- ``dp+monitor+mechanism``: the same plus ``MechanismMetrics`` (device-side reductions each
+  measured step: asynchronous kernel launches on a GPU, real work on a CPU).
 
 The loop is Lightning's own (``Trainer.fit``) for every row, so the monitor runs exactly as users
 run it. Each repetition fits every row once, rows rotated, each for ``--warmup`` untimed steps and
@@ -24,6 +26,16 @@ what it is timed for (Opacus accounted each step; a monitor published the accoun
 epsilon for the last step before ``fit`` returned); a fit that did not stops the benchmark.
 Embeddings are frozen (as in ``examples/finetune_dp.py``); every encoder layer and the head are
 trained.
+
+Part 2 (CPU), the hooks beside their floor: a tiny Opacus-wired MLP (a 1-2 ms DP step, one torch
+thread) fitted with Lightning's loop, rows rotated in every round: ``dp`` (no monitor), ``floor``
+(not a monitor: the least one with a budget guard reads per step -- sigma, the rate the step is
+charged, the accountant's history, one record -- in one callback, timed the same way),
+``monitor <rdp|prv|gdp>`` (defaults, a target, an in-process Prometheus endpoint) and ``monitor
+rdp schedule`` (Opacus' ``ExponentialNoise`` every batch). Per row: the step time (median and
+mean over rounds of per-fit medians/means) over ``dp``, and the time inside the monitor's own
+per-step hooks (mean, p99, max). ``--baseline DIR`` also runs each monitor row with another tree
+of the package (``git archive REV | tar -x -C DIR``) in the same rounds.
 """
 
 from __future__ import annotations
@@ -31,18 +43,23 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import importlib.util
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-# The model comes from the example; by path, as other packages install a top-level `examples`.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+# The model comes from the example, the MLP from the tests; by path, as other packages install
+# top-level `examples` and `tests`.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 import lightning  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
@@ -51,11 +68,13 @@ import torch  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from dp_models import DPModel, ScheduledModel  # noqa: E402
 from finetune_dp import DPTextClassifier, freeze_for_dp  # noqa: E402
-from machine import cpu_name  # noqa: E402
-from privacy_callbacks import DifferentialPrivacy, PrivacyMonitor, PrometheusExporter  # noqa: E402
+from privacy_callbacks import (DifferentialPrivacy, MechanismMetrics,  # noqa: E402
+                               PrivacyMonitor, PrometheusExporter)
+from privacy_callbacks.opacus_compat import ChargedRate  # noqa: E402
 
-ROWS = ("plain", "dp", "dp+naive", "dp+monitor", "dp+monitor mechanism=False")
+ROWS = ("plain", "dp", "dp+naive", "dp+monitor", "dp+monitor+mechanism")
 DELTA = 1e-5
 CONFIGS: dict[str, dict[str, int]] = {
     "tiny": dict(layers=2, hidden=32, heads=2, intermediate=64, seq=16, batch=8),
@@ -136,9 +155,10 @@ def run_block(model: DPTextClassifier, row: str, accelerator: str, warmup: int, 
     elif row.startswith("dp+monitor"):
         monitor = PrivacyMonitor(delta=DELTA, target_epsilon=8.0,
                                  exporters=[PrometheusExporter(port=0)],
-                                 session_id="bench", model_name="bench",
-                                 mechanism="mechanism=False" not in row)
+                                 session_id="bench", model_name="bench")
         callbacks.append(monitor)
+        if row.endswith("+mechanism"):
+            callbacks.append(MechanismMetrics())
     timer = BlockTimer(warmup, warmup + steps - 1, cuda)
     callbacks.append(timer)
     trainer = pl.Trainer(accelerator=accelerator, devices=1, max_epochs=1,
@@ -170,6 +190,16 @@ def check_row(row: str, accountant: Any, monitor: PrivacyMonitor | None, steps: 
             f"row {row}: the monitor's last snapshot is "
             f"{None if last is None else (last.step, last.epsilon, last.epsilon_exact)}, not "
             f"(step, epsilon, exact) = {(steps, expected, 1)}")
+
+
+def cpu_name() -> str:
+    """The CPU's model name and core count."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.machine()} ({os.cpu_count()} cores)"
 
 
 def environment(accelerator: str) -> dict[str, Any]:
@@ -226,7 +256,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="CPU mode: torch threads (1 keeps timings stable on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write environment and results here")
-    parser.add_argument("--markdown", type=Path, help="also write the table here")
+    parser.add_argument("--markdown", type=Path, help="also write the tables here")
+    parser.add_argument("--hooks-only", action="store_true", help="part 2 only")
+    parser.add_argument("--no-hooks", action="store_true", help="part 1 only")
+    parser.add_argument("--hook-rounds", type=int, default=5)
+    parser.add_argument("--hook-steps", type=int, default=300)
+    parser.add_argument("--hook-rows", default="dp,floor,monitor rdp,monitor prv,monitor gdp,"
+                        "monitor rdp schedule")
+    parser.add_argument("--baseline", type=Path,
+                        help="part 2: also run each monitor row with this tree of the package")
     args = parser.parse_args(argv)
     for name in ("reps", "steps", "warmup"):
         if getattr(args, name) < 1:
@@ -239,14 +277,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
 
-    configs = args.configs or MODES[args.mode]
     env = environment(accelerator)
+    report: dict[str, Any] = {"environment": env, "results": [], "hooks": None}
+    tables = []
+    if not args.hooks_only:
+        tables.append(overhead(args, accelerator, env, argv, report))
+    if accelerator == "cpu" and not args.no_hooks:
+        report["hooks"] = hooks_part(args)
+        tables.append(hooks_table(report["hooks"], env))
+    print("\n\n".join(tables))
+    if args.markdown:
+        args.markdown.write_text("\n\n".join(tables) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def overhead(args: argparse.Namespace, accelerator: str, env: dict[str, Any],
+             argv: list[str] | None, report: dict[str, Any]) -> str:
+    """Part 1: the rows of the overhead table, fitted in rotation."""
+    configs = args.configs or MODES[args.mode]
     settings = {"mode": args.mode, "reps": args.reps, "steps": args.steps,
                 "warmup": args.warmup, "accountant": args.accountant, "delta": DELTA,
                 "loop": "lightning",
                 "command": " ".join(["python benchmarks/bench_overhead.py",
                                      *(sys.argv[1:] if argv is None else argv)])}
-    report: dict[str, Any] = {"environment": env, "settings": settings, "results": []}
+    report["settings"] = settings
     bar = tqdm(total=len(configs) * args.reps * len(ROWS), desc="bench_overhead", unit="fit",
                file=sys.stderr, dynamic_ncols=True)
     for config in configs:
@@ -267,11 +323,197 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.json:  # after each encoder: a run cut short still leaves its finished rows
             args.json.write_text(json.dumps(report, indent=2))
     bar.close()
-    table = markdown(report["results"], env, settings)
-    print(table)
-    if args.markdown:
-        args.markdown.write_text(table + "\n")
-    return report
+    return markdown(report["results"], env, settings)
+
+
+# -- part 2: the hooks beside their floor -----------------------------------------------------
+
+HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
+HOOK_WARMUP = 20
+
+
+class _Gap(pl.Callback):
+    """When each batch ends: wall clock and the training thread's own CPU time."""
+
+    def __init__(self) -> None:
+        self.t: list[float] = []
+        self.thread: list[float] = []
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.t.append(time.perf_counter())
+        self.thread.append(time.thread_time())
+
+
+class _Floor(pl.Callback):
+    """The least a per-step monitor with a budget guard does on the training thread: before the
+    step, sigma and the rate it is charged compared with a kept count; after it, the step's
+    number (counted in the hook before), the clocks, sigma, C and the history's view in one
+    record appended to a deque. No thread, no exporter, no epsilon."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.optimizer: Any = trainer.optimizers[0]
+        self.rate = ChargedRate(self.optimizer)
+        self.accountant = pl_module.privacy_engine.accountant  # type: ignore[union-attr]
+        self.records: list[tuple[Any, ...]] = []
+        self.credit: tuple[float, float, int] = (0.0, 0.0, 1 << 62)
+        self.step, self.stepped, self.t_last = trainer.global_step, False, None
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        if self.t_last is None:
+            self.t_last = time.perf_counter()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Any) -> None:
+        sigma, q, credit = optimizer.noise_multiplier, self.rate(), self.credit
+        if not (q == credit[1] and sigma >= credit[0] and self.step < credit[2]):
+            self.credit = (sigma, q, 1 << 62)
+        self.step += 1
+        self.stepped = True
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        if not self.stepped:
+            return
+        self.stepped = False
+        now, t_last, history, opt = time.perf_counter(), self.t_last, self.accountant.history, \
+            self.optimizer
+        n = len(history)
+        self.records.append((self.step, time.time_ns(), (history, n, history[n - 1]),
+                             opt.noise_multiplier, opt.max_grad_norm,
+                             None if t_last is None else now - t_last))
+        self.t_last = now
+
+
+_BASELINE: Any = None  # another tree of the package (--baseline): rows "<row> [baseline]"
+
+
+def _load_baseline(root: Path) -> Any:
+    """``root``'s ``privacy_callbacks`` as the package ``privacy_callbacks_baseline``."""
+    init = root / "privacy_callbacks" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline {root}: no privacy_callbacks/__init__.py there; give the "
+                         "root of an unpacked tree (git archive REV | tar -x -C DIR)")
+    spec = importlib.util.spec_from_file_location(
+        "privacy_callbacks_baseline", init, submodule_search_locations=[str(init.parent)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _timed(callback: pl.Callback, into: list[float]) -> None:
+    """Wrap the per-step hooks: their time per batch goes to ``into``."""
+    clock, spent = time.perf_counter, [0.0]
+    for name in HOOKS:
+        hook = getattr(callback, name)
+
+        def timed(*args: Any, _hook: Callable[..., Any] = hook, _end: bool =
+                  name == "on_train_batch_end") -> None:
+            t = clock()
+            _hook(*args)
+            spent[0] += clock() - t
+            if _end:
+                into.append(spent[0])
+                spent[0] = 0.0
+
+        setattr(callback, name, timed)
+
+
+def _hook_fit(row: str, steps: int) -> tuple[list[float], list[float], float]:
+    """One fit of ``row``: the gaps between batch ends, the hooks' time per step, and the
+    training thread's CPU time per step."""
+    gap, hook_times, callbacks = _Gap(), [], []
+    accountant, model_cls = "rdp", DPModel
+    if row == "floor":
+        callbacks.append(_Floor())
+    elif row != "dp":
+        accountant = row.split()[1]
+        model_cls = ScheduledModel if "schedule" in row else DPModel
+        package = sys.modules["privacy_callbacks"] if not row.endswith("[baseline]") \
+            else _BASELINE
+        callbacks.append(package.PrivacyMonitor(
+            1e-5, target_epsilon=None if "no target" in row else 1e4, progress_bar=False,
+            exporters=[package.PrometheusExporter(port=0)]))
+    for callback in callbacks:
+        _timed(callback, hook_times)
+    model = model_cls(n=8 * steps, batch_size=8, accountant=accountant)
+    pl.Trainer(max_epochs=1, callbacks=[*callbacks, gap], logger=False,
+               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+               accelerator="cpu").fit(model)
+    if callbacks and row != "floor":  # a monitor that did nothing would look free
+        last, expected = callbacks[0].last_snapshot, model.privacy_engine.get_epsilon(1e-5)
+        if last is None or (last.step, last.epsilon) != (steps, expected):
+            raise RuntimeError(f"row {row}: the monitor's last snapshot is "
+                               f"{last and (last.step, last.epsilon)}, not {(steps, expected)}")
+    t, thread = gap.t[HOOK_WARMUP:], gap.thread[HOOK_WARMUP:]
+    return ([b - a for a, b in zip(t, t[1:])], hook_times[HOOK_WARMUP:],
+            (thread[-1] - thread[0]) / (len(thread) - 1))
+
+
+def hooks_part(args: argparse.Namespace) -> dict[str, Any]:
+    """Part 2: every row fitted ``--hook-rounds`` times, rotated; medians over rounds."""
+    rows = args.hook_rows.split(",")
+    for row in rows:
+        words = row.split()
+        if row not in ("dp", "floor") and not (
+                len(words) >= 2 and words[0] == "monitor" and words[1] in ("rdp", "prv", "gdp")
+                and " ".join(words[2:]) in ("", "schedule", "schedule no target", "no target")):
+            raise SystemExit(f"Unexpected row in --hook-rows: {row!r}; use dp, floor or "
+                             "'monitor <rdp|prv|gdp>' optionally followed by 'schedule', "
+                             "'schedule no target' or 'no target'")
+    global _BASELINE
+    if args.baseline is not None:
+        _BASELINE = _load_baseline(args.baseline.resolve())
+        rows = [r for row in rows
+                for r in ((row,) if row in ("dp", "floor") else (row, f"{row} [baseline]"))]
+    torch.set_num_threads(1)
+    logging.disable(logging.WARNING)
+    gaps: dict[str, list[tuple[float, float]]] = {r: [] for r in rows}
+    hooks: dict[str, list[float]] = {r: [] for r in rows}
+    thread: dict[str, list[float]] = {r: [] for r in rows}
+    try:
+        for k in range(args.hook_rounds):
+            for row in rows[k % len(rows):] + rows[:k % len(rows)]:
+                g, h, th = _hook_fit(row, args.hook_steps)
+                gaps[row].append((statistics.median(g), statistics.mean(g)))
+                hooks[row].extend(h)
+                thread[row].append(th)
+    finally:
+        logging.disable(logging.NOTSET)
+    out: dict[str, Any] = {"rounds": args.hook_rounds, "steps": args.hook_steps,
+                           "load": os.getloadavg(), "rows": {}}
+    base = rows[0]
+    for row in rows:
+        h = sorted(hooks[row])
+        out["rows"][row] = {
+            "step_median_us": 1e6 * statistics.median(m for m, _ in gaps[row]),
+            "step_mean_us": 1e6 * statistics.median(m for _, m in gaps[row]),
+            "thread_cpu_us": 1e6 * statistics.median(thread[row]),
+            "hooks_us": {"mean": 1e6 * statistics.mean(h), "p99": 1e6 * h[int(0.99 * (len(h) - 1))],
+                         "max": 1e6 * h[-1]} if h else None}
+    for r in out["rows"].values():
+        b = out["rows"][base]
+        r.update({f"over_{base}_{k}": r[k] - b[k]
+                  for k in ("step_median_us", "step_mean_us", "thread_cpu_us")})
+    return out
+
+
+def hooks_table(out: dict[str, Any], env: dict[str, Any]) -> str:
+    rows, base = out["rows"], next(iter(out["rows"]))
+    lines = [f"{env['device']} · torch {env['torch']} · {out['rounds']} rounds × {out['steps']} "
+             f"steps of a tiny DP MLP, rows rotated · load average "
+             f"{'/'.join(f'{x:.1f}' for x in out['load'])} · {env['date']}", "",
+             f"| row | step median µs | over {base} | step mean µs | over {base} | training "
+             f"thread CPU µs | over {base} | hooks µs mean | p99 | max |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row, r in rows.items():
+        h = r["hooks_us"]
+        hook = " | | |" if h is None else f" {h['mean']:.1f} | {h['p99']:.1f} | {h['max']:.0f} |"
+        lines.append(f"| {row} | {r['step_median_us']:.0f} | "
+                     f"{r[f'over_{base}_step_median_us']:+.0f} | {r['step_mean_us']:.0f} | "
+                     f"{r[f'over_{base}_step_mean_us']:+.0f} | {r['thread_cpu_us']:.0f} | "
+                     f"{r[f'over_{base}_thread_cpu_us']:+.0f} |{hook}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,15 @@
 A randomly initialised encoder (MiniLM-size: 6 layers, hidden 384, 12 heads, seq 128, batch 32;
 BERT-base-size: 12 layers, hidden 768) is trained with Opacus DP-SGD in hooks mode.
 
-1. Sync check (CUDA only): one fit with ``PrivacyMonitor`` and the mechanism metrics on, under
+1. Sync check (CUDA only): one fit with ``PrivacyMonitor`` and ``MechanismMetrics``, under
    ``torch.cuda.set_sync_debug_mode("warn")``, counting synchronising calls by the file that made
-   them, then the same fit without the monitor: the monitor must add none. Then one fit with
-   the monitor under ``set_sync_debug_mode("error")`` for the training steps. On CPU this part is
-   skipped with a message.
-2. Cost: DP fits without the monitor, with the monitor (mechanism off) and with the mechanism
-   metrics on, interleaved; median step times and ratios; the monitor's reported overhead
+   them, then the same fit without them: they must add none. Then one fit with them under
+   ``set_sync_debug_mode("error")`` for the training steps. Without CUDA its twin runs: a
+   ``TorchFunctionMode`` on the training thread counts every call that would make the host wait
+   for the device on CUDA (a value read, a blocking copy), by the line that made it; none may
+   come from ``privacy_callbacks`` and the fits with and without them must count the same.
+2. Cost: DP fits without the monitor, with the monitor alone ("off") and with the mechanism
+   metrics beside it ("on"), interleaved; median step times and ratios; the reported overhead
    ``total`` (steps after warm-up) against a side-by-side plain fit, and ``excess_ratio``:
    (reported - 1) / (side-by-side - 1). The DP fits use the RDP accountant by default, as in
    ``bench_mechanism.py`` (PRV's exact epsilon runs beside every step: ``--accountant prv``).
@@ -26,6 +28,7 @@ import json
 import logging
 import statistics
 import sys
+import traceback
 import warnings
 from collections import Counter
 
@@ -33,11 +36,12 @@ import lightning.pytorch as pl
 import torch
 from opacus import PrivacyEngine
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench_mechanism import Totals, fit_times
 
-from privacy_callbacks import PrivacyMonitor
+from privacy_callbacks import MechanismMetrics, PrivacyMonitor
 
 SIZES = {  # layers, hidden, heads, seq, batch, vocab
     "minilm": (6, 384, 12, 128, 32, 30522),
@@ -119,6 +123,45 @@ class SyncDebug(pl.Callback):
         torch.cuda.set_sync_debug_mode("default")
 
 
+# Calls that wait for the device on CUDA: a value read on the host, a copy there, or an output
+# whose size depends on the values. A copy_ with non_blocking=True (into pinned memory) does not.
+_WAITS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu,
+          torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__bool__,
+          torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero, torch.Tensor.argwhere,
+          torch.argwhere, torch.Tensor.masked_select, torch.masked_select}
+
+
+class HostWaits(TorchFunctionMode, pl.Callback):
+    """The sync check's CPU twin, for the training steps: torch function modes are per thread,
+    so only the training thread's calls are counted (the publisher thread reads the values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        blocking_copy = func is torch.Tensor.copy_ and not kwargs.get(
+            "non_blocking", len(args) > 2 and args[2])
+        if func in _WAITS or blocking_copy:
+            caller = next(f for f in reversed(traceback.extract_stack()[:-1])
+                          if f.filename != __file__ and f"{'/'}torch{'/'}" not in f.filename)
+            self.calls[f"{caller.filename}:{caller.lineno}"] += 1
+        return func(*args, **kwargs)
+
+    def on_train_start(self, trainer, pl_module):
+        self.__enter__()
+
+    def on_train_end(self, trainer, pl_module):
+        self.__exit__(None, None, None)
+
+
+def host_waits(size: str, steps: int, accountant: str, monitor: tuple) -> Counter:
+    twin = HostWaits()
+    _fit(Encoder(size, steps, accountant=accountant), *monitor, twin)
+    return twin.calls
+
+
 def _fit(model: pl.LightningModule, *callbacks: pl.Callback) -> None:
     trainer = pl.Trainer(max_epochs=1, accelerator="auto", devices=1, callbacks=list(callbacks),
                          enable_progress_bar=False, logger=False, enable_checkpointing=False,
@@ -126,10 +169,14 @@ def _fit(model: pl.LightningModule, *callbacks: pl.Callback) -> None:
     trainer.fit(model)
 
 
-def syncs_by_file(size: str, steps: int, accountant: str,
-                  monitor: PrivacyMonitor | None) -> Counter:
+def monitored(progress_bar: bool = True) -> tuple[pl.Callback, ...]:
+    return (PrivacyMonitor(delta=1e-5, progress_bar=progress_bar),
+            MechanismMetrics(overhead_every=5))
+
+
+def syncs_by_file(size: str, steps: int, accountant: str, monitor: tuple) -> Counter:
     """Synchronising calls during the training steps, by the file that made them."""
-    callbacks = [c for c in (monitor, SyncDebug("warn")) if c is not None]
+    callbacks = [*monitor, SyncDebug("warn")]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _fit(Encoder(size, steps, accountant=accountant), *callbacks)
@@ -139,19 +186,25 @@ def syncs_by_file(size: str, steps: int, accountant: str,
 
 def sync_check(size: str, steps: int, accountant: str) -> dict:
     if not torch.cuda.is_available():
-        print("sync check skipped: no CUDA device (set_sync_debug_mode needs one)")
-        return {"sync_check": "skipped (no CUDA)"}
-    with_monitor = syncs_by_file(size, steps, accountant,
-                                 PrivacyMonitor(delta=1e-5, overhead_every=5))
-    without = syncs_by_file(size, steps, accountant, None)
+        # Without the progress bar: Lightning reads the logged epsilon with .item() every step,
+        # a host value if it is logged as one, which a CPU twin cannot tell from a device value.
+        with_monitor = host_waits(size, steps, accountant, monitored(progress_bar=False))
+        without = host_waits(size, steps, accountant, ())
+        ours = {k: v for k, v in with_monitor.items() if "privacy_callbacks" in k}
+        for name, calls in (("with the monitor", with_monitor), ("without it", without)):
+            print(f"sync check, CPU twin (no CUDA device): calls that would wait for the device "
+                  f"{name}: {', '.join(f'{k} x{v}' for k, v in calls.items()) or 'none'}")
+        return {"sync_check": "cpu twin", "syncs_from_privacy_callbacks": sum(ours.values()),
+                "syncs_added_by_monitor": sum(with_monitor.values()) - sum(without.values())}
+    with_monitor = syncs_by_file(size, steps, accountant, monitored())
+    without = syncs_by_file(size, steps, accountant, ())
     ours = {k: v for k, v in with_monitor.items() if "privacy_callbacks" in k}
     added = sum(with_monitor.values()) - sum(without.values())
     print("synchronising calls with the monitor:", dict(with_monitor) or "none")
     print("synchronising calls without it:     ", dict(without) or "none")
     error = "passed"
     try:
-        _fit(Encoder(size, steps, accountant=accountant),
-             PrivacyMonitor(delta=1e-5, overhead_every=5), SyncDebug("error"))
+        _fit(Encoder(size, steps, accountant=accountant), *monitored(), SyncDebug("error"))
     except RuntimeError as exc:
         error = f"raised: {exc}"
     finally:
@@ -188,12 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         order = ["none", "off", "on", "plain"]
         for variant in order if r % 2 == 0 else order[::-1]:
-            monitor = None if variant in ("none", "plain") else PrivacyMonitor(
-                delta=1e-5, mechanism=variant == "on", overhead_every=args.overhead_every)
+            monitor = PrivacyMonitor(delta=1e-5)
+            callbacks = () if variant in ("none", "plain") else (monitor,) if variant == "off" \
+                else (monitor, MechanismMetrics(overhead_every=args.overhead_every))
             extra = (Totals(monitor, args.warmup),) if variant == "on" else ()
             model = Encoder(args.size, args.steps, private=variant != "plain",
                             accountant=args.accountant)
-            times[variant] += fit_times(model, args.warmup, monitor, extra)
+            times[variant] += fit_times(model, args.warmup, callbacks, extra)
             if extra:
                 totals += [o["total"] for o in extra[0].totals]
                 quiet.append(extra[0].quiet)

@@ -17,7 +17,8 @@ gradient of a 30522 x 384 table is ~47 MB per sample) and so do the lower encode
 (``--train-layers``): fewer trained parameters means less noise for the same epsilon, as in Opacus'
 own BERT tutorial. Every trained layer (Linear, LayerNorm) has an Opacus per-sample gradient.
 
-Monitoring: ``PrivacyMonitor`` with an in-process Prometheus endpoint (its URL is printed);
+Monitoring: ``PrivacyMonitor`` with an in-process Prometheus endpoint (its URL is printed) and
+``MechanismMetrics`` beside it (clipping, noise, signal, DP overhead);
 ``--influx-url`` adds an InfluxDB exporter. Each epoch prints epsilon, held-out accuracy and the
 monitor's share of the step time; the run ends with a summary.
 
@@ -48,7 +49,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from privacy_callbacks import (DifferentialPrivacy, InfluxDBExporter, PrivacyMonitor,
+from privacy_callbacks import (DifferentialPrivacy, InfluxDBExporter, MechanismMetrics,
+                               PrivacyMonitor,
                                PrometheusExporter)
 
 logger = logging.getLogger("finetune_dp")
@@ -384,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     epoch_len = min(batches, args.max_steps) if args.max_steps > 0 else batches
     trainer = pl.Trainer(accelerator=args.accelerator, devices=1, max_epochs=args.epochs,
                          max_steps=args.max_steps, limit_train_batches=epoch_len,
-                         callbacks=[private, monitor, report], logger=False,
+                         callbacks=[private, monitor, MechanismMetrics(), report], logger=False,
                          enable_checkpointing=False,
                          enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
                          log_every_n_steps=10)
@@ -399,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": str(trainer.strategy.root_device),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "train_layers": args.train_layers, "n_train": args.n_train, "n_test": args.n_test,
-        "steps": snap.steps if snap else 0, "accountant": args.accountant,
+        "steps": snap.epsilon_step if snap else 0, "accountant": args.accountant,
         "epsilon": snap.epsilon if snap else None, "delta": args.delta,
         "opacus_epsilon": private.privacy_engine.get_epsilon(args.delta),
         "accuracy": accuracy, "chance": 1 / len(CLASSES), "wall_s": wall,

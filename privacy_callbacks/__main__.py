@@ -11,7 +11,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import audit, catalog
+from . import catalog
+from .compliance import audit
 
 if TYPE_CHECKING:
     from .ops import Receivers, RuleOptions

@@ -1,10 +1,7 @@
 """The metric catalog: the one place a metric is named.
 
-Every exporter, alert rule, dashboard and the README's metrics table is generated from
-:data:`METRICS`. A metric name typed anywhere else is a bug.
-
-Each metric carries the base labels :data:`BASE_LABELS` (``session_id``, ``model_name``) plus
-its own ``labels``. No label changes per step, so every series stays bounded.
+The exporters, the alert rules, the dashboards and ``docs/metrics.md`` come from :data:`METRICS`.
+Every metric carries :data:`BASE_LABELS` plus its own ``labels``; no label changes per step.
 """
 
 from __future__ import annotations
@@ -14,41 +11,24 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = ["BASE_LABELS", "INFLUX_MEASUREMENT", "INFLUX_STEP_FIELD", "INFLUX_TAGS", "METRICS",
-           "Metric", "by_field", "by_name", "markdown_table"]
-
-Kind = Literal["gauge", "counter", "histogram"]
+           "Metric", "by_name"]
 
 BASE_LABELS: tuple[str, ...] = ("session_id", "model_name")
-
-# The per-step InfluxDB point: one measurement, these tags, the metrics' ``field`` values and the
-# step number as an integer field.
+# The per-step InfluxDB point: one measurement, these tags, the metrics' fields and the step.
 INFLUX_MEASUREMENT = "privacy_training"
 INFLUX_TAGS: tuple[str, ...] = BASE_LABELS + ("rank", "accountant")
 INFLUX_STEP_FIELD = "step"
 
-_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
-
 
 @dataclass(frozen=True)
 class Metric:
-    """One metric: how it is named and typed everywhere.
-
-    Attributes:
-        name: The Prometheus name. Counters end in ``_total``.
-        kind: ``gauge``, ``counter`` or ``histogram``.
-        help: One sentence for ``# HELP`` and the README.
-        unit: The unit, or ``""`` for a plain number.
-        labels: Labels beyond :data:`BASE_LABELS`.
-        attr: The :class:`~privacy_callbacks.PrivacySnapshot` attribute holding the value
-            (for counters: the running total), or ``None`` when the value does not come from the
-            per-step snapshot.
-        field: The InfluxDB field name for the per-step point, or ``None`` if the metric is not
-            written per step.
-        buckets: Histogram bucket bounds.
-    """
+    """One metric: its Prometheus ``name`` (counters end in ``_total``), ``kind``, one-sentence
+    ``help``, ``unit``, ``labels`` beyond :data:`BASE_LABELS`, the snapshot attribute ``attr``
+    that holds it (``PrivacySnapshot.get``; a counter's is the running total), the InfluxDB
+    ``field`` of the per-step point, and a histogram's ``buckets``."""
 
     name: str
-    kind: Kind
+    kind: Literal["gauge", "counter", "histogram"]
     help: str
     unit: str = ""
     labels: tuple[str, ...] = ()
@@ -57,7 +37,7 @@ class Metric:
     buckets: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
+        if not re.match(r"^[a-z_][a-z0-9_]*$", self.name):
             raise ValueError(f"Invalid metric name {self.name!r}: use lower_snake_case")
         if self.kind == "counter" and not self.name.endswith("_total"):
             raise ValueError(f"Counter {self.name!r} must end in '_total'")
@@ -105,7 +85,7 @@ METRICS: tuple[Metric, ...] = (
            "Epsilon consumed in this session, as a monotonic counter of exact values: an upper "
            "bound (privacy_epsilon_exact 0) never raises it, the exact epsilon of a later step "
            "does.",
-           labels=_ACC, attr="exact_session_epsilon"),
+           labels=_ACC, attr="session_epsilon"),
     Metric("privacy_epsilon_forecast", "gauge",
            "Epsilon at the end of the planned training if the current noise and sample rate hold.",
            labels=_ACC, attr="epsilon_forecast", field="epsilon_forecast"),
@@ -135,7 +115,7 @@ METRICS: tuple[Metric, ...] = (
            unit="samples/s", labels=("rank",), attr="throughput", field="throughput"),
     Metric("privacy_accounting_errors_total", "counter",
            "Failures while computing epsilon; training continued.",
-           attr="session_accounting_errors"),
+           attr="accounting_errors"),
     Metric("privacy_export_dropped_total", "counter",
            "Snapshots or points an exporter dropped (outage, full buffer).",
            labels=("exporter",)),
@@ -204,40 +184,19 @@ METRICS: tuple[Metric, ...] = (
            "Requests to the protected /metrics endpoint refused for missing or wrong credentials."),
     Metric("privacy_compliance_violations_total", "counter",
            "Violations of the configured DP policy.",
-           labels=("policy", "violation_type")),
+           labels=("policy", "violation_type"), attr="compliance_violations"),
 )
 
 _BY_NAME = {m.name: m for m in METRICS}
-_BY_FIELD = {m.field: m for m in METRICS if m.field}
-if len(_BY_NAME) != len(METRICS) or len(_BY_FIELD) != sum(1 for m in METRICS if m.field):
-    raise RuntimeError("Duplicate metric name or field in the catalog")
-if INFLUX_STEP_FIELD in _BY_FIELD:
-    raise RuntimeError(f"Field {INFLUX_STEP_FIELD!r} is reserved for the step number")
+_FIELDS = [m.field for m in METRICS if m.field]
+if len(_BY_NAME) != len(METRICS) or len(set(_FIELDS)) != len(_FIELDS) \
+        or INFLUX_STEP_FIELD in _FIELDS:
+    raise RuntimeError("Duplicate metric name or InfluxDB field in the catalog")
 
 
 def by_name(name: str) -> Metric:
-    """Return the metric called ``name``; ``KeyError`` names the unknown metric."""
+    """The metric called ``name``; a ``KeyError`` names an unknown one."""
     try:
         return _BY_NAME[name]
     except KeyError:
         raise KeyError(f"Unknown metric {name!r}: see privacy_callbacks.catalog.METRICS") from None
-
-
-def by_field(field: str) -> Metric:
-    """Return the metric written as InfluxDB field ``field``."""
-    try:
-        return _BY_FIELD[field]
-    except KeyError:
-        raise KeyError(f"Unknown field {field!r}: see privacy_callbacks.catalog.METRICS") from None
-
-
-def markdown_table() -> str:
-    """The README's metrics table, generated from :data:`METRICS`."""
-    rows = ["| metric | type | unit | labels | InfluxDB field | meaning |",
-            "|---|---|---|---|---|---|"]
-    for m in METRICS:
-        rows.append(
-            f"| `{m.name}` | {m.kind} | {m.unit or '-'} | {', '.join(m.all_labels)} "
-            f"| {('`' + m.field + '`') if m.field else '-'} | {m.help} |"
-        )
-    return "\n".join(rows)

@@ -1,361 +1,394 @@
-"""BudgetGuard: stop training before a step would take epsilon past the target."""
+"""BudgetGuard: no optimizer step that takes epsilon past the target is ever released."""
 
 from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import Future, wait
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from . import probe
-from .accounting import MISSING
-from .ledger import _NOT_CHECKED, PrivacyLedger
+from . import checks, opacus_compat
+from .accounting import Accounting, View
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BudgetGuard", "check_target"]
+__all__ = ["BudgetGuard"]
+
+# A noise multiplier that falls below the one a count was made for (a noise schedule) gets a
+# count made at this fraction of it: one count then covers many steps of the schedule.
+_FLOOR = 0.9
+# Seconds the training thread waits for the accountant's own answer when a bound says "no"
+# (under DDP it waits for it: every rank must decide alike).
+_WAIT = 60.0
 
 
-def check_target(target_epsilon: Any, name: str = "target_epsilon") -> float | None:
-    """``target_epsilon`` as a float, or a clear error naming the value."""
-    if target_epsilon is None:
-        return None
-    if (isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float))
-            or not 0 < target_epsilon < math.inf):
-        raise ValueError(f"Unexpected value for {name}: {target_epsilon!r}; use a "
-                         "positive finite number, or None for no budget")
-    return float(target_epsilon)
+def _grown(base: View, now: View, q: float, floor: float) -> bool:
+    """Whether the history of ``now`` is ``base``'s plus steps at ``q`` and sigma >= floor."""
+    (h0, n0, last0), (h, n, last) = base, now
+    if n < n0 or (n0 > 1 and h[n0 - 2] is not h0[n0 - 2]):
+        return False
+    for i, (sigma, rate, steps) in enumerate([*h[max(n0 - 1, 0):n - 1], last] if last else []):
+        if i == 0 and last0 is not None:
+            if (sigma, rate) != last0[:2] or steps < last0[2]:
+                return False
+            if steps == last0[2]:
+                continue
+        if rate != q or sigma < floor:
+            return False
+    return True
 
 
-def check_delta(delta: Any) -> float:
-    """``delta`` as a float, or a clear error naming the value."""
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
-        raise ValueError(f"Unexpected value for delta: {delta!r}; use a number in (0, 1), "
-                         "typically below 1/(training set size), e.g. 1e-5")
-    return float(delta)
+def _succeeded(future: Future[Any]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 class BudgetGuard(Callback):
-    """Stops the fit before any optimizer step that would take epsilon past ``target_epsilon``.
+    """Skips (and stops the fit before) any optimizer step that would take epsilon past
+    ``target_epsilon``, by the accountant the run uses -- RDP, PRV or GDP.
 
-    Modelled on Lightning's ``EarlyStopping``, with the accountant as the monitored quantity.
-    Right before each optimizer step it checks the exact step Opacus is about to account (its
-    noise multiplier and sample rate: a noise scheduler, a partial accumulation at an epoch's
-    end or ``min_steps`` can change them) and skips that step -- its batch is dropped, never
-    released -- if it would pass the target. After a step it sets ``trainer.should_stop`` if
-    one more step at the noise multiplier now set would pass. A check grants a credit: how many
-    further steps at that sample rate and at least a floor noise multiplier surely fit (the
-    accountant's own count, or one RDP order's bound); the steps it covers are cleared by
-    comparing sigma, q and the history's last segment, with nothing computed. Before a bound's
-    "no" skips a step or stops the fit, the exact RDP value is computed (see
-    :meth:`~privacy_callbacks.accounting.Accounting.fits`). Epsilon
-    after the fit is at most the target. For PRV and GDP accountants the checks use the upper
-    bounds of :mod:`privacy_callbacks.accounting`: it may stop a little early, never late.
-    Under DDP every rank decides from the same inputs (checked once at the start), so every
-    rank stops on the same step with no per-step collective.
+    Modelled on ``EarlyStopping``. Before each optimizer step it checks the step Opacus is about
+    to account, at its own noise multiplier and sample rate (a scheduler, an accumulation cut
+    short at an epoch's end or ``min_epochs`` can change them): a step that does not fit is
+    skipped -- its batch is dropped, never released -- and the fit stops. Most steps cost one
+    comparison: a count says how many steps in total fit at the sample rate and any noise
+    multiplier above a floor. The count comes from a sound bound at once and from the
+    accountant's own ``get_epsilon`` (a search on the background worker) soon after; a "no" is
+    only ever the accountant's own answer, so training uses exactly the budget its accountant
+    allows, and every DDP rank decides alike without a collective per step. A "no" from a bound
+    waits for that answer (up to a minute; under DDP, for as long as it takes).
 
     Args:
         target_epsilon: The epsilon budget.
         delta: The delta epsilon is computed for, in (0, 1).
-        accountant: The Opacus accountant or ``PrivacyEngine``; found on the LightningModule or
-            a callback by default.
-        allow_privacy_reset: Accept resuming from a checkpoint without privacy state (see
-            :class:`~privacy_callbacks.PrivacyMonitor`).
-        stop: ``False`` only reports: the budget metrics show exhaustion, the fit goes on.
+        accountant: The Opacus accountant or ``PrivacyEngine``; found on the module by default.
+        allow_privacy_reset: Accept resuming from a checkpoint without privacy state.
+        stop: ``False`` only reports: ``exhausted`` is set, the fit goes on past the target.
 
     Attributes:
         stopped: Whether the guard stopped (or is stopping) the fit.
+        exhausted: Whether one more step would pass the target (also with ``stop=False``).
+        stop_record: ``{step, epsilon, next_epsilon, target_epsilon, skipped}`` of the stop.
     """
 
     def __init__(self, target_epsilon: float, delta: float, *, accountant: Any = None,
                  allow_privacy_reset: bool = False, stop: bool = True) -> None:
-        target = check_target(target_epsilon)
-        if target is None:
-            raise ValueError("Unexpected value for target_epsilon: None; BudgetGuard needs a "
-                             "positive finite budget")
-        self.target_epsilon = target
-        self.delta = check_delta(delta)
+        self.target_epsilon = checks.number("target_epsilon", target_epsilon,
+                                            "a positive finite number")
+        self.delta = checks.number("delta", delta, "a number in (0, 1), e.g. 1e-5", high=1.0)
         if accountant is not None:
-            probe.find_accountant(None, None, accountant)  # raises, naming the value
-        for name, value in (("allow_privacy_reset", allow_privacy_reset), ("stop", stop)):
-            if not isinstance(value, bool):
-                raise ValueError(f"Unexpected value for {name}: {value!r}; use True or False")
-        self.stop = stop
+            opacus_compat.as_accountant(accountant)
         self.accountant = accountant
-        self.allow_privacy_reset = allow_privacy_reset
-        self.stopped = False
-        self.ledger: PrivacyLedger | None = None
-        self._attached = False
-        self._optimizers: list[Any] = []
-        self._planned_steps: int | None = None
-        self._accumulate = 1
-        self._last_step = -1
-        # Steps known to stay within the target without computing anything:
-        # (count, sigma floor, q, segments, last segment) -- any `count` further steps at q and
-        # a sigma >= floor fit, while the history is (segments, last segment) before the next.
-        self._credit: tuple[Any, ...] | None = None
-        self._exact_count = False  # the credit is the accountant's own count at one sigma
-        self._recheck = False  # the after-step check is due (the credit ran out)
-        self._rates: dict[int, probe.AccountedRate] = {}
-        self._optimizer: Any = None
-        self._rate: probe.AccountedRate | None = None
-        self._accountant: Any = None
-        # Optimizers whose last step the guard skipped: what it accumulated is dropped after it.
+        self.allow_privacy_reset = checks.flag("allow_privacy_reset", allow_privacy_reset)
+        self.stop = checks.flag("stop", stop)
+        self.stopped = self.exhausted = False
+        self.stop_record: dict[str, Any] | None = None
+        self.accounting: Accounting | None = None
+        self._own = False  # the accounting is this guard's (not a monitor's)
+        self._states: list[dict[str, Any]] = []
+        self._rates: dict[int, opacus_compat.ChargedRate] = {}
+        # (q, sigma floor, most accounted steps in total, exact): any step at q and a sigma
+        # >= floor fits while the steps accounted stay within the count.
+        self._credit: tuple[float, float, int | None, bool] | None = None
+        self._total = 0  # steps accounted, counted by the guard between two looks
+        # The accountant's counts asked of the worker: (floor, q) -> (history then, answer).
+        self._asked: dict[tuple[float, float], tuple[View, Future[int | None]]] = {}
+        self._top = 0.0  # sigma when the fit started: a falling sigma's floors are below it
         self._skipped: list[Any] = []
+        self._stop_after = False
+        self._ranks = 1
+        self._optimizer: Any = None
+        self._rate: opacus_compat.ChargedRate | None = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(target_epsilon=self.target_epsilon, delta=self.delta)
 
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.ledger = PrivacyLedger.attach(trainer, pl_module, self.delta, self.accountant)
-        self._attached = True
-        self._optimizers = self.ledger.optimizers
-        self._accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
-        planned = trainer.estimated_stepping_batches
-        self._planned_steps = int(planned) if math.isfinite(planned) else None
-        self._last_step = trainer.global_step
-        self.stopped = False
-        self._forget()
-        self._rates = {id(opt): probe.AccountedRate(opt) for opt in self._optimizers}
-        # The first (usually the only) DP optimizer, its rate and the accountant, at hand for
-        # the check before every step.
-        self._optimizer = self._optimizers[0] if self._optimizers else None
-        self._rate = self._rates.get(id(self._optimizer))
-        self._accountant = self.ledger.accounting.accountant
-        self._skipped = []
+    def state_dict(self) -> dict[str, Any]:
+        accountant = None if self.accounting is None else self.accounting.accountant
+        return {"delta": self.delta, "target_epsilon": self.target_epsilon,
+                "accountant": None if accountant is None else accountant.mechanism(),
+                "history": [] if accountant is None else [list(s) for s in accountant.history]}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        PrivacyLedger.note_checkpoint(trainer, checkpoint)
+        self._states = opacus_compat.saved_states(checkpoint)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.ledger is not None
-        self.ledger.restore(trainer, self.allow_privacy_reset, self.target_epsilon)
+        optimizers = opacus_compat.dp_optimizers(trainer)
+        if self.accounting is None or self._own:  # a monitor hands over its own before this
+            accountant = opacus_compat.find_accountant(trainer, pl_module, self.accountant)
+            opacus_compat.restore_history(trainer, accountant, self._states, self.delta,
+                                          self.allow_privacy_reset)
+            self.accounting, self._own = Accounting(accountant, self.delta), True
+        self._rates = {id(opt): opacus_compat.ChargedRate(opt) for opt in optimizers}
+        self._optimizer, self._rate = optimizers[0], self._rates[id(optimizers[0])]
+        self._ranks = trainer.world_size
+        self.stopped = self.exhausted = self._stop_after = False
+        self._credit = self.stop_record = None
+        self._asked = {}
         self._agree_across_ranks(trainer)
-        self._last_step = trainer.global_step
-        self._forget()  # a restored history is not the one any credit was counted from
-        self._check_plan(trainer)
+        q = self._rate.at(max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1)))
+        if q is not None:
+            self._plan(trainer, float(optimizers[0].noise_multiplier), q)
 
-    def state_dict(self) -> dict[str, Any]:
-        # The accountant history too: a fit resumed with this guard alone still counts it.
-        state = self.ledger.state() if self.ledger is not None else {}
-        return {**state, "target_epsilon": self.target_epsilon}
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
+    def _plan(self, trainer: pl.Trainer, sigma: float, q: float) -> None:
+        """Ask for the accountant's count at once, and warn once if the plan passes the target
+        (with the same accountant's numbers: at once for RDP, from the worker otherwise)."""
+        accounting = self.accounting
+        assert accounting is not None
+        accounting.prepare(sigma, q)
+        view = accounting.view()
+        self._top = sigma
+        done = sum(s for _, _, s in view[0][:view[1]])
+        fit, exact = accounting.bound_count(sigma, q, self.target_epsilon, view)
+        count = None if exact or fit is None else self._ask(view, sigma, q)
+        planned = trainer.estimated_stepping_batches
+        if not trainer.is_global_zero or not math.isfinite(planned):
             return
-        self._drop_skipped()
-        if self._attached and self.ledger is not None:
-            self._attached = False
-            self.ledger.release()  # kept: a checkpoint saved after the fit holds its history
+        left = max(0, int(planned) - trainer.global_step)
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                     exception: BaseException) -> None:
-        # Lightning skips the teardown hook when a fit raises.
-        self.teardown(trainer, pl_module, "fit")
+        def warn(value: float | None) -> None:
+            if value is None or value <= self.target_epsilon:
+                return
+            limit = fit if count is None else count.result() if _succeeded(count) else None
+            logger.warning(
+                "The planned training (%d more optimizer steps at noise_multiplier=%g, "
+                "sample_rate=%g) would reach epsilon=%.4g at delta=%g (%s accountant), past "
+                "target_epsilon=%g%s; %s.", left, sigma, q, value, self.delta,
+                accounting.mechanism, self.target_epsilon,
+                "" if limit is None else f": only {limit - done} more steps fit",
+                "the budget guard will stop training there" if self.stop
+                else "training will go on past the target (stop=False)")
+
+        if exact:
+            warn(accounting.forecast(view, left, sigma, q))
+        else:
+            accounting.epsilon_after(left, sigma, q).add_done_callback(
+                lambda f: warn(f.result() if _succeeded(f) else None))
 
     def _agree_across_ranks(self, trainer: pl.Trainer) -> None:
-        """Check once, before any step, that every rank guards the same budget.
-
-        The guard then decides on each rank from identical inputs (the same settings and,
-        under Opacus' distributed optimizer, the same accountant history, sigma and q), so every
-        rank stops on the same step without a collective -- and without the host-device
-        synchronisation a per-step all-reduce would cost on GPUs.
-        """
-        ledger = self.ledger
-        if trainer.world_size <= 1 or ledger is None:
+        """Every rank decides from the same inputs, so they must guard the same budget."""
+        if trainer.world_size <= 1 or self.accounting is None:
             return
-        accounting = ledger.accounting
-        mine = (self.target_epsilon, self.delta, self.stop, accounting.steps,
-                len(accounting.accountant.history))
+        history = self.accounting.accountant.history
+        mine = (self.target_epsilon, self.delta, self.stop, sum(s for _, _, s in history),
+                len(history))
         first = trainer.strategy.broadcast(mine, src=0)
         if not trainer.strategy.reduce_boolean_decision(mine == first, all=True):
             raise ValueError(
-                f"The budget guard (BudgetGuard, PrivacyMonitor) differs across ranks: rank "
-                f"{trainer.global_rank} has "
-                f"(target_epsilon, delta, stop_at_target, steps accounted, history segments) = "
-                f"{mine}, rank 0 has {first} (or another rank differs). Give every rank the same "
-                "target_epsilon, delta and stop_at_target, and the same privacy state to resume "
-                "from.")
+                f"The budget guard differs across ranks: rank {trainer.global_rank} has "
+                f"(target_epsilon, delta, stop, steps accounted, history segments) = {mine}, "
+                f"rank 0 has {first}. Give every rank the same target_epsilon, delta and stop, "
+                "and the same privacy state to resume from.")
 
-    # -- the checks --------------------------------------------------------------------------
+    # -- the check, before every optimizer step ----------------------------------------------
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Any) -> None:
+        rate = self._rate if optimizer is self._optimizer else self._rates.get(id(optimizer))
+        if rate is None or (self.exhausted and not self.stop):
+            return  # not a DP optimizer of this fit, or reporting only and reported
+        sigma, q = optimizer.noise_multiplier, rate()
+        credit = self._credit
+        if (credit is not None and q == credit[0] and sigma >= credit[1]
+                and (credit[2] is None or self._total < credit[2])):
+            self._total += 1
+            if self._total == credit[2]:
+                self._last_of(credit, sigma)
+            return
+        self._decide(trainer, optimizer, float(sigma), q)
+
+    def _last_of(self, credit: tuple[float, float, int | None, bool], sigma: float) -> None:
+        """This step uses up its count at this sigma. If one more step would not fit by the
+        accountant's own count, stop after this one; every rank comes to the same answer, as
+        each waits here for that count when its own was a bound's."""
+        q, floor = credit[0], credit[1]
+        if floor != sigma:
+            return
+        if not credit[3]:
+            assert self.accounting is not None
+            limit, exact = self._count(self.accounting.view(), self._total, floor, q, wait=True)
+            self._credit = (q, floor, limit, exact)
+            if limit is None or self._total < limit:
+                return
+        self._stop_after = True
+
+    def _decide(self, trainer: pl.Trainer, optimizer: Any, sigma: float,
+                q: float | None) -> None:
+        accounting = self.accounting
+        assert accounting is not None
+        if q is None:  # what the step will be charged cannot be known, so it cannot be checked
+            self._refuse(trainer, optimizer, sigma, None)
+            return
+        view = accounting.view()
+        total = sum(s for _, _, s in view[0][:view[1]])
+        floors = [sigma]
+        credit = self._credit
+        if credit is not None and q == credit[0] and sigma < credit[1] and self._top:
+            # A falling sigma (a schedule): a count at a floor on a fixed grid below it covers
+            # many steps, and the next floor down is asked for ahead of need.
+            k = max(0, math.ceil(math.log(sigma / self._top) / math.log(_FLOOR)))
+            while k and self._top * _FLOOR ** (k - 1) <= sigma:
+                k -= 1
+            while self._top * _FLOOR ** k > sigma:
+                k += 1
+            floors.insert(0, self._top * _FLOOR ** k)
+            self._ask(view, floors[0] * _FLOOR, q)
+        for floor in floors:
+            limit, exact = self._count(view, total, floor, q, wait=floor == sigma)
+            if limit is None or total < limit:
+                break
+        else:
+            self._refuse(trainer, optimizer, sigma, q)
+            return
+        self._credit, self._total = (q, floor, limit, exact), total + 1
+        if limit == total + 1:
+            self._last_of(self._credit, sigma)
+
+    def _ask(self, view: View, floor: float, q: float) -> Future[int | None]:
+        """The accountant's count at (floor, q) from the worker: one asked already (and still
+        valid for the history now), else a new question."""
+        asked = self._asked.get((floor, q))
+        if asked is not None and _grown(asked[0], view, q, floor):
+            return asked[1]
+        assert self.accounting is not None
+        future = self.accounting.exact_count(floor, q, self.target_epsilon, view)
+        self._asked[(floor, q)] = (view, future)
+        while len(self._asked) > 4:  # the oldest question nobody will read the answer of
+            self._asked.pop(next(iter(self._asked)))[1].cancel()
+        return future
+
+    def _count(self, view: View, total: int, floor: float, q: float,
+               wait: bool = False) -> tuple[int | None, bool]:
+        """Most steps in total that fit at q and sigma >= floor, and whether that is the
+        accountant's own count: it, if the worker has it; else a bound's, asking the worker
+        for it -- and, with ``wait``, waiting for it when the bound says no."""
+        accounting = self.accounting
+        assert accounting is not None
+        asked = self._asked.get((floor, q))
+        if asked is not None and _grown(asked[0], view, q, floor) and _succeeded(asked[1]):
+            return asked[1].result(), True
+        limit, exact = accounting.bound_count(floor, q, self.target_epsilon, view)
+        if exact or limit is None:  # a bound's "no limit": the accountant's is none either
+            return limit, exact
+        future = self._ask(view, floor, q)
+        if limit is None or total < limit or not wait:
+            return limit, False
+        try:  # the bound says no: only the accountant's own answer may
+            return future.result(None if self._ranks > 1 else _WAIT), True
+        except Exception:
+            logger.warning("The %s accountant's own count was not known in time; an upper bound "
+                           "decides this step (it may stop training early)",
+                           accounting.mechanism)
+            return limit, False
+
+    def steps_left(self, view: View, sigma: float, q: float) -> int | None:
+        """Further steps at (sigma, q) that fit after ``view`` (the metrics' count, on the
+        publisher thread): the accountant's own count when known, else a bound's."""
+        accounting = self.accounting
+        assert accounting is not None
+        total = sum(s for _, _, s in view[0][:view[1]])
+        limit: int | None = None
+        credit, asked = self._credit, self._asked.get((sigma, q))
+        if credit is not None and credit[3] and credit[:2] == (q, sigma):
+            limit = credit[2]
+        elif asked is not None and _succeeded(asked[1]) and _grown(asked[0], view, q, sigma):
+            limit = asked[1].result()
+        else:
+            limit = accounting.bound_count(sigma, q, self.target_epsilon, view,
+                                           publisher=True)[0]
+        return None if limit is None else max(0, limit - total)
+
+    def _refuse(self, trainer: pl.Trainer, optimizer: Any, sigma: float,
+                q: float | None) -> None:
+        self.exhausted = True
+        if not self.stop:
+            logger.warning("The next optimizer step passes target_epsilon=%g (stop=False: "
+                           "training goes on)", self.target_epsilon)
+            return
+        opacus_compat.skip_step(optimizer)
+        if optimizer not in self._skipped:
+            self._skipped.append(optimizer)
+        self._halt(trainer, sigma, q, skipped=True)
+
+    def _halt(self, trainer: pl.Trainer, sigma: float, q: float | None, skipped: bool) -> None:
+        trainer.should_stop = self.stopped = self.exhausted = True
+        self._credit = None
+        if self.stop_record is not None:
+            return
+        accounting = self.accounting
+        assert accounting is not None
+        step = trainer.global_step
+        record: dict[str, Any] = {"step": step, "epsilon": None, "next_epsilon": None,
+                                  "target_epsilon": self.target_epsilon, "skipped": skipped}
+        self.stop_record = record
+        if not trainer.is_global_zero:
+            return
+        if q is None:
+            logger.warning("Privacy budget guard: stopping training at step %d, the step about "
+                           "to run was skipped: the sample rate it would be charged cannot be "
+                           "read, so it cannot be checked against target_epsilon=%g. %s", step,
+                           self.target_epsilon, opacus_compat.HOW_TO_WIRE)
+            return
+        now, after = accounting.epsilon_after(0, sigma, q), accounting.epsilon_after(1, sigma, q)
+        wait([now, after], _WAIT)
+        record["epsilon"] = now.result() if _succeeded(now) else math.nan
+        record["next_epsilon"] = after.result() if _succeeded(after) else math.nan
+        logger.warning(
+            "Privacy budget guard: stopping training at step %d (%d steps accounted)%s: "
+            "epsilon=%.4g at delta=%g (%s accountant); one more step (noise_multiplier=%g, "
+            "sample_rate=%g) would reach %.4g, past target_epsilon=%g.", step,
+            sum(s for _, _, s in accounting.accountant.history),
+            ", the step about to run was skipped" if skipped else "", record["epsilon"],
+            self.delta, accounting.mechanism, sigma, q, record["next_epsilon"],
+            self.target_epsilon)
+
+    # -- after the step ----------------------------------------------------------------------
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._skipped:
             self._drop_skipped()
-        if self.stop and not self._recheck:
-            # The step just run was cleared with room for at least one more at its q and any
-            # sigma above the credit's floor: nothing to stop, unless a scheduler has already
-            # set a lower sigma. (No optimizer step in this batch: nothing to check either.)
-            credit = self._credit
-            if credit is None or self._optimizer.noise_multiplier >= credit[1]:
-                return
-        self._recheck = False
-        ledger, step = self.ledger, trainer.global_step
-        if ledger is None or step == self._last_step:
-            return  # no optimizer step in this batch (gradient accumulation)
-        self._last_step = step
-        history = ledger.accounting.accountant.history
-        if not history:
-            return
-        sigma = float(self._optimizers[0].noise_multiplier)
-        q = float(history[-1][1])
-        # After a step: stop now if one more step at (sigma, q) would pass the target. The
-        # count of steps left is cached (each step at the same (sigma, q) takes one off; the
-        # metrics compute it off this thread when it is not); without it (a noise schedule),
-        # one RDP order's bound usually answers in microseconds (Accounting.fits).
-        accounting = ledger.accounting
-        left = accounting.exhaustion_cached(self.target_epsilon, sigma, q)
-        ledger.exhaustion = _NOT_CHECKED if left is MISSING else left
-        if self.stopped:
-            return
-        if left is MISSING or left == 0:
-            # A count of 0 may come from bounds; fits() decides a stop on the exact value.
-            left = None if accounting.fits(self.target_epsilon, sigma, q) else 0
-        if left == 0:
-            if not self.stop:
-                self.stopped = ledger.exhausted = True  # reported only
-                return
-            self._stop(trainer, step, sigma, q, skipped=False)
-        else:
-            # The next step at this (sigma, q) fits: a credit of one.
-            self._grant(1 if left is None else left, sigma, q, history, exact=left is not None)
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: Any) -> None:
-        # The check after the last step used the sigma and q of that moment; a noise scheduler,
-        # a partial accumulation at the end of an epoch or a fit that must go on (min_epochs)
-        # can change what this step accounts. Check the exact step Opacus is about to account
-        # and skip it if it would pass. Most steps are cleared by the credit of an earlier
-        # check (a comparison of sigma, q and the history's last segment, nothing computed).
-        ledger = self.ledger
-        if ledger is None or not self.stop:
-            return
-        rate = self._rate if optimizer is self._optimizer else self._rates.get(id(optimizer))
-        if rate is None:
-            return  # not a DP optimizer of this fit
-        sigma = float(optimizer.noise_multiplier)
-        q = rate()
-        if q is None:
-            # What this step will be charged cannot be known, so it cannot be checked.
-            self._skip(trainer, optimizer, sigma, None)
-            return
-        history = self._accountant.history
-        n = len(history)
-        last = history[n - 1] if n else None
         credit = self._credit
-        if (credit is not None and sigma >= credit[1] and q == credit[2] and n == credit[3]
-                and last == credit[4]):
-            count, floor = credit[0], credit[1]
-        else:
-            target, accounting = self.target_epsilon, ledger.accounting
-            grant = accounting.credit(target, sigma, q)
-            if grant is not None and grant[0] >= 1:
-                self._exact_count = grant[2]
-            elif accounting.fits(target, sigma, q):
-                grant, self._exact_count = (1, sigma, False), False
+        if self._stop_after:
+            self._stop_after = False
+            if credit is not None and self.stop:
+                self._halt(trainer, credit[1], credit[0], skipped=False)
             else:
-                self._credit = None
-                self._skip(trainer, optimizer, sigma, q)
-                return
-            count, floor = grant[0], grant[1]
-        # Clear this step from the credit of `count` steps (at q and any sigma >= floor) and
-        # keep the rest for the next. The accountant's own count of steps left holds for its
-        # sigma only.
-        left = count - 1
-        ledger.exhaustion = left if self._exact_count and sigma == floor else _NOT_CHECKED
-        if left <= 0:
-            self._credit, self._recheck = None, True
-        elif last is not None and last[0] == sigma and last[1] == q:
-            # The history once Opacus accounted this step: its accountants merge a step into
-            # the last segment when sigma and q are the same.
-            self._credit = (left, floor, q, n, (last[0], last[1], last[2] + 1))
-        else:
-            self._credit = (left, floor, q, n + 1, (sigma, q, 1))
-
-    def _grant(self, count: int, sigma: float, q: float, history: list, exact: bool) -> None:
-        """A credit of ``count`` steps at (sigma, q) from the history as it is now."""
-        n = len(history)
-        self._credit = (count, sigma, q, n, history[n - 1] if n else None)
-        self._exact_count = exact
-
-    def _forget(self) -> None:
-        self._credit, self._exact_count, self._recheck = None, False, False
-
-    def _skip(self, trainer: pl.Trainer, optimizer: Any, sigma: float, q: float | None) -> None:
-        probe.skip_next_step(optimizer)
-        if optimizer not in self._skipped:
-            self._skipped.append(optimizer)
-        self._stop(trainer, trainer.global_step, sigma, q, skipped=True)
+                self.exhausted = True
+        elif credit is not None and self._optimizer.noise_multiplier < credit[1]:
+            # A scheduler lowered sigma after the step: if a step at it does not fit, stop
+            # now rather than skip the next batch.
+            sigma = float(self._optimizer.noise_multiplier)
+            assert self.accounting is not None
+            limit, exact = self._count(self.accounting.view(), self._total, sigma, credit[0],
+                                       wait=True)
+            if limit is None or self._total < limit:
+                self._credit = (credit[0], sigma, limit, exact)
+            elif self.stop:
+                self._halt(trainer, sigma, credit[0], skipped=False)
+            else:
+                self.exhausted = True
 
     def _drop_skipped(self) -> None:
-        # Right after the skipped step, before any later batch accumulates: Opacus keeps the
-        # skipped batch's clipped sum for the next step, which would release it uncounted.
+        # Right after the skipped step, before a later batch accumulates onto what it left.
         skipped, self._skipped = self._skipped, []
         for optimizer in skipped:
-            probe.discard_skipped_step(optimizer)
+            opacus_compat.discard_skipped(optimizer)
 
-    def _stop(self, trainer: pl.Trainer, step: int, sigma: float, q: float | None,
-              *, skipped: bool) -> None:
-        already = self.stopped
-        trainer.should_stop = True
-        self.stopped = True
-        self._forget()
-        ledger = self.ledger
-        assert ledger is not None
-        ledger.exhausted = True
-        if already or not trainer.is_global_zero:
-            return
-        accounting = ledger.accounting
-        accounting.update()  # steps accounted now (the metrics compute them off this thread)
-        eps = accounting.epsilon_after(0, sigma, q) if q is not None else accounting.epsilon
-        nxt = accounting.epsilon_after(1, sigma, q) if q is not None else math.inf
-        bound = "" if accounting.mechanism == "rdp" else " (RDP bound)"
-        if q is None:
-            logger.warning(
-                "Privacy budget guard: stopping training at trainer step %d (%d steps accounted), "
-                "the step about to run was skipped: the sample rate it would be accounted at "
-                "cannot be read from the DP optimizer's accountant hook, so it cannot be checked "
-                "against target_epsilon=%g. %s", step, accounting.steps, self.target_epsilon,
-                probe.HOW_TO_WIRE)
-        else:
-            logger.warning(
-                "Privacy budget guard: stopping training at trainer step %d (%d steps accounted)"
-                "%s: epsilon=%.4g%s at delta=%g; one more step (noise_multiplier=%g, "
-                "sample_rate=%g) would reach %.4g, past target_epsilon=%g.", step,
-                accounting.steps, ", the step about to run was skipped" if skipped else "", eps,
-                bound, self.delta, sigma, q, nxt, self.target_epsilon)
-        ledger.audit("budget_guard_stop", step=step, epsilon=eps, next_epsilon=nxt,
-                     target_epsilon=self.target_epsilon, skipped=skipped)
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")  # Lightning skips teardown when a fit raises
 
-    def _check_plan(self, trainer: pl.Trainer) -> None:
-        """Warn once if the planned training would pass the target."""
-        ledger = self.ledger
-        if ledger is None or self._planned_steps is None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
             return
-        accounting, target = ledger.accounting, self.target_epsilon
-        opt = self._optimizers[0]
-        history = accounting.accountant.history
-        q = float(history[-1][1]) if history else probe.accounted_sample_rate(
-            opt, self._accumulate)
-        if q is None:
-            return
-        sigma = float(opt.noise_multiplier)
-        left = max(0, self._planned_steps - trainer.global_step)
-        forecast = accounting.epsilon_after(left, sigma, q)
-        if forecast <= target or not trainer.is_global_zero:
-            return
-        fit = accounting.steps_until(target, sigma, q)
-        then = ("the budget guard will stop training there" if self.stop
-                else "training will go on past the target (stop_at_target=False)")
-        logger.warning(
-            "The planned training (%d more optimizer steps at noise_multiplier=%g, "
-            "sample_rate=%g) would reach epsilon=%.4g at delta=%g, past target_epsilon=%g: only "
-            "%s more steps fit in the budget; %s.", left, sigma, q, forecast, self.delta, target,
-            fit, then)
+        self._drop_skipped()
+        for _, future in self._asked.values():
+            future.cancel()
+        self._asked = {}
+        if self._own and self.accounting is not None:
+            self.accounting.close()  # kept: a checkpoint saved after the fit holds its history

@@ -1,316 +1,439 @@
-"""PrivacyMonitor: the one-line default -- metrics, budget guard and audit for an Opacus run."""
+"""PrivacyMonitor: the privacy an Opacus run spends, every optimizer step, to the exporters."""
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import logging
+import math
+import time
+import uuid
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from . import probe
-from .audit import AuditTrail
-from .compliance import DPPolicy
-from .compliance_audit import ComplianceAudit, check_policy, check_thresholds
-from .exporters.base import Exporter
-from .guard import BudgetGuard, check_delta, check_target
-from .metrics import PrivacyMetrics, check_exporters, load_saved_with_other_settings
-from .oversight import DEFAULT_THRESHOLDS
-from .snapshot import PrivacySnapshot
+from . import checks, opacus_compat
+from .accounting import Accounting, Epsilon
+from .exporters.base import Exporter, RunInfo
+from .guard import BudgetGuard
+from .publisher import Publisher
+from .snapshot import Observer, PrivacySnapshot, Reporter, StepReporter, reported
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["PrivacyMonitor"]
 
-_STEP_HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
-_HOOKS = ("setup", "on_fit_start", "on_train_start", "on_train_epoch_start",
-          "on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end",
-          "on_validation_end", "on_train_end", "on_fit_end", "on_exception", "teardown")
-
 
 class PrivacyMonitor(Callback):
-    """Reports the privacy spent by an Opacus DP-SGD run on every optimizer step.
+    """Publishes the privacy an Opacus DP-SGD run spends, after every optimizer step.
 
-    After each optimizer step it reads the accountant's history and the DP optimizer's settings
-    (host-side values only: no device synchronisation), computes epsilon (microseconds for RDP;
-    on a background thread for PRV and GDP, with a proven upper bound labelled as such until the
-    exact value for the step is known), builds a :class:`PrivacySnapshot` and hands it to a
-    background publisher that feeds the exporters. Epsilon also goes to the progress bar and the
-    trainer's loggers at the trainer's ``log_every_n_steps`` cadence.
-
-    Budget guard: with ``target_epsilon`` set, before each optimizer step the monitor checks the
-    step Opacus is about to account and skips it if it would pass the target, and after a step
-    it stops the fit (on every rank together) if one more would (see :class:`BudgetGuard`).
-    Epsilon after the fit is at most the target. For PRV and GDP accountants the guard uses the
-    upper bounds of :mod:`privacy_callbacks.accounting`, never below their epsilon: it may stop
-    a little early, never late.
-
-    Resume: the accountant's history is saved in Lightning checkpoints and put back into the
-    Opacus accountant on ``trainer.fit(ckpt_path=...)``, so epsilon continues where it stopped.
+    The training thread only notes each step (the accountant history's length and last
+    segment, sigma, C, the time: host-side values, no epsilon); the publisher thread computes
+    epsilon for the history exactly as it was then -- the accountant's exact value, or an upper
+    bound labelled as one until the exact value is known -- builds the :class:`PrivacySnapshot`
+    and feeds the exporters. Epsilon also goes to the progress bar and the loggers every
+    ``log_every_n_steps``. Before the fit returns, the exporters hold the exact last epsilon.
+    With ``target_epsilon``, a :class:`~privacy_callbacks.BudgetGuard` runs inside. The history
+    is saved in checkpoints and restored on ``trainer.fit(ckpt_path=...)``. Under DDP privacy
+    values come from rank 0, throughput and step time from every rank (``rank`` label).
 
     Args:
-        delta: The delta to report epsilon for, in (0, 1).
-        target_epsilon: The epsilon budget; enables the budget metrics.
+        delta: The delta epsilon is reported for, in (0, 1).
+        target_epsilon: The budget: budget metrics, forecast and the guard.
         exporters: Where snapshots go, e.g. ``[PrometheusExporter(port=9108)]``.
-        accountant: The Opacus accountant or ``PrivacyEngine``. By default the monitor finds the
-            ``PrivacyEngine`` stored on the LightningModule (``self.privacy_engine``, as in Opacus'
-            Lightning example) or on a callback.
-        session_id: Label naming the session. By default each ``trainer.fit`` is a session of its
-            own with a random id (a resumed fit keeps its checkpoint's); a named session spans
-            every fit of this monitor and every restart. Counters count what their session
-            accounted (see the README's "Sessions").
-        model_name: Label naming the model; the LightningModule's class name by default.
+        accountant: The Opacus accountant or ``PrivacyEngine``; by default the ``PrivacyEngine``
+            on the LightningModule (``self.privacy_engine``) or a callback.
+        session_id: Label of the session: by default each ``fit`` is one (a resumed fit keeps
+            its checkpoint's); a named session spans every fit and restart.
+        model_name: Label of the model; the LightningModule's class name by default.
         progress_bar: Show epsilon in the progress bar.
-        max_pending: Snapshots the publisher holds while exporters lag before dropping the oldest.
-        audit: An :class:`~privacy_callbacks.audit.AuditTrail` (or a file path for one) that
-            receives fit start (full DP configuration), budget thresholds, policy violations,
-            resume, the first accounting error and fit end.
-        audit_thresholds: Fractions of ``target_epsilon`` whose crossing is audited.
-        policy: A :class:`~privacy_callbacks.compliance.DPPolicy`, a preset name
-            (``"default"``, ``"strict"``) or a JSON/TOML policy file; violations are counted in
-            ``privacy_compliance_violations_total``, logged and audited.
-        stop_at_target: With ``target_epsilon`` set, stop training before any step that would
-            take epsilon past it. ``False`` only reports (the budget goes negative).
-        allow_privacy_reset: Accept resuming from a checkpoint that has no privacy state (epsilon
-            restarts from what the accountant holds, 0 for a fresh one) or whose delta or
-            accountant differ (the saved history is carried over). Off by default: silently
-            restarting epsilon would under-report the privacy spent.
-        mechanism: Measure clipping, noise, signal and DP overhead on the device each step
-            (on a CPU, without per-sample statistics, every k-th step, k set by their cost to
-            1 % of the step; see the README's "Mechanism metrics"); ``False`` leaves the
-            optimizer untouched.
-            Every default mechanism metric is data-independent, post-processing of the noised
-            update, or -- with ``DifferentialPrivacy(statistics_noise_multiplier=...)`` -- a
-            noised histogram accounted in epsilon.
-        raw_private_statistics: Also publish each step's per-sample gradient norms, the exact
-            clipped fraction and the real batch sizes (throughput), computed from the private
-            batch without noise. They fall outside epsilon: a record with an unusual gradient
-            is visible in them. For debugging on data that needs no protection.
-        overhead_every: Time one plain forward/backward pass (per-sample hooks off, nothing
-            kept) every this many optimizer steps (1000 by default, and at the third step) to
-            compute ``privacy_overhead_ratio``; ``None`` turns the overhead ratios off.
-
-    ``session_id`` and ``model_name`` become metric labels: they are checked (at most 128 of
-    ``A-Z a-z 0-9 _ . : / -``), and a value that looks like personal data (an e-mail address, a
-    phone number, …) is refused, or replaced by a keyed hash when ``PRIVACY_LABEL_HMAC_KEY`` is
-    set (see :func:`privacy_callbacks.pii.check_label`).
-
-    Under DDP every rank runs the exporters: privacy metrics come from global rank 0 only (every
-    rank holds the same accountant); throughput and step time come from every rank with its
-    ``rank`` label. A ``PrometheusExporter`` serves on its port plus the local rank.
-
-    Exported metrics: see :mod:`privacy_callbacks.catalog` and the README's metrics table.
-
-    The monitor is the default composition of three callbacks that each do one job and share
-    the trainer's :class:`~privacy_callbacks.ledger.PrivacyLedger` (optimizers, accountant,
-    epsilon): :class:`~privacy_callbacks.BudgetGuard` (with ``target_epsilon``),
-    :class:`~privacy_callbacks.ComplianceAudit` and :class:`~privacy_callbacks.PrivacyMetrics`,
-    in that order on every hook. Use them directly for another composition.
+        max_pending: Steps the publisher holds while exporters lag, then drops the oldest.
+        stop_at_target: Skip and stop before a step past the target; ``False`` only reports.
+        allow_privacy_reset: Accept resuming without privacy state, or with another delta or
+            accountant (epsilon would be under-reported: off by default).
     """
 
-
-
-    def __init__(
-        self,
-        delta: float,
-        target_epsilon: float | None = None,
-        *,
-        exporters: Sequence[Exporter] = (),
-        accountant: Any = None,
-        session_id: str | None = None,
-        model_name: str | None = None,
-        progress_bar: bool = True,
-        max_pending: int = 10_000,
-        audit: AuditTrail | str | os.PathLike[str] | None = None,
-        audit_thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-        policy: DPPolicy | str | os.PathLike[str] | None = None,
-        stop_at_target: bool = True,
-        allow_privacy_reset: bool = False,
-        mechanism: bool = True,
-        overhead_every: int | None = 1000,
-        raw_private_statistics: bool = False,
-    ) -> None:
-        # Every argument is checked here, before any part is built, so a mistake names the
-        # value whatever part would have used it.
-        delta = check_delta(delta)
-        target = check_target(target_epsilon)
-        check_exporters(exporters)
-        check_thresholds(audit_thresholds)
-        check_policy(policy)
+    def __init__(self, delta: float, target_epsilon: float | None = None, *,
+                 exporters: Sequence[Exporter] = (), accountant: Any = None,
+                 session_id: str | None = None, model_name: str | None = None,
+                 progress_bar: bool = True, max_pending: int = 10_000,
+                 stop_at_target: bool = True, allow_privacy_reset: bool = False) -> None:
+        self.delta = checks.number("delta", delta, "a number in (0, 1), typically below "
+                                   "1/(training set size), e.g. 1e-5", high=1.0)
+        self.target_epsilon = checks.number("target_epsilon", target_epsilon, "a positive "
+                                            "finite number, or None for no budget", none=True)
+        self.exporters = tuple(exporters)
+        for exporter in self.exporters:
+            if not isinstance(exporter, Exporter):
+                raise ValueError(f"Unexpected exporter {exporter!r}: use PrometheusExporter, "
+                                 "InfluxDBExporter or a subclass of privacy_callbacks.Exporter")
         if accountant is not None:
-            probe.find_accountant(None, None, accountant)  # raises, naming the value
-        if not isinstance(stop_at_target, bool):
-            raise ValueError(f"Unexpected value for stop_at_target: {stop_at_target!r}; use "
-                             "True or False")
-        self.delta = delta
-        self.target_epsilon = target
-        self.stop_at_target = stop_at_target
-        self.guard = None if target is None else BudgetGuard(
-            target, delta, accountant=accountant, allow_privacy_reset=allow_privacy_reset,
-            stop=stop_at_target)
-        self.compliance = ComplianceAudit(
-            delta, target, audit=audit, audit_thresholds=audit_thresholds, policy=policy,
-            accountant=accountant, allow_privacy_reset=allow_privacy_reset)
-        self.metrics = PrivacyMetrics(
-            delta, target, exporters=exporters, accountant=accountant, session_id=session_id,
-            model_name=model_name, progress_bar=progress_bar, max_pending=max_pending,
-            allow_privacy_reset=allow_privacy_reset, mechanism=mechanism,
-            overhead_every=overhead_every, raw_private_statistics=raw_private_statistics)
-        # The guard first: a step's snapshot carries the guard's decision on it.
-        self.parts: tuple[Callback, ...] = tuple(
-            p for p in (self.guard, self.compliance, self.metrics) if p is not None)
-        # Per hook, only the parts that implement it: a hook costs a loop over what does work.
-        self._has: dict[str, tuple[Callback, ...]] = {
-            hook: tuple(p for p in self.parts
-                        if getattr(type(p), hook) is not getattr(Callback, hook))
-            for hook in _HOOKS}
-        self._bind_step_hooks()
-        exporter_names = [type(e).__name__ if type(e).__repr__ is object.__repr__ else repr(e)
-                          for e in self.metrics.exporters]
-        # Lightning reads state_key around every hook call: computed once.
+            opacus_compat.as_accountant(accountant)
+        self.accountant = accountant
+        self._named = session_id is not None
+        self.session_id = uuid.uuid4().hex[:12] if session_id is None else \
+            checks.label("session_id", session_id)
+        self.model_name = None if model_name is None else checks.label("model_name", model_name)
+        self.progress_bar = checks.flag("progress_bar", progress_bar)
+        self.max_pending = checks.number("max_pending", max_pending, "a number of steps >= 1",
+                                         low=1, low_ok=True, integer=True)
+        self.allow_privacy_reset = checks.flag("allow_privacy_reset", allow_privacy_reset)
+        self.guard = None if self.target_epsilon is None else BudgetGuard(
+            self.target_epsilon, self.delta, accountant=accountant,
+            allow_privacy_reset=allow_privacy_reset,
+            stop=checks.flag("stop_at_target", stop_at_target))
+        self.accounting: Accounting | None = None
+        self._publisher: Publisher | None = None
+        self._last: PrivacySnapshot | None = None
+        self._states: list[dict[str, Any]] = []
+        self._fitted = self._started = self._exporting = self._stepped = self._bounded = False
+        # The session's earlier fits (steps, exact epsilon, errors); and what the accountant held
+        # at this fit's start, less those: snapshot values minus these are the session's.
+        self._carry: tuple[int, float, int] = (0, 0.0, 0)
+        self._offsets: tuple[int, float, int] = (0, 0.0, 0)
+        self._optimizer: Any = None
+        self._accountant: Any = None
+        self._reporters: list[Any] = []
+        self._step_reporters: list[Any] = []
+        self._every = True
+        self._planned: int | None = None
+        self._t_last: float | None = None
+        self._rank = self._step = self._batches = 0
+        self._log_every, self._log_loggers, self._logged = 50, False, -1
         self._state_key = self._generate_state_key(
             delta=self.delta, target_epsilon=self.target_epsilon,
-            session_id=session_id and self.metrics.session_id, exporters=exporter_names)
-
-    # -- what the parts hold -------------------------------------------------------------------
-
-    @property
-    def exporters(self) -> tuple[Exporter, ...]:
-        return self.metrics.exporters
-
-    @property
-    def audit(self) -> AuditTrail | None:
-        return self.compliance.audit
-
-    @property
-    def policy(self) -> DPPolicy | None:
-        return self.compliance.policy
-
-    @property
-    def session_id(self) -> str:
-        return self.metrics.session_id
-
-    @property
-    def model_name(self) -> str | None:
-        return self.metrics.model_name
-
-    @property
-    def accounting(self) -> Any:
-        """The shared :class:`~privacy_callbacks.accounting.Accounting`; ``None`` before a fit."""
-        return self.metrics.accounting
-
-    @property
-    def last_snapshot(self) -> PrivacySnapshot | None:
-        return self.metrics.last_snapshot
-
-    @property
-    def _publisher(self) -> Any:
-        return self.metrics._publisher
-
-    @property
-    def _exporting(self) -> bool:
-        return self.metrics._exporting
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every snapshot so far reached the exporters; False on timeout."""
-        return self.metrics.flush(timeout)
-
-    def refresh(self) -> None:
-        """Export now what arrived since the last step (see :meth:`PrivacyMetrics.refresh`)."""
-        self.metrics.refresh()
-
-    def audit_event(self, event: str, **data: Any) -> None:
-        """Append ``event`` to the audit trail (if any) from the exporting rank; never raises.
-
-        For rare events only (the budget guard stopping training, say): it writes to disk now.
-        """
-        self.compliance.event(event, **data)
-
-    # -- checkpoint state ------------------------------------------------------------------------
+            session_id=self.session_id if self._named else None,
+            exporters=[repr(e) if type(e).__repr__ is not object.__repr__ else type(e).__name__
+                       for e in self.exporters])
 
     @property
     def state_key(self) -> str:
         return self._state_key
 
     @property
-    def _legacy_state_key(self) -> Any:
-        return type(self).__qualname__  # the key of checkpoints saved before state_key existed
+    def last_snapshot(self) -> PrivacySnapshot | None:
+        """The last step's snapshot (after the fit: with the exact final epsilon); during a fit
+        it first waits (briefly) until every step so far is built."""
+        if self._publisher is not None and not self._publisher.on_thread():
+            self._publisher.flush(timeout=10.0)
+        return self._last
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.metrics.state_dict()
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every step so far reached the exporters; False on timeout."""
+        return True if self._publisher is None else self._publisher.flush(timeout)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.metrics.load_state_dict(state_dict)
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        last = self._last
+        if self._named and last is not None:  # the session goes on: count on from here
+            self._carry = (last.session_steps or 0, self._exact_session_epsilon() or 0.0,
+                           last.accounting_errors or 0)
+        elif self._fitted and not self._named:
+            self.session_id, self._carry = uuid.uuid4().hex[:12], (0, 0.0, 0)
+        self._fitted = True
+        self._rank, self._exporting = trainer.global_rank, trainer.is_global_zero
+        started: list[Exporter] = []
+        try:  # ports are bound now: a mistake surfaces before any training
+            for exporter in self.exporters:
+                exporter.rank, exporter.local_rank = trainer.global_rank, trainer.local_rank
+                exporter.start()
+                started.append(exporter)
+        except BaseException:
+            for exporter in started:
+                exporter.close(timeout=1.0)
+            raise
+        self._started = True
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        for part in self.parts:
-            part.on_load_checkpoint(trainer, pl_module, checkpoint)
-        load_saved_with_other_settings(self, checkpoint)
-
-    # -- every hook goes to the parts that have it, in order ----------------------------------
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for part in self._has["setup"]:
-            part.setup(trainer, pl_module, stage)
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for part in self._has["on_fit_start"]:
-            part.on_fit_start(trainer, pl_module)
+        self._states = opacus_compat.saved_states(checkpoint)
+        states = checkpoint.get("callbacks") or {}
+        mine = [s for k, s in states.items() if str(k).startswith(type(self).__qualname__)]
+        if self.state_key not in states and len(mine) == 1:  # saved with other settings
+            self.load_state_dict(mine[0])
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for part in self._has["on_train_start"]:
-            part.on_train_start(trainer, pl_module)
+        # Lightning restored the checkpoint and every callback wired Opacus before this hook.
+        self._optimizer = opacus_compat.dp_optimizers(trainer)[0]
+        accountant = self._accountant = opacus_compat.find_accountant(
+            trainer, pl_module, self.accountant)
+        opacus_compat.restore_history(trainer, accountant, self._states, self.delta,
+                                      self.allow_privacy_reset)
+        accounting = self.accounting = Accounting(accountant, self.delta)
+        accounting.listener = self._on_epsilon
+        if self.guard is not None:
+            self.guard.accounting = accounting
+            self.guard.on_train_start(trainer, pl_module)
+        else:
+            q = accountant.history[-1][1] if accountant.history else opacus_compat.ChargedRate(
+                self._optimizer).at(max(1, int(trainer.accumulate_grad_batches or 1)))
+            if q is not None:
+                accounting.prepare(float(self._optimizer.noise_multiplier), q)
+        steps, epsilon = sum(int(s) for _, _, s in accountant.history), 0.0
+        if steps:  # exact, once a fit: RDP's own (bit-identical), else Opacus'
+            value = accounting.epsilon()
+            epsilon = value.value if value is not None and value.exact \
+                else float(accountant.get_epsilon(self.delta))
+        carry = self._carry
+        self._offsets = (steps - carry[0], epsilon - carry[1], -carry[2])
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning
+        self._reporters = [cb for cb in callbacks if isinstance(cb, Reporter)]
+        self._step_reporters = [cb for cb in callbacks if isinstance(cb, StepReporter)]
+        observers = [cb for cb in callbacks if isinstance(cb, Observer)]
+        self._every = bool(observers) or any(e.every_step for e in self.exporters)
+        self.model_name = self.model_name or type(pl_module).__name__
+        planned = trainer.estimated_stepping_batches
+        self._planned = int(planned) if math.isfinite(planned) else None
+        self._log_every = max(1, trainer.log_every_n_steps)  # type: ignore[attr-defined]
+        self._log_loggers, self._logged = bool(trainer.loggers) and self._exporting, -1
+        self._t_last, self._batches, self._step = None, 0, trainer.global_step
+        self._stepped = self._bounded = False
+        self._publisher = Publisher(self.exporters, self._build, max_pending=self.max_pending,
+                                    observers=observers if self._exporting else ())
+        info = RunInfo(session_id=self.session_id, model_name=self.model_name,
+                       accountant=accounting.mechanism, rank=trainer.global_rank,
+                       world_size=trainer.world_size, delta=self.delta,
+                       target_epsilon=self.target_epsilon,
+                       exporters=(*self.exporters, self._publisher))
+        for exporter in self.exporters:
+            exporter.open(info)
+        if self._exporting:
+            urls = [u for u in (getattr(e, "url", None) for e in self.exporters) if u]
+            logger.info("Privacy monitor: session %s, %s accountant, delta=%g%s",
+                        self.session_id, accounting.mechanism, self.delta,
+                        f", metrics at {', '.join(urls)}" if urls else "")
 
-    def _bind_step_hooks(self) -> None:
-        """The per-step hooks, bound once to the parts with work per step.
-
-        The compliance part has none: the metrics part, the trainer's reporter from
-        ``on_fit_start`` on, hands it each step's epsilon. A hook with one such part is that
-        part's own method, set on the instance, so Lightning calls it with no loop in between
-        (unless a subclass overrides the hook).
-        """
-        self._step_hooks = {
-            hook: tuple(getattr(p, hook) for p in self._has[hook] if p is not self.compliance)
-            for hook in _STEP_HOOKS}
-        for hook, bound in self._step_hooks.items():
-            if len(bound) == 1 and getattr(type(self), hook) is getattr(PrivacyMonitor, hook):
-                setattr(self, hook, bound[0])
+    # -- per step ----------------------------------------------------------------------------
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for part in self._has["on_train_epoch_start"]:
-            part.on_train_epoch_start(trainer, pl_module)
+        self._t_last, self._batches, self._step = None, 0, trainer.global_step
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
-        for hook in self._step_hooks["on_train_batch_start"]:
-            hook(trainer, pl_module, batch, batch_idx)
+        if self._t_last is None:
+            self._t_last = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t_last = None  # validation time is not training throughput
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Any) -> None:
-        for hook in self._step_hooks["on_before_optimizer_step"]:
-            hook(trainer, pl_module, optimizer)
+        if self.guard is not None:
+            self.guard.on_before_optimizer_step(trainer, pl_module, optimizer)
+        # Counted here, not read from trainer.global_step (five objects deep, microseconds):
+        # Lightning calls this hook once for every optimizer step it counts.
+        self._step += 1
+        self._stepped = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        for hook in self._step_hooks["on_train_batch_end"]:
-            hook(trainer, pl_module, outputs, batch, batch_idx)
+        self._batches += 1
+        guard = self.guard
+        if guard is not None:
+            guard.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self._stepped or self._publisher is None:
+            return  # no optimizer step in this batch (gradient accumulation)
+        self._stepped = False
+        step, history, now, t_last = self._step, self._accountant.history, time.perf_counter(), \
+            self._t_last
+        reads = [read for read in (r.privacy_step_values(step) for r in self._step_reporters)
+                 if read is not None] if self._step_reporters else ()
+        n, opt = len(history), self._optimizer  # Accounting.view(), inline: every step
+        self._publisher.put((step, time.time_ns(), (history, n, history[n - 1] if n else None),
+                             opt.noise_multiplier, opt.max_grad_norm, self._batches,
+                             None if t_last is None else now - t_last, reads,
+                             guard is not None and guard.exhausted))
+        self._t_last, self._batches = now, 0
+        every = self._log_every
+        bar = self.progress_bar and (batch_idx == 0 or step % every == 0)
+        loggers = self._log_loggers and step % every == 0
+        last = trainer.should_stop or 0 < trainer.max_steps <= step or (
+            trainer.is_last_batch and trainer.current_epoch + 1 >= (trainer.max_epochs or 0) > 0)
+        if (bar or loggers or last and self.progress_bar) and self.accounting is not None:
+            if last:  # the bar's last value is the exact one
+                self.accounting.settle(timeout=10.0)
+            value = self.accounting.epsilon()  # for the history now: the release is this step's
+            if value is not None:
+                self._log(trainer, pl_module, step, value, bar or last, loggers)
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for part in self._has["on_validation_end"]:
-            part.on_validation_end(trainer, pl_module)
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
+             value: Epsilon, bar: bool, loggers: bool) -> None:
+        if bar:  # namespaced: a module's own self.log("epsilon") keeps its key
+            pl_module.log("privacy/epsilon", value.value, prog_bar=True, logger=False,
+                          on_step=True, on_epoch=False)
+            if self._bounded or not value.exact:  # say which values are bounds, once there are
+                self._bounded = True
+                pl_module.log("privacy/epsilon_exact", float(value.exact), prog_bar=True,
+                              logger=False, on_step=True, on_epoch=False)
+        if loggers:
+            metrics = {"privacy/epsilon": value.value,
+                       "privacy/noise_multiplier": float(self._optimizer.noise_multiplier)}
+            if self.target_epsilon is not None:
+                metrics["privacy/budget_remaining"] = self.target_epsilon - value.value
+            for lg in trainer.loggers:
+                lg.log_metrics(metrics, step=step)
+            self._logged = step
+
+    def _build(self, record: tuple, newest: bool) -> PrivacySnapshot | None:
+        """One step's snapshot (publisher thread). A step with a newer one in the same batch is
+        built only if someone reads every step (an exporter with ``every_step``, an observer)
+        or it carries measured values."""
+        step, timestamp_ns, view, sigma, clip, batches, seconds, reads, exhausted = record
+        if not (newest or reads or self._every):
+            return None
+        accounting, opt, target = self.accounting, self._optimizer, self.target_epsilon
+        assert accounting is not None
+        sigma, clip = float(sigma), float(clip)
+        expected = opacus_compat.global_expected_batch_size(opt)
+        # Under Poisson sampling the real batch size is private: count expected samples.
+        throughput = expected * batches / seconds if expected and seconds else None
+        base = dict(step=step, timestamp_ns=timestamp_ns, accountant=accounting.mechanism,
+                    rank=self._rank, throughput=throughput, step_seconds=seconds)
+        q = None if view[2] is None else float(view[2][1])
+        # The noise on the update: the gradient's share of sigma, over the global expected
+        # batch of every batch accumulated into the step.
+        noise_std = opacus_compat.gradient_noise_multiplier(opt, sigma) * clip
+        if getattr(opt, "loss_reduction", "mean") == "mean" and expected:
+            noise_std /= expected * max(1, batches)
+        epsilon = accounting.epsilon(view)
+        extra: dict[str, Any] = {}
+        for read in reads:
+            extra.update(read())
+        forecast = left = risk = None
+        if newest and q is not None:
+            if self._planned is not None:
+                forecast = accounting.forecast(view, max(0, self._planned - step), sigma, q)
+            if self.guard is not None:
+                left = self.guard.steps_left(view, sigma, q)
+            risk = accounting.risk(view, None if epsilon is None else epsilon.value)
+            extra.update(reported(self._reporters))
+        self._last = self._with_epsilon(PrivacySnapshot(
+            **base, delta=self.delta, noise_multiplier=sigma, max_grad_norm=clip,
+            sample_rate=q, noise_std=noise_std, target_epsilon=target, epsilon_forecast=forecast,
+            budget_exhaustion_steps=left, assessed=newest,
+            budget_exhausted=None if target is None else int(exhausted or left == 0),
+            membership_inference_risk=risk, extra=extra), epsilon, view)
+        # Every rank holds the same accountant: rank 0 publishes it.
+        return self._last if self._exporting else PrivacySnapshot(**base)
+
+    def _with_epsilon(self, snapshot: PrivacySnapshot, epsilon: Epsilon | None,
+                      view: Any) -> PrivacySnapshot:
+        steps = epsilon.step if epsilon is not None else sum(s for _, _, s in view[0][:view[1]])
+        value = None if epsilon is None else epsilon.value
+        exact = epsilon is not None and epsilon.exact
+        assert self.accounting is not None
+        return dataclasses.replace(
+            snapshot, epsilon=value, epsilon_step=steps,
+            epsilon_exact=None if epsilon is None else int(exact),
+            budget_remaining=None if value is None or self.target_epsilon is None
+            else self.target_epsilon - value, session_steps=steps - self._offsets[0],
+            session_epsilon=value - self._offsets[1] if exact and value is not None else None,
+            accounting_errors=self.accounting.errors - self._offsets[2])
+
+    def _on_epsilon(self, value: Epsilon) -> None:
+        """Worker thread: a better epsilon for the last step goes out now, not with the next."""
+        last, publisher = self._last, self._publisher
+        if last is not None and publisher is not None and self._exporting \
+                and last.epsilon_step == value.step:
+            publisher.put(self._with_epsilon(dataclasses.replace(last, extra={}), value, None))
+
+    # -- end of the fit ----------------------------------------------------------------------
+
+    def _publish_final(self, timeout: float = 10.0) -> None:
+        """The exact epsilon of the last step, and what reporters learned since (an attack's
+        result at the end of training), out before the fit returns."""
+        publisher, accounting = self._publisher, self.accounting
+        if publisher is None or accounting is None or not self._exporting:
+            return
+        publisher.flush(timeout)
+        last = self._last
+        if last is None:
+            return
+        accounting.settle(timeout)
+        epsilon = accounting.epsilon()
+        if (epsilon is None or epsilon.step < (last.epsilon_step or 0)) and \
+                last.epsilon is not None:  # never replace a value with one for fewer steps
+            epsilon = Epsilon(last.epsilon, last.epsilon_step or 0, bool(last.epsilon_exact))
+        exhausted = 1 if self.guard is not None and self.guard.exhausted else last.budget_exhausted
+        final = self._with_epsilon(dataclasses.replace(
+            last, throughput=None, step_seconds=None, extra=reported(self._reporters),
+            budget_exhausted=exhausted), epsilon, accounting.view())
+        fields = ("epsilon", "epsilon_exact", "epsilon_step", "accounting_errors",
+                  "budget_exhausted")
+        if any(getattr(final, f) != getattr(last, f) for f in fields) or any(
+                last.extra.get(k) != v for k, v in final.extra.items()):
+            publisher.put(final)
+            publisher.flush(timeout)
+        self._last = final
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for part in self._has["on_train_end"]:
-            part.on_train_end(trainer, pl_module)
+        self._publish_final()  # what later callbacks read from here on is exact
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for part in self._has["on_fit_end"]:
-            part.on_fit_end(trainer, pl_module)
+        self._publish_final()  # after every on_train_end: an attack's last result too
+        last, accounting = self._last, self.accounting
+        if last is None or not self._exporting or accounting is None:
+            return
+        latest = accounting.latest
+        if self._log_loggers and self._logged != last.step and latest is not None \
+                and latest.exact:
+            self._log(trainer, pl_module, last.step, latest, bar=False, loggers=True)
+        logger.info("Privacy spent: epsilon=%.4g at delta=%g after %d steps (%s%s)",
+                    math.nan if last.epsilon is None else last.epsilon, self.delta,
+                    last.epsilon_step or 0, accounting.mechanism, "" if last.epsilon_exact
+                    else ", an upper bound: the exact value was not computed in time")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        for part in self._has["on_exception"]:
-            part.on_exception(trainer, pl_module, exception)
+        self.teardown(trainer, pl_module, "fit")  # Lightning skips teardown when a fit raises
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for part in self._has["teardown"]:
-            part.teardown(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if self.guard is not None:
+            self.guard.teardown(trainer, pl_module, stage)
+        if self._publisher is not None:
+            self._publish_final()
+            self._publisher.close(timeout=10.0)
+            self._publisher = None
+        if self._started:
+            self._started = False
+            for exporter in self.exporters:
+                try:
+                    exporter.close(timeout=10.0)
+                except Exception:
+                    logger.exception("Closing %s failed", exporter.name)
+        if self.accounting is not None:
+            self.accounting.close()  # kept: epsilon and the last values stay readable
+
+    # -- checkpoint state --------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        last, accounting = self.last_snapshot, self.accounting  # every step so far built
+        accountant = None if accounting is None else accounting.accountant
+        return {"session_id": self.session_id,
+                "session_steps": None if last is None else last.session_steps,
+                "session_epsilon": self._exact_session_epsilon(),
+                "delta": self.delta, "target_epsilon": self.target_epsilon,
+                "accountant": None if accountant is None else accountant.mechanism(),
+                "history": [] if accountant is None else [list(s) for s in accountant.history]}
+
+    def _exact_session_epsilon(self) -> float | None:
+        """The session's exact epsilon at the last step, computed (once per checkpoint) while a
+        bound is published: a resumed session's counter counts on from it, never from a bound."""
+        last, accounting = self._last, self.accounting
+        if last is None or last.epsilon_exact == 1 or accounting is None or sum(
+                s for _, _, s in accounting.accountant.history) != last.epsilon_step:
+            return None if last is None else last.session_epsilon
+        return float(accounting.accountant.get_epsilon(self.delta)) - self._offsets[1]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("session_id")
+        if not self._named and isinstance(saved, str) and saved:
+            self.session_id = saved  # one series across restarts
+        if saved == self.session_id and isinstance(state_dict.get("session_steps"), int):
+            self._carry = (state_dict["session_steps"],
+                           float(state_dict.get("session_epsilon") or 0.0), 0)

@@ -1,4 +1,4 @@
-"""Hands snapshots from the training thread to the exporters on a background thread."""
+"""Hands each step from the training thread to the exporters, on a background thread."""
 
 from __future__ import annotations
 
@@ -13,131 +13,95 @@ from .snapshot import PrivacySnapshot
 
 logger = logging.getLogger(__name__)
 
-# A snapshot, or what to build one from on the publisher thread: (build, record).
-_Build = Callable[[Any, bool], PrivacySnapshot]
-_Item = PrivacySnapshot | tuple[_Build, Any]
-
 __all__ = ["Publisher"]
-
-_LOOK_BEHIND = 16  # queued items a build looks through for a newer one
 
 
 class Publisher:
-    """A bounded hand-off: :meth:`publish` is a deque append, nothing more.
+    """A bounded hand-off: :meth:`put` is a deque append, nothing more.
 
-    The publisher thread is not woken per snapshot: it drains the queue every ``interval``
-    seconds, so the training thread never pays a thread switch (or GIL hand-over) per step.
-    :meth:`publish_later` queues what a snapshot is built from, so the building (epsilon, the
-    budget metrics) happens here too, in one warm batch, not in the training step. The build
-    is told whether its record is the newest queued: what only the latest value of matters
-    (forecasts) is computed for that one.
-
-    When exporters fall behind by more than ``max_pending`` snapshots, the oldest are dropped and
-    counted in :attr:`dropped` (exported as ``privacy_export_dropped_total{exporter="publisher"}``).
-    Device-side statistics attached to a snapshot are resolved here, off the training thread.
+    The thread is not woken per step: it takes everything queued every ``interval`` seconds, so
+    the training thread never pays a thread switch per step. A queued record (what the training
+    thread noted) is turned into a snapshot here by ``build(record, newest)``, ``newest`` telling
+    whether it is the last record of the batch taken (what only the latest value of matters is
+    computed for that one); a queued snapshot is exported as it is. Observers see each
+    snapshot before the exporters. Past ``max_pending`` queued items the oldest is dropped and
+    counted in :attr:`dropped`.
     """
 
     name = "publisher"
 
-    def __init__(self, exporters: Sequence[Exporter], max_pending: int = 10_000,
-                 interval: float = 0.05) -> None:
-        if max_pending < 1:
-            raise ValueError(f"Unexpected value for max_pending: {max_pending}; use 1 or more")
-        if not interval > 0:
-            raise ValueError(f"Unexpected value for interval: {interval}; use seconds > 0")
-        self.interval = interval
+    def __init__(self, exporters: Sequence[Exporter],
+                 build: Callable[[Any, bool], PrivacySnapshot | None],
+                 max_pending: int = 10_000, interval: float = 0.05,
+                 observers: Sequence[Any] = ()) -> None:
         self.exporters = tuple(exporters)
+        self.observers = tuple(observers)
         self.dropped = 0
-        self._queue: collections.deque[_Item] = collections.deque()
+        self._build = build
         self._max = max_pending
+        self._interval = interval
+        self._queue: collections.deque[Any] = collections.deque()
         self._wake = threading.Event()
-        self._idle = threading.Condition()
-        self._published = 0
-        self._done = 0
-        self._stop = False
-        self._failed: set[str] = set()
+        self._done = threading.Condition()
+        self._lock = threading.Lock()
+        self._put = self._taken = 0  # items queued and items finished (or dropped) so far
         self._last_step = -1
+        self._failed: set[str] = set()
+        self._stop = False
         self._thread = threading.Thread(target=self._run, name="privacy-publisher", daemon=True)
         self._thread.start()
 
-    def publish(self, snapshot: PrivacySnapshot) -> None:
-        """Queue ``snapshot``; never blocks. Called on the training thread."""
-        self._put(snapshot)
-
-    def publish_later(self, build: _Build, record: Any) -> None:
-        """Queue ``build(record, newest)``, called on the publisher thread, ``newest`` telling
-        whether no later build was queued by then; never blocks."""
+    def put(self, item: Any) -> None:
+        """Queue a record or a snapshot; never blocks."""
         queue = self._queue
-        if len(queue) < self._max:  # the common case, inline: this runs every step
-            queue.append((build, record))
-            self._published += 1
-        else:
-            self._put((build, record))
-
-    def _put(self, snapshot: _Item) -> None:
-        queue = self._queue
-        if len(queue) >= self._max:
-            try:
-                queue.popleft()
-                self.dropped += 1
-            except IndexError:  # the publisher thread just emptied it
-                pass
-        queue.append(snapshot)
-        self._published += 1
+        with self._lock:  # the training thread and the accounting's worker both put
+            if len(queue) >= self._max:
+                try:
+                    queue.popleft()
+                    self.dropped += 1
+                except IndexError:  # the publisher just took everything
+                    pass
+            queue.append(item)
+            self._put += 1
 
     def _run(self) -> None:
         queue = self._queue
         while True:
-            self._wake.wait(self.interval)
+            self._wake.wait(self._interval)
             self._wake.clear()
+            batch = []
             while queue:
-                try:
-                    item = queue.popleft()
-                except IndexError:
-                    break
-                snapshot: PrivacySnapshot | None
-                if isinstance(item, tuple):
+                batch.append(queue.popleft())
+            newest = max((i for i, item in enumerate(batch)
+                          if not isinstance(item, PrivacySnapshot)), default=-1)
+            for i, item in enumerate(batch):
+                snapshot = item
+                if not isinstance(item, PrivacySnapshot):
                     try:
-                        snapshot = item[0](item[1], self._newest(queue))
+                        snapshot = self._build(item, i == newest)
                     except Exception:
                         snapshot = None
                         self._fail("building the snapshot")
-                else:
-                    snapshot = item
                 if snapshot is not None:
                     self._deliver(snapshot)
-                with self._idle:
-                    self._done += 1
-                    self._idle.notify_all()
-                if queue:
-                    # Hand the interpreter lock over between snapshots: a training thread
-                    # waiting for it waits for one snapshot's work, not for the whole batch.
-                    time.sleep(0)
+                with self._done:
+                    self._taken += 1
+                    self._done.notify_all()
+                # Hand the interpreter lock over between steps: a waiting training thread
+                # waits for one step's work, not for the whole batch's.
+                time.sleep(0)
             if self._stop and not queue:
                 return
 
-    @staticmethod
-    def _newest(queue: collections.deque[_Item]) -> bool:
-        """Whether no build is queued behind the one just taken (a snapshot queued from another
-        thread, a background epsilon, is not one). Behind a longer queue: no, without looking
-        (the build's own clock assesses at least every half second)."""
-        if len(queue) > _LOOK_BEHIND:
-            return False
-        # tuple() copies the deque in one C call: no append can interleave.
-        return not any(isinstance(item, tuple) for item in tuple(queue))
-
     def _deliver(self, snapshot: PrivacySnapshot) -> None:
         if snapshot.step < self._last_step:
-            # A value for an earlier step, published from another thread (a background epsilon)
-            # after a later step's: the later one already went out and stays the latest.
-            return
+            return  # a value for an earlier step (a background epsilon) after a later one
         self._last_step = snapshot.step
-        stats = snapshot.device_stats
-        if stats is not None:
+        for observer in self.observers:
             try:
-                stats.resolve()
+                observer.privacy_observe(snapshot)
             except Exception:
-                self._fail("device statistics")
+                self._fail(type(observer).__name__)
         for exporter in self.exporters:
             try:
                 exporter.export(snapshot)
@@ -152,20 +116,19 @@ class Publisher:
                              "(further failures are counted, not logged)", what)
 
     def on_thread(self) -> bool:
-        """Whether the caller is the publisher thread."""
         return threading.current_thread() is self._thread
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every snapshot published so far was exported; False on timeout."""
-        target = self._published
+        """Wait until everything queued so far was exported (or dropped); False on timeout."""
+        target = self._put
         self._wake.set()
         deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._done + self.dropped < target and self._thread.is_alive():
+        with self._done:
+            while self._taken + self.dropped < target and self._thread.is_alive():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._idle.wait(left)
+                self._done.wait(left)
         return True
 
     def close(self, timeout: float = 10.0) -> None:
@@ -174,5 +137,5 @@ class Publisher:
         self._wake.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            logger.warning("Privacy metrics publisher did not finish within %.1f s; "
-                           "%d snapshots not exported", timeout, len(self._queue))
+            logger.warning("The privacy metrics publisher did not finish within %.1f s; %d "
+                           "steps not exported", timeout, len(self._queue))

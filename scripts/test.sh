@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Installs everything the tests need -- the monitoring servers from Debian packages and the
-# Python dev dependencies -- then lints and type-checks the code (any finding fails the script)
-# and runs the test suite. Extra arguments go to pytest.
+# Installs everything the tests need -- the monitoring servers and Chromium (the report's browser
+# test) from Debian packages, and the Python dev dependencies -- then lints and type-checks the
+# code (any finding fails the script) and runs the test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
-packages="prometheus prometheus-alertmanager prometheus-pushgateway victoria-metrics influxdb openssl"
-binaries="prometheus promtool prometheus-alertmanager amtool prometheus-pushgateway victoria-metrics influxd openssl"
+packages="prometheus prometheus-alertmanager prometheus-pushgateway victoria-metrics influxdb openssl chromium"
+binaries="prometheus promtool prometheus-alertmanager amtool prometheus-pushgateway victoria-metrics influxd openssl chromium"
 missing=0
 for b in $binaries; do command -v "$b" >/dev/null || missing=1; done
 if [ "$missing" = 1 ]; then

@@ -46,6 +46,6 @@ def fresh_rdp_vectors():
     The cache is process-wide (a later fit reuses an earlier fit's vectors), so without this a
     test's exact-or-bound labels would depend on which tests ran before it.
     """
-    from privacy_callbacks import accounting
-    accounting._SHARED.clear()
+    from privacy_callbacks.accounting import rdp
+    rdp.VECTORS.clear()
     yield

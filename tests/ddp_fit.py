@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from privacy_callbacks import DifferentialPrivacy, PrivacyMonitor, PrometheusExporter  # noqa: E402
-from privacy_callbacks.probe import MechanismProbe  # noqa: E402
+from privacy_callbacks import (DifferentialPrivacy, MechanismMetrics,  # noqa: E402
+                               PrivacyMonitor, PrometheusExporter)
 
 # The tests compare each step's mechanism values: measured every step, not every k-th by cost.
-MechanismProbe.STATS_SHARE = 1.0
+MechanismMetrics.STATS_SHARE = 1.0
 
 N, FEATURES = 256, 100
 SIGMA, CLIP, SEED = 1.0, 1.0, 7
@@ -91,11 +91,8 @@ class Record(pl.Callback):
         if trainer.is_global_zero:
             assert self.monitor.flush(60)
             snap = self.monitor.last_snapshot
-            self.mechanism.append({"noise_std": snap.noise_std,
-                                   "noised_counts": snap.noised_counts,
-                                   "clipped_fraction": snap.clipped_fraction,
-                                   "signal_energy": snap.signal_energy,
-                                   "noise_magnitude": snap.noise_magnitude})
+            self.mechanism.append({"noise_std": snap.noise_std, **{a: snap.get(a) for a in (
+                "noised_counts", "clipped_fraction", "signal_energy", "noise_magnitude")}})
 
     def on_train_end(self, trainer, pl_module):
         self.expected_batch_size = trainer.optimizers[0].expected_batch_size
@@ -125,7 +122,8 @@ def run(*, devices: int, batch_size: int, max_epochs: int = 1, port: int | None 
     record = Record(monitor, exporter)
     kwargs = {"strategy": "ddp", "accelerator": "cpu", "devices": devices} if devices > 1 else \
         {"accelerator": "cpu", "devices": 1}
-    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=[monitor, dp, record], logger=False,
+    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=[monitor, dp, MechanismMetrics(), record],
+                         logger=False,
                          enable_progress_bar=False, enable_checkpointing=False,
                          enable_model_summary=False, **kwargs, **trainer_kwargs)
     model = ZeroGradModel(batch_size)

@@ -1,9 +1,9 @@
 """A 2-process DDP fit on CPU (gloo) with a small privacy budget.
 
 Run as a script (Lightning's DDP launcher re-executes it for rank 1): ``ddp_guard_run.py DIR
-same`` gives both ranks target_epsilon=3.6 and each rank writes ``rank<N>.json`` into DIR;
-``ddp_guard_run.py DIR mismatch`` gives rank 0 a different target, which must fail on every rank
-before any step instead of letting the ranks drift apart.
+same [ACCOUNTANT TARGET]`` gives both ranks that target (3.6 by default) and each rank writes
+``rank<N>.json`` into DIR; ``ddp_guard_run.py DIR mismatch`` gives rank 0 a different target,
+which must fail on every rank before any step instead of letting the ranks drift apart.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from dp_models import DPModel
 from privacy_callbacks import PrivacyMonitor
 
 
-def main(out_dir: str, mode: str) -> None:
+def main(out_dir: str, mode: str, accountant: str = "rdp", target: str = "3.6") -> None:
     rank = int(os.environ.get("LOCAL_RANK", "0"))
-    target = 100.0 if mode == "mismatch" and rank == 0 else 3.6
-    monitor = PrivacyMonitor(delta=1e-5, target_epsilon=target, session_id="ddp")
-    model = DPModel()
+    budget = 100.0 if mode == "mismatch" and rank == 0 else float(target)
+    monitor = PrivacyMonitor(delta=1e-5, target_epsilon=budget, session_id="ddp")
+    model = DPModel(accountant=accountant)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=3,
                          callbacks=[monitor], enable_progress_bar=False, logger=False,
                          enable_checkpointing=False, enable_model_summary=False)
@@ -38,4 +38,4 @@ def main(out_dir: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import stat
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 
-from dp_models import DPModel
-from privacy_callbacks import AuditTrail, PrivacyMonitor
+from dp_models import DPModel, fit
+from privacy_callbacks import AuditTrail, ComplianceAudit, PrivacyMonitor
 from privacy_callbacks.__main__ import main
-from privacy_callbacks.audit import verify
+from privacy_callbacks.compliance.audit import _canonical, verify
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_ENV = "PRIVACY_AUDIT_HMAC_KEY"
@@ -91,8 +90,6 @@ def test_edited_and_rehashed_record_breaks_the_next_link(tmp_path):
     rows = lines(path)
     record = json.loads(rows[1])
     record["data"]["i"] = 99
-    import hashlib
-    from privacy_callbacks.audit import _canonical
     record["hash"] = hashlib.sha256(_canonical(record)).hexdigest()
     rows[1] = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
     path.write_text("".join(rows))
@@ -128,8 +125,6 @@ def test_hmac_catches_a_forger_without_the_key(tmp_path):
     trail = write_signed_trail(path)
     assert trail.hmac_enabled and "k3y" not in repr(trail)
     # A forger rewrites record 2 and recomputes every plain hash after it.
-    import hashlib
-    from privacy_callbacks.audit import _canonical
     rows = [json.loads(r) for r in lines(path)]
     rows[1]["data"]["i"] = 42
     prev = hashlib.sha256(json.dumps(rows[0], sort_keys=True, separators=(",", ":")).encode())
@@ -150,8 +145,6 @@ def test_hmac_catches_a_forger_without_the_key(tmp_path):
 @pytest.mark.parametrize("forged", ["dropped", "garbage"])
 def test_hmac_check_refuses_a_record_whose_hmac_was_removed_or_replaced(tmp_path, forged):
     """A forger without the key cannot just strip (or invent) the HMACs of a rewritten tail."""
-    import hashlib
-    from privacy_callbacks.audit import _canonical
     path = tmp_path / "audit.jsonl"
     write_signed_trail(path)
     rows = [json.loads(r) for r in lines(path)]
@@ -169,52 +162,128 @@ def test_hmac_check_refuses_a_record_whose_hmac_was_removed_or_replaced(tmp_path
     assert "BROKEN at line 3 (record 3): HMAC missing or wrong" in result.stderr
 
 
+def records(path: Path) -> list[dict]:
+    return [json.loads(r) for r in lines(path)]
+
+
 def test_a_fit_writes_config_thresholds_and_end_and_a_second_fit_continues_the_chain(tmp_path):
     path = tmp_path / "audit.jsonl"
 
     def run(target: float, stop_at_target: bool = True) -> PrivacyMonitor:
-        monitor = PrivacyMonitor(delta=1e-5, target_epsilon=target, audit=path,
-                                 session_id="audited", progress_bar=False,
-                                 stop_at_target=stop_at_target)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pl.Trainer(max_epochs=2, callbacks=[monitor], logger=False, enable_progress_bar=False,
-                       enable_checkpointing=False, enable_model_summary=False).fit(DPModel())
+        monitor = PrivacyMonitor(delta=1e-5, target_epsilon=target, session_id="audited",
+                                 progress_bar=False, stop_at_target=stop_at_target)
+        fit(DPModel(), monitor, ComplianceAudit(1e-5, target, audit=path), max_epochs=2)
         return monitor
 
     monitor = run(target=8.0)
-    records = [json.loads(r) for r in lines(path)]
-    events = [r["event"] for r in records]
+    trail = records(path)
     final_eps = monitor.last_snapshot.epsilon
     # epsilon after 16 steps is ~4.7 of 8: the 50 % threshold only.
-    assert events == ["fit_start", "budget_threshold", "fit_end"]
-    start = records[0]["data"]
+    assert [r["event"] for r in trail] == ["fit_start", "budget_threshold", "fit_end"]
+    assert {r["data"]["session_id"] for r in trail} == {"audited"}
+    start = trail[0]["data"]
     assert start["dp"]["noise_multiplier"] == 1.0 and start["dp"]["max_grad_norm"] == 1.0
     assert start["dataset_size"] == 256 and start["accountant"] == "rdp"
     assert start["delta"] == 1e-5 and start["target_epsilon"] == 8.0
-    assert {"torch", "opacus", "lightning", "python"} <= set(start["versions"])
-    threshold = records[1]["data"]
+    assert start["poisson_sampling"] is False and start["planned_steps"] == 16
+    assert all(start["versions"][p] for p in ("torch", "opacus", "lightning", "python"))
+    threshold = trail[1]["data"]
     assert threshold["fraction"] == 0.5 and threshold["epsilon"] >= 4.0
-    end = records[2]["data"]
-    assert end["epsilon"] == final_eps and end["steps_accounted"] == 16
+    end = trail[2]["data"]
+    assert end["epsilon"] == final_eps and end["epsilon_exact"] and end["steps_accounted"] == 16
+    # The series for a report: every step the monitor published, the last the exact final one.
+    assert [p[0] for p in end["series"]] == list(range(1, 17))
+    assert end["series"][-1] == [16, final_eps, 1]
+    assert all(a[1] <= b[1] for a, b in zip(end["series"], end["series"][1:]))
+    assert end["changes"] == [[1, 1.0, 32 / 256]]
 
     run(target=2.0, stop_at_target=False)  # report only: crosses 50 %, 80 % and 100 %
-    records = [json.loads(r) for r in lines(path)]
-    assert [r["event"] for r in records[3:]] == [
+    trail = records(path)
+    assert [r["event"] for r in trail[3:]] == [
         "fit_start", "budget_threshold", "budget_threshold", "budget_threshold", "fit_end"]
-    assert [r["data"]["fraction"] for r in records[4:7]] == [0.5, 0.8, 1.0]
-    assert [r["seq"] for r in records] == list(range(1, 9))
+    assert [r["data"]["fraction"] for r in trail[4:7]] == [0.5, 0.8, 1.0]
+    assert [r["seq"] for r in trail] == list(range(1, 9))
     assert verify(path, key_env=None).ok
 
 
-def test_custom_event_hook_and_unwritable_trail_never_raise(tmp_path, caplog):
-    missing_dir = tmp_path / "gone" / "audit.jsonl"
-    monitor = PrivacyMonitor(delta=1e-5, audit=missing_dir, session_id="x")
-    monitor.compliance._exporting = True  # as on global rank 0 during a fit
-    monitor.audit_event("guard_stop", step=3)
-    monitor.audit_event("guard_stop", step=4)
+def test_long_series_are_thinned_evenly_and_a_noise_schedule_is_recorded(tmp_path, monkeypatch):
+    from dp_models import ScheduledModel
+    from privacy_callbacks.compliance import callback
+    monkeypatch.setattr(callback, "MAX_POINTS", 8)
+    path = tmp_path / "audit.jsonl"
+    monitor = PrivacyMonitor(delta=1e-5, progress_bar=False)
+    fit(ScheduledModel(gamma=0.99, batch_size=8), monitor, ComplianceAudit(1e-5, audit=path))
+    end = records(path)[-1]["data"]  # 32 steps
+    steps = [p[0] for p in end["series"]]
+    assert len(steps) <= 8 and steps[0] == 1 and steps[-1] == 32
+    gaps = {b - a for a, b in zip(steps[:-1], steps[1:-1])}
+    assert len(gaps) == 1, steps  # evenly spaced (the final point aside)
+    assert end["series"][-1][1] == monitor.last_snapshot.epsilon
+    sigmas = [c[1] for c in end["changes"]]
+    assert 4 <= len(sigmas) <= 8 and sigmas[0] == 1.0 and sigmas == sorted(sigmas, reverse=True)
+
+
+def test_guard_stop_and_resume_are_recorded(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    path = tmp_path / "audit.jsonl"
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(DPModel(), PrivacyMonitor(1e-5, progress_bar=False), ComplianceAudit(1e-5, audit=path),
+        ckpt, enable_checkpointing=True)
+    monitor = PrivacyMonitor(1e-5, target_epsilon=5.0, progress_bar=False)
+    fit(DPModel(), monitor, ComplianceAudit(1e-5, 5.0, audit=path), max_epochs=3,
+        ckpt_path=str(tmp_path / "last.ckpt"))
+    trail = records(path)
+    events = [r["event"] for r in trail]
+    assert events[:4] == ["fit_start", "fit_end", "fit_start", "resume"]
+    assert trail[3]["data"]["global_step"] == 8 and trail[3]["data"]["steps_accounted"] == 8
+    stop = next(r["data"] for r in trail if r["event"] == "budget_guard_stop")
+    assert stop == {**monitor.guard.stop_record, "session_id": monitor.session_id}
+    end = trail[-1]["data"]
+    assert end["epsilon"] <= 5.0 and end["steps_accounted"] == stop["step"]
+    assert end["series"][0][0] == 9  # the resumed fit's own steps
+
+
+def test_without_a_monitor_start_and_end_are_still_recorded_and_checked(tmp_path):
+    from privacy_callbacks import DPPolicy
+    path = tmp_path / "audit.jsonl"
+    model = DPModel()
+    audit = ComplianceAudit(1e-5, audit=path, policy=DPPolicy(
+        max_epsilon=2.0, require_poisson_sampling=False))
+    fit(model, audit)
+    trail = records(path)
+    assert [r["event"] for r in trail] == ["fit_start", "policy_violation", "fit_end"]
+    assert trail[1]["data"]["violation_type"] == "epsilon_above_policy_max"
+    end = trail[-1]["data"]
+    assert end["epsilon"] == model.privacy_engine.accountant.get_epsilon(1e-5) > 2.0
+    assert end["series"] == [[8, end["epsilon"], 1]] and end["session_id"] is None
+    assert audit.privacy_values() == {
+        "compliance_violations": {("default", "epsilon_above_policy_max"): 1}}
+
+
+def test_an_unwritable_trail_is_logged_once_and_the_fit_goes_on(tmp_path, caplog):
+    monitor = PrivacyMonitor(delta=1e-5, target_epsilon=2.0, stop_at_target=False,
+                             progress_bar=False)
+    fit(DPModel(), monitor, ComplianceAudit(1e-5, 2.0, audit=tmp_path / "gone" / "audit.jsonl"))
     failures = [r for r in caplog.records if "audit trail" in r.getMessage()]
     assert len(failures) == 1
+    assert monitor.last_snapshot.epsilon_step == 8
+
+
+def test_mismatched_delta_and_bad_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="delta: 0.001; use the PrivacyMonitor's, 1e-05"):
+        fit(DPModel(), PrivacyMonitor(1e-5, progress_bar=False), ComplianceAudit(1e-3))
+    with pytest.raises(ValueError, match="audit_thresholds: 0"):
+        ComplianceAudit(1e-5, 8.0, audit_thresholds=(0, 0.5))
+    with pytest.raises(ValueError, match="policy: 3"):
+        ComplianceAudit(1e-5, policy=3)
+
+
+def test_verify_needs_neither_torch_nor_lightning():
+    code = ("import sys, privacy_callbacks.compliance.audit; "
+            "print(sorted({'torch', 'lightning', 'opacus'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "[]"
 
 
 def test_bad_tail_is_a_clear_error(tmp_path):

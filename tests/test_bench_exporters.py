@@ -26,8 +26,9 @@ def test_quick_exporter_benchmark(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["setting"]: r for r in json.loads(out.read_text())}
     assert proc.stdout.count("| + InfluxDBExporter, server") == 2
-    base, up, down = rows.values()
+    base, prometheus, up, down = rows.values()
     assert base["step_ratio"] == 1.0 and up["step_ratio"] > 0 and down["step_ratio"] > 0
-    assert base["steps"] == up["steps"] == down["steps"] == 8
+    assert base["steps"] == prometheus["steps"] == up["steps"] == down["steps"] == 8
+    assert prometheus["export_us"] > 0 and prometheus["dropped"] == 0
     assert (up["written"], up["dropped"]) == (8, 0)
     assert (down["written"], down["dropped"]) == (0, 8)

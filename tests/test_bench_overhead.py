@@ -1,5 +1,4 @@
-"""The overhead benchmark's quick CPU mode yields every row, as a table and as JSON, and times
-only fits that did their job."""
+"""The overhead benchmark yields every row of both parts, and times only fits that did their job."""
 
 from __future__ import annotations
 
@@ -13,9 +12,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_overhead  # noqa: E402
 
-from privacy_callbacks.metrics import PrivacyMetrics  # noqa: E402
+from privacy_callbacks import PrivacyMonitor  # noqa: E402
 
-QUICK = ["--mode", "cpu", "--reps", "1", "--steps", "2", "--warmup", "1"]
+QUICK = ["--mode", "cpu", "--reps", "1", "--steps", "2", "--warmup", "1", "--hook-rounds", "1",
+         "--hook-steps", "40", "--hook-rows", "dp,floor,monitor rdp"]
 
 
 def test_quick_cpu_run_reports_every_row(tmp_path, capsys):
@@ -32,15 +32,23 @@ def test_quick_cpu_run_reports_every_row(tmp_path, capsys):
         assert r["vs_plain"] == pytest.approx(r["step_ms"] / by_row["plain"]["step_ms"])
         if r["row"] != "plain":
             assert r["vs_dp"] == pytest.approx(r["step_ms"] / by_row["dp"]["step_ms"] - 1)
-    assert by_row["plain"]["vs_plain"] == 1.0 and by_row["dp"]["vs_dp"] == 0.0
+    hooks = report["hooks"]["rows"]
+    assert list(hooks) == ["dp", "floor", "monitor rdp"] and hooks["dp"]["hooks_us"] is None
+    for row in ("floor", "monitor rdp"):
+        timed = hooks[row]["hooks_us"]
+        assert 0 < timed["mean"] <= timed["max"] and timed["p99"] <= timed["max"]
+        assert f"| {row} |" in table
+        assert hooks[row]["over_dp_step_mean_us"] == pytest.approx(
+            hooks[row]["step_mean_us"] - hooks["dp"]["step_mean_us"])
     saved = json.loads(out.read_text())
     assert saved["environment"]["opacus"] and saved["environment"]["device"]
-    assert [r["row"] for r in saved["results"]] == rows
+    assert [r["row"] for r in saved["results"]] == rows and saved["hooks"]["rows"]
 
 
-def test_a_monitor_that_publishes_nothing_stops_the_benchmark(monkeypatch):
+@pytest.mark.parametrize("part", [["--no-hooks"], ["--hooks-only"]])
+def test_a_monitor_that_publishes_nothing_stops_the_benchmark(monkeypatch, part):
     # A monitor that silently did no work would make the overhead look free: the benchmark
     # checks each monitor fit published the accountant's own epsilon for its last step.
-    monkeypatch.setattr(PrivacyMetrics, "on_train_batch_end", lambda self, *args: None)
-    with pytest.raises(RuntimeError, match="row dp\\+monitor.*last snapshot is None"):
-        bench_overhead.main(QUICK)
+    monkeypatch.setattr(PrivacyMonitor, "on_train_batch_end", lambda self, *args: None)
+    with pytest.raises(RuntimeError, match="row (dp\\+)?monitor.*last snapshot is None"):
+        bench_overhead.main([*QUICK, *part])

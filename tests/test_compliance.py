@@ -4,27 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 
-import lightning.pytorch as pl
 import pytest
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader
 
-from dp_models import DPModel
-from privacy_callbacks import DPPolicy, PrivacyMonitor, PrometheusExporter
+from dp_models import DPModel, fit
+from privacy_callbacks import ComplianceAudit, DPPolicy, PrivacyMonitor, PrometheusExporter
 
 BASE = {"session_id": "pol", "model_name": "DPModel"}
 
 
-def run(policy, tmp_path, target=8.0, delta=1e-5, stop_at_target=True, **model_kwargs):
+def run(policy, tmp_path, target=8.0, delta=1e-5, stop_at_target=True, model=None):
     exporter = PrometheusExporter(serve=False)
     monitor = PrivacyMonitor(delta=delta, target_epsilon=target, exporters=[exporter],
-                             session_id="pol", policy=policy, audit=tmp_path / "audit.jsonl",
-                             progress_bar=False, stop_at_target=stop_at_target)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pl.Trainer(max_epochs=1, callbacks=[monitor], logger=False, enable_progress_bar=False,
-                   enable_checkpointing=False, enable_model_summary=False).fit(
-            DPModel(**model_kwargs))
+                             session_id="pol", progress_bar=False, stop_at_target=stop_at_target)
+    compliance = ComplianceAudit(delta, target, policy=policy, audit=tmp_path / "audit.jsonl")
+    fit(model or DPModel(), monitor, compliance)
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     return exporter.registry, audit
 
@@ -72,12 +68,22 @@ def test_training_past_the_target_is_a_violation(tmp_path):
     assert violations(registry, "default") == {"training_past_target": 1.0}
     record = next(r for r in audit if r["event"] == "policy_violation")
     assert record["data"]["epsilon"] > 1.0 and record["data"]["step"] == 1
+    assert "above the target, 1, at step 1" in record["data"]["detail"]
+
+
+class PoissonModel(DPModel):
+    """Opacus' own Poisson sampling (its DPDataLoader), as make_private does by default."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_sampler=UniformWithReplacementSampler(
+            num_samples=len(self.dataset), sample_rate=self.batch_size / len(self.dataset)))
 
 
 def test_clean_run_has_no_violation(tmp_path):
-    registry, audit = run(DPPolicy(require_poisson_sampling=False), tmp_path)
+    registry, audit = run("default", tmp_path, model=PoissonModel())
     assert violations(registry, "default") == {}
     assert not [r for r in audit if r["event"] == "policy_violation"]
+    assert next(r for r in audit if r["event"] == "fit_start")["data"]["poisson_sampling"]
 
 
 def test_policy_from_file_and_bad_input(tmp_path):
@@ -93,3 +99,29 @@ def test_policy_from_file_and_bad_input(tmp_path):
         DPPolicy(max_epsilon=-1)
     with pytest.raises(ValueError, match="Unknown policy preset 'lax'"):
         DPPolicy.preset("lax")
+    with pytest.raises(ValueError, match="require_secure_mode: 'yes'"):
+        DPPolicy(require_secure_mode="yes")
+    assert ComplianceAudit(1e-5, policy=toml).policy.name == "acme-dp"
+    assert ComplianceAudit(1e-5, policy="strict").policy == DPPolicy.preset("strict")
+
+
+def test_an_upper_bound_above_a_limit_is_no_violation_until_the_exact_value_is(tmp_path):
+    from types import SimpleNamespace
+
+    from privacy_callbacks import PrivacySnapshot
+    audit = ComplianceAudit(1e-5, 8.0, audit=tmp_path / "audit.jsonl",
+                            policy=DPPolicy(max_epsilon=3.0))
+    audit.on_train_start(SimpleNamespace(callbacks=[audit], is_global_zero=True), None)
+
+    def observe(step, epsilon, exact):
+        audit.privacy_observe(PrivacySnapshot(step=step, timestamp_ns=0, accountant="prv",
+                                              epsilon=epsilon, epsilon_exact=exact))
+
+    observe(1, 4.5, 0)  # the RDP bound while PRV's own value is computed
+    assert audit.violations == {}
+    observe(2, 3.2, 1)
+    assert audit.violations == {("default", "epsilon_above_policy_max"): 1}
+    observe(3, 4.1, 1)  # a threshold once, a violation once
+    kinds = [(r["event"], r["data"].get("step")) for r in
+             map(json.loads, (tmp_path / "audit.jsonl").read_text().splitlines())]
+    assert kinds == [("policy_violation", 2), ("budget_threshold", 3)]

@@ -70,7 +70,7 @@ def test_prometheus_scrapes_over_mutual_tls_with_basic_auth(caplog):
         exporter.open(RunInfo(session_id="tls", model_name="m", accountant="rdp"))
         exporter.export(PrivacySnapshot(
             step=1, timestamp_ns=0, accountant="rdp", delta=1e-5, epsilon=1.25, epsilon_step=1,
-            steps=1, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, noise_std=0.1,
+            noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, noise_std=0.1,
             throughput=None, step_seconds=None, accounting_errors=0))
         server.start()
 

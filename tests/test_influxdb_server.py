@@ -1,22 +1,27 @@
-"""InfluxDBExporter against real servers: VictoriaMetrics (v2 write), InfluxDB 1.6 (v1), outages."""
+"""InfluxDBExporter against real servers: VictoriaMetrics (v2 write API), InfluxDB 1.6 (v1).
+
+The exporter-level tests drive the exporter with snapshots, as the monitor's publisher does; the
+fit-level ones run a real fit with ``PrivacyMonitor`` and compare with Opacus' own epsilon.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 from opacus.accountants import RDPAccountant
 
-from dp_models import DPModel
-from privacy_callbacks import InfluxDBExporter, PrivacyMonitor, PrometheusExporter
+from dp_models import DPModel, fit
+from privacy_callbacks import InfluxDBExporter, PrivacyMonitor, PrivacySnapshot, PrometheusExporter
+from privacy_callbacks.exporters.base import RunInfo
 from servers import (Server, influxdb1, influxdb1_query, victoria_metrics,
                      victoria_metrics_export, wait_for)
 
@@ -24,16 +29,27 @@ pytestmark = pytest.mark.servers
 
 DELTA = 1e-5
 ROOT = Path(__file__).resolve().parent.parent
-# Fast retries so an outage of a few seconds is ridden out inside one write's retry budget.
-QUICK = {"flush_interval": 0.1, "retry_interval": 0.2}
+# Fast retries so an outage of a few seconds is ridden out quickly.
+QUICK = {"flush_interval": 0.1, "retry_interval": 0.2, "max_retry_delay": 0.5}
+# An hour ago: a retention policy drops older points, and reads end at the present.
+START_NS = (time.time_ns() // 10**9 - 3600) * 10**9
 
 
-def fit(model: DPModel, monitor: PrivacyMonitor, *callbacks: pl.Callback, epochs: int = 2) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pl.Trainer(max_epochs=epochs, callbacks=[monitor, *callbacks], logger=False,
-                   enable_progress_bar=False, enable_checkpointing=False,
-                   enable_model_summary=False).fit(model)
+def snapshot(step: int, epsilon: float | None = None, exact: int = 1) -> PrivacySnapshot:
+    return PrivacySnapshot(step=step, timestamp_ns=START_NS + step * 10**9,
+                           accountant="rdp", delta=DELTA,
+                           epsilon=0.01 * step if epsilon is None else epsilon,
+                           epsilon_step=step, epsilon_exact=exact, noise_multiplier=1.0,
+                           session_steps=step, extra={"clipped_fraction": 0.25})
+
+
+def export(exporter: InfluxDBExporter, snapshots, session: str, *, close: bool = True) -> None:
+    exporter.start()
+    exporter.open(RunInfo(session_id=session, model_name="mlp", accountant="rdp"))
+    for snap in snapshots:
+        exporter.export(snap)
+    if close:
+        exporter.close(timeout=10.0)
 
 
 def opacus_epsilons(model: DPModel, steps: int) -> dict[int, float]:
@@ -48,7 +64,7 @@ def opacus_epsilons(model: DPModel, steps: int) -> dict[int, float]:
 
 
 def vm_series(server: Server, field: str, session: str) -> dict[int, float]:
-    """{step: value} of ``privacy_training_<field>`` for ``session``, keyed by timestamp order."""
+    """{timestamp: value} of ``privacy_training_<field>`` for ``session``."""
     rows = victoria_metrics_export(
         server, f'{{__name__="privacy_training_{field}",session_id="{session}"}}')
     if not rows:
@@ -64,8 +80,7 @@ def vm_points(server: Server, session: str, count: int) -> tuple[list[int], list
         return len(steps) >= count and steps
     steps = wait_for(arrived, 60, what=f"{count} points in VictoriaMetrics")
     eps = vm_series(server, "epsilon", session)
-    stamps = sorted(steps)
-    return [int(steps[t]) for t in stamps], [eps[t] for t in stamps]
+    return [int(steps[t]) for t in sorted(steps)], [eps[t] for t in sorted(steps)]
 
 
 def influx_points(server: Server, session: str) -> dict[int, float]:
@@ -79,64 +94,6 @@ def influxdb1_with_database() -> Server:
     server = influxdb1().start()
     influxdb1_query(server, "", 'CREATE DATABASE "privacy"')
     return server
-
-
-class AtStep(pl.Callback):
-    """Runs ``action`` once, after optimizer step ``step``."""
-
-    def __init__(self, step: int, action) -> None:
-        self.step, self.action, self.done = step, action, False
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not self.done and trainer.global_step == self.step:
-            self.done = True
-            self.action()
-
-
-def test_victoria_metrics_gets_every_step_with_opacus_epsilon():
-    server = victoria_metrics().start()
-    try:
-        exporter = InfluxDBExporter(server.url, org="ml", bucket="privacy", token="t0ken")
-        monitor = PrivacyMonitor(delta=DELTA, target_epsilon=8.0, exporters=[exporter],
-                                 session_id="vm", model_name="mlp")
-        model = DPModel()
-        fit(model, monitor)
-        steps, eps = vm_points(server, "vm", 16)
-        assert steps == list(range(1, 17))
-        expected = opacus_epsilons(model, 16)
-        # VictoriaMetrics keeps ~12 significant digits.
-        assert eps == pytest.approx([expected[s] for s in steps], rel=1e-9)
-        assert (exporter.written, exporter.dropped) == (16, 0)
-        labels = victoria_metrics_export(server, '{__name__="privacy_training_step"}')[0]["metric"]
-        assert labels == {"__name__": "privacy_training_step", "session_id": "vm",
-                          "model_name": "mlp", "rank": "0", "accountant": "rdp"}
-        remaining = vm_series(server, "budget_remaining", "vm")
-        assert sorted(remaining.values())[0] == pytest.approx(8.0 - expected[16], rel=1e-9)
-    finally:
-        server.stop()
-
-
-def test_influxdb_1x_with_api_v1_gets_every_step():
-    server = influxdb1_with_database()
-    try:
-        exporter = InfluxDBExporter(server.url, api="v1", database="privacy")
-        monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter], session_id="v1",
-                                 model_name="mlp")
-        model = DPModel()
-        fit(model, monitor)
-        series = influxdb1_query(
-            server, "privacy",
-            "SELECT step, epsilon, noise_multiplier FROM privacy_training "
-            "WHERE session_id = 'v1' AND accountant = 'rdp' AND \"rank\" = '0'")
-        rows = series[0]["values"]
-        assert [row[1] for row in rows] == list(range(1, 17))
-        expected = opacus_epsilons(model, 16)
-        assert [row[2] for row in rows] == [expected[s] for s in range(1, 17)]
-        assert {row[3] for row in rows} == {1.0}
-        assert rows[-1][2] == model.privacy_engine.accountant.get_epsilon(DELTA)
-        assert exporter.dropped == 0
-    finally:
-        server.stop()
 
 
 def latest_point(server: Server, kind: str, session: str,
@@ -165,40 +122,71 @@ def latest_point(server: Server, kind: str, session: str,
             zip(samples["step"], samples["epsilon"], samples["epsilon_exact"], strict=True)]
 
 
-@pytest.mark.parametrize("kind", ["v1", "vm"])
-def test_latest_point_of_a_prv_fit_holds_the_exact_final_epsilon(kind):
-    """PRV publishes upper bounds until the exact epsilon is known; the exact value for the last
-    step comes later: the newest point must be one point, holding it, labelled exact."""
-    server = influxdb1_with_database() if kind == "v1" else victoria_metrics().start()
+# -- the exporter alone ---------------------------------------------------------------------------
+
+def test_points_reach_victoria_metrics_over_the_v2_write_api():
+    server = victoria_metrics().start()
     try:
-        exporter = (InfluxDBExporter(server.url, api="v1", database="privacy", **QUICK)
-                    if kind == "v1" else
-                    InfluxDBExporter(server.url, org="ml", bucket="privacy", token="t0ken",
-                                     **QUICK))
-        monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter], session_id="prv")
-        model = DPModel(accountant="prv")
-        fit(model, monitor, epochs=1)
-        assert exporter.dropped == 0
-        assert exporter.written > 8, "no bound was replaced: nothing tested"
-        final = model.privacy_engine.accountant.get_epsilon(DELTA)
-        latest = latest_point(server, kind, "prv", exporter.written)
-        assert len(latest) == 1, f"{len(latest)} points at the newest time: {latest}"
-        [(step, eps, exact)] = latest
-        assert (step, exact) == (8, 1)
-        assert eps == pytest.approx(final, rel=1e-9)  # VictoriaMetrics: ~12 digits
+        exporter = InfluxDBExporter(server.url, org="ml", bucket="privacy", token="t0ken")
+        export(exporter, [snapshot(k) for k in range(1, 21)], "vm")
+        assert (exporter.written, exporter.dropped) == (20, 0)
+        steps, eps = vm_points(server, "vm", 20)
+        assert steps == list(range(1, 21))
+        assert eps == pytest.approx([0.01 * k for k in steps], rel=1e-9)  # ~12 digits kept
+        labels = victoria_metrics_export(server, '{__name__="privacy_training_step"}')[0]["metric"]
+        assert labels == {"__name__": "privacy_training_step", "session_id": "vm",
+                          "model_name": "mlp", "rank": "0", "accountant": "rdp"}
+        assert set(vm_series(server, "clipped_fraction", "vm").values()) == {0.25}
     finally:
         server.stop()
 
 
-def test_v2_client_against_influxdb_1x_is_one_clear_error(caplog):
+def test_points_reach_influxdb_1x_over_the_v1_write_api_with_a_retention_policy():
+    server = influxdb1_with_database()
+    try:
+        influxdb1_query(server, "privacy",
+                        'CREATE RETENTION POLICY "week" ON "privacy" DURATION 7d REPLICATION 1')
+        exporter = InfluxDBExporter(server.url, api="v1", database="privacy",
+                                    retention_policy="week")
+        export(exporter, [snapshot(k) for k in range(1, 21)], "v1")
+        assert (exporter.written, exporter.dropped) == (20, 0)
+        series = influxdb1_query(
+            server, "privacy", 'SELECT step, epsilon, steps_accounted, clipped_fraction '
+            'FROM "privacy"."week"."privacy_training" WHERE session_id = \'v1\' '
+            "AND accountant = 'rdp' AND \"rank\" = '0'")
+        rows = series[0]["values"]
+        assert [row[1:] for row in rows] == [[k, 0.01 * k, k, 0.25] for k in range(1, 21)]
+        assert influxdb1_query(server, "privacy", "SELECT * FROM privacy_training") == []
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("kind", ["v1", "vm"])
+def test_the_newest_point_of_a_step_holds_its_newest_value(kind):
+    """An upper bound first, the exact value for the same step later: reading the newest point
+    must give one point, the exact one, on a server that merges points (InfluxDB) and on one
+    that keeps every sample (VictoriaMetrics)."""
+    server = influxdb1_with_database() if kind == "v1" else victoria_metrics().start()
+    try:
+        exporter = (InfluxDBExporter(server.url, api="v1", database="privacy") if kind == "v1"
+                    else InfluxDBExporter(server.url, org="ml", bucket="privacy"))
+        bounds = [snapshot(k, epsilon=0.02 * k, exact=0) for k in range(1, 9)]
+        export(exporter, [*bounds, dataclasses.replace(bounds[-1], epsilon=0.1, epsilon_exact=1)],
+               "newest")
+        assert (exporter.written, exporter.dropped) == (9, 0)
+        assert latest_point(server, kind, "newest", 9) == [(8, 0.1, 1)]
+    finally:
+        server.stop()
+
+
+def test_v2_exporter_against_influxdb_1x_is_one_clear_error(caplog):
     server = influxdb1().start()
     try:
         exporter = InfluxDBExporter(server.url, org="ml", bucket="privacy",
                                     token="s3cret-t0ken", **QUICK)
-        monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter], session_id="wrong-api")
         caplog.set_level(logging.DEBUG)
-        fit(DPModel(), monitor)
-        ours = [r for r in caplog.records if r.name.startswith("privacy_callbacks.exporters")]
+        export(exporter, [snapshot(k) for k in range(1, 17)], "wrong-api")
+        ours = [r for r in caplog.records if r.name.startswith("privacy_callbacks")]
         errors = [r.getMessage() for r in ours if r.levelno == logging.ERROR]
         assert len(errors) == 1, errors
         assert server.url in errors[0] and "API v2" in errors[0] and "use api='v1'" in errors[0]
@@ -212,50 +200,141 @@ def test_v1_missing_database_is_one_clear_error(caplog):
     server = influxdb1().start()
     try:
         exporter = InfluxDBExporter(server.url, api="v1", database="nope", **QUICK)
-        monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter], session_id="no-db")
-        fit(DPModel(), monitor)
+        export(exporter, [snapshot(k) for k in range(1, 17)], "no-db")
         errors = [r.getMessage() for r in caplog.records
                   if r.name.startswith("privacy_callbacks") and r.levelno == logging.ERROR]
         assert len(errors) == 1, errors
         assert server.url in errors[0] and 'CREATE DATABASE "nope"' in errors[0]
-        assert exporter.dropped == 16
+        assert (exporter.written, exporter.dropped) == (0, 16)
     finally:
         server.stop()
-
-
-def outage(server: Server, exporter: InfluxDBExporter, down_at: int, up_at: int):
-    """Callbacks that stop ``server`` after step ``down_at`` (once some points arrived) and, once
-    the exporter has seen the outage, restart it after step ``up_at``."""
-    def down():
-        wait_for(lambda: exporter.written >= 2, 60, what="points before the outage")
-        server.stop()
-
-    def up():
-        wait_for(lambda: exporter.retried > 0 or exporter.dropped > 0, 60,
-                 what="the exporter to notice the outage")
-        server.start()
-    return AtStep(down_at, down), AtStep(up_at, up)
 
 
 # InfluxDB 1.x for outages: its WAL keeps every acknowledged write across a restart.
-def test_outage_shorter_than_retry_budget_loses_nothing():
+def test_an_outage_within_the_buffer_loses_nothing():
     server = influxdb1_with_database()
+    exporter = InfluxDBExporter(server.url, api="v1", database="privacy", **QUICK)
     try:
-        exporter = InfluxDBExporter(server.url, api="v1", database="privacy", **QUICK)
-        monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter], session_id="outage")
-        model = DPModel(n=512, batch_size=32)
-        fit(model, monitor, *outage(server, exporter, 4, 12))
-        assert exporter.retried > 0
+        export(exporter, [snapshot(k) for k in range(1, 5)], "outage", close=False)
+        wait_for(lambda: exporter.written == 4, 30, what="points before the outage")
+        server.stop()
+        for k in range(5, 25):
+            exporter.export(snapshot(k))
+        wait_for(lambda: exporter.retried >= 2, 30, what="the exporter to notice the outage")
+        server.start()
+        for k in range(25, 33):
+            exporter.export(snapshot(k))
+        wait_for(lambda: exporter.written == 32, 30, what="the points kept through the outage")
+        exporter.close(timeout=10.0)
         assert (exporter.written, exporter.dropped) == (32, 0)
-        points = influx_points(server, "outage")
-        assert sorted(points) == list(range(1, 33))
-        expected = opacus_epsilons(model, 32)
-        assert points == expected
+        assert influx_points(server, "outage") == {k: 0.01 * k for k in range(1, 33)}
+    finally:
+        exporter.close(timeout=0.0)
+        server.stop()
+
+
+def test_an_outage_with_a_tiny_buffer_counts_every_drop_and_keeps_the_newest():
+    server = influxdb1_with_database()
+    exporter = InfluxDBExporter(server.url, api="v1", database="privacy", buffer_size=3,
+                                batch_size=2, **QUICK)
+    try:
+        export(exporter, [snapshot(k) for k in range(1, 4)], "tiny", close=False)
+        wait_for(lambda: exporter.written == 3, 30, what="points before the outage")
+        server.stop()
+        for k in range(4, 33):
+            exporter.export(snapshot(k))
+        wait_for(lambda: exporter.retried >= 2, 30, what="the exporter to notice the outage")
+        server.start()
+        exporter.close(timeout=10.0)
+        assert exporter.dropped > 0 and exporter.written + exporter.dropped == 32
+        # A write that failed as the server went down may still have reached it: the server
+        # holds at least the written points, and the newest one.
+        points = influx_points(server, "tiny")
+        assert len(points) >= exporter.written and {30, 31, 32} <= set(points)
+    finally:
+        exporter.close(timeout=0.0)
+        server.stop()
+
+
+# -- a real fit ---------------------------------------------------------------------------------
+
+def test_a_fit_writes_every_step_with_opacus_epsilon_to_victoria_metrics():
+    server = victoria_metrics().start()
+    try:
+        exporter = InfluxDBExporter(server.url, org="ml", bucket="privacy", token="t0ken")
+        monitor = PrivacyMonitor(delta=DELTA, target_epsilon=8.0, exporters=[exporter],
+                                 session_id="vm", model_name="mlp")
+        model = DPModel()
+        fit(model, monitor, max_epochs=2)
+        steps, eps = vm_points(server, "vm", 16)
+        assert steps == list(range(1, 17))
+        expected = opacus_epsilons(model, 16)
+        assert eps == pytest.approx([expected[s] for s in steps], rel=1e-9)
+        assert (exporter.written, exporter.dropped) == (16, 0)
+        remaining = vm_series(server, "budget_remaining", "vm")
+        assert min(remaining.values()) == pytest.approx(8.0 - expected[16], rel=1e-9)
     finally:
         server.stop()
 
 
-def test_outage_with_a_tiny_buffer_counts_every_drop():
+def test_a_fit_writes_every_step_with_opacus_epsilon_to_influxdb_1x():
+    server = influxdb1_with_database()
+    try:
+        exporter = InfluxDBExporter(server.url, api="v1", database="privacy")
+        monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter], session_id="v1",
+                                 model_name="mlp")
+        model = DPModel()
+        fit(model, monitor, max_epochs=2)
+        series = influxdb1_query(
+            server, "privacy", "SELECT step, epsilon, noise_multiplier FROM privacy_training "
+            "WHERE session_id = 'v1' AND accountant = 'rdp' AND \"rank\" = '0'")
+        rows = series[0]["values"]
+        assert [row[1] for row in rows] == list(range(1, 17))
+        expected = opacus_epsilons(model, 16)
+        assert [row[2] for row in rows] == [expected[s] for s in range(1, 17)]
+        assert {row[3] for row in rows} == {1.0}
+        assert rows[-1][2] == model.privacy_engine.accountant.get_epsilon(DELTA)
+        assert exporter.dropped == 0
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("kind", ["v1", "vm"])
+def test_latest_point_of_a_prv_fit_holds_the_exact_final_epsilon(kind):
+    """PRV publishes upper bounds until the exact epsilon is known; the exact value for the last
+    step comes later: the newest point must be one point, holding it, labelled exact."""
+    server = influxdb1_with_database() if kind == "v1" else victoria_metrics().start()
+    try:
+        exporter = (InfluxDBExporter(server.url, api="v1", database="privacy", **QUICK)
+                    if kind == "v1" else
+                    InfluxDBExporter(server.url, org="ml", bucket="privacy", token="t0ken",
+                                     **QUICK))
+        monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter], session_id="prv")
+        model = DPModel(accountant="prv")
+        fit(model, monitor)
+        assert exporter.dropped == 0
+        assert exporter.written > 8, "no bound was replaced: nothing tested"
+        final = model.privacy_engine.accountant.get_epsilon(DELTA)
+        [(step, eps, exact)] = latest_point(server, kind, "prv", exporter.written)
+        assert (step, exact) == (8, 1)
+        assert eps == pytest.approx(final, rel=1e-9)  # VictoriaMetrics: ~12 digits
+    finally:
+        server.stop()
+
+
+class AtStep(pl.Callback):
+    """Runs ``action`` once, after optimizer step ``step``."""
+
+    def __init__(self, step: int, action) -> None:
+        self.step, self.action, self.done = step, action, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.done and trainer.global_step == self.step:
+            self.done = True
+            self.action()
+
+
+def test_drops_of_a_fit_reach_prometheus():
     server = influxdb1_with_database()
     try:
         exporter = InfluxDBExporter(server.url, api="v1", database="privacy", buffer_size=3,
@@ -263,13 +342,17 @@ def test_outage_with_a_tiny_buffer_counts_every_drop():
         prometheus = PrometheusExporter(serve=False)
         monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter, prometheus],
                                  session_id="tiny")
-        fit(DPModel(n=512, batch_size=32), monitor, *outage(server, exporter, 4, 16))
-        assert exporter.dropped > 0
-        assert exporter.written + exporter.dropped == 32
-        # A write that failed as the server went down may still have reached it: the server
-        # holds at least the written points, and the newest one.
-        points = influx_points(server, "tiny")
-        assert len(points) >= exporter.written and 32 in points
+
+        def down():
+            wait_for(lambda: exporter.written >= 2, 60, what="points before the outage")
+            server.stop()
+
+        def up():
+            wait_for(lambda: exporter.retried > 0, 60, what="the exporter to notice the outage")
+            server.start()
+        fit(DPModel(n=512, batch_size=32), monitor, AtStep(4, down), AtStep(16, up),
+            max_epochs=2)
+        assert exporter.dropped > 0 and exporter.written + exporter.dropped == 32
         assert prometheus.registry.get_sample_value(
             "privacy_export_dropped_total",
             {"session_id": "tiny", "model_name": "DPModel", "exporter": "influxdb"},
@@ -281,7 +364,7 @@ def test_outage_with_a_tiny_buffer_counts_every_drop():
 CHILD = textwrap.dedent("""
     import os, signal, socket, sys, time, warnings
     import lightning.pytorch as pl
-    from dp_models import DPModel
+    from dp_models import DPModel, fit
     from privacy_callbacks import InfluxDBExporter, PrivacyMonitor
 
     url, pid, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -303,13 +386,9 @@ CHILD = textwrap.dedent("""
         def on_train_end(self, trainer, pl_module):
             print("TRAIN_END", time.time(), flush=True)
 
-    exporter = InfluxDBExporter(url, org="ml", bucket="privacy")  # the client's default retries
+    exporter = InfluxDBExporter(url, org="ml", bucket="privacy")  # the default retries
     monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="gone")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pl.Trainer(max_epochs=2, callbacks=[monitor, KillServer()], logger=False,
-                   enable_progress_bar=False, enable_checkpointing=False,
-                   enable_model_summary=False).fit(DPModel())
+    fit(DPModel(), monitor, KillServer(), max_epochs=2)
     print("COUNTS", exporter.written, exporter.dropped, flush=True)
 """)
 
@@ -328,8 +407,8 @@ def test_process_exits_within_the_bound_when_the_server_never_comes_back(tmp_pat
         lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
         written, dropped = map(int, lines["COUNTS"].split())
         assert dropped > 0 and written + dropped == 16
-        # Bounded by close_timeout (10 s) plus interpreter shutdown; the client alone waits for
-        # its retries (up to 180 s) and then up to 300 s in close().
+        # Bounded by close_timeout (10 s) plus interpreter shutdown; the client's own batching
+        # writer waits for its retries (up to 180 s) and then up to 300 s in close().
         assert exited - float(lines["TRAIN_END"]) < 40, proc.stderr[-3000:]
         assert "not written to InfluxDB" in proc.stderr
     finally:

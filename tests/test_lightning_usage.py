@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dp_models import DPModel, fit, make_data
 from privacy_callbacks import (DifferentialPrivacy, InfluxDBExporter, PrivacyMonitor,
                                PrometheusExporter)
-from privacy_callbacks.wiring import _unsupported_modules
+from privacy_callbacks.dp import _unsupported_modules
 from servers import http_get, influxdb1, influxdb1_query, pushgateway
 
 DELTA = 1e-5
@@ -277,7 +277,7 @@ def test_gan_with_only_the_discriminator_private(private):
     assert sum(s for _, _, s in accountant.history) == 16
     assert trainer.global_step == 32  # two optimizer steps per batch, one of them accounted
     assert monitor.last_snapshot.epsilon == accountant.get_epsilon(DELTA)
-    assert monitor.last_snapshot.steps == 16
+    assert monitor.last_snapshot.epsilon_step == 16
     # Only the discriminator's parameters got per-sample gradient hooks.
     assert not any(hasattr(p, "grad_sample") for p in gan.generator.parameters())
 
@@ -309,7 +309,7 @@ def test_bad_optimizer_choice_names_the_value():
 def test_gan_guard_message_says_which_steps_are_accounted(caplog):
     dp = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0, optimizers=[1])
     monitor = PrivacyMonitor(delta=DELTA, target_epsilon=5.0)
-    with caplog.at_level(logging.WARNING, logger="privacy_callbacks.monitor"):
+    with caplog.at_level(logging.WARNING, logger="privacy_callbacks.guard"):
         trainer = fit(GAN(), dp, monitor, max_epochs=3)
     accounted = sum(s for _, _, s in dp.privacy_engine.accountant.history)
     assert 0 < accounted < 24 and trainer.global_step >= 2 * accounted

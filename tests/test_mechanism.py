@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -11,8 +12,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from dp_models import DPModel, PlainModel, make_data
-from privacy_callbacks import PrivacyMonitor, PrometheusExporter
-from privacy_callbacks.probe import MechanismProbe
+from privacy_callbacks import MechanismMetrics, PrivacyMonitor, PrometheusExporter
 
 BASE = {"session_id": "t", "model_name": "DPModel"}
 
@@ -29,9 +29,14 @@ def every_step_measured(request, monkeypatch):
     """These tests check each step's values: on a CPU the default metrics are measured every
     k-th step, k following their cost (test_cpu_stride_* checks that); here every step."""
     if "stride" not in request.node.name:
-        monkeypatch.setattr(MechanismProbe, "STATS_SHARE", 1.0)
+        monkeypatch.setattr(MechanismMetrics, "STATS_SHARE", 1.0)
 
 D = 8 * 16 + 16 + 16 * 2 + 2  # parameters of DPModel
+
+
+def raw(**kwargs):
+    """Mechanism metrics with raw per-sample statistics (outside epsilon: tests only)."""
+    return MechanismMetrics(raw_private_statistics=True, **kwargs)
 
 
 def fit(model, *callbacks, ckpt_path=None, **trainer_kwargs):
@@ -41,6 +46,18 @@ def fit(model, *callbacks, ckpt_path=None, **trainer_kwargs):
     trainer = pl.Trainer(callbacks=list(callbacks), **kwargs)
     trainer.fit(model, ckpt_path=ckpt_path)
     return trainer
+
+
+class Steps(pl.Callback):
+    """Each step's snapshot, as the monitor published it (the final one at the end of the fit
+    carries no step values)."""
+
+    def __init__(self, monitor):
+        self.monitor, self.snapshots = monitor, []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        assert self.monitor.flush(60)
+        self.snapshots.append(self.monitor.last_snapshot)
 
 
 class Reference(pl.Callback):
@@ -78,37 +95,36 @@ class Reference(pl.Callback):
 
 @pytest.mark.parametrize("clip, expected", [(1e-6, 1.0), (1e6, 0.0)])
 def test_clipped_fraction_extremes(clip, expected):
-    monitor = PrivacyMonitor(delta=1e-5, session_id="t", raw_private_statistics=True)
+    monitor = PrivacyMonitor(delta=1e-5, session_id="t")
     ref = Reference(monitor)
-    fit(DPModel(max_grad_norm=clip), monitor, ref)
-    assert [snap.clipped_fraction for snap, _ in ref.rows] == [expected] * 8
+    fit(DPModel(max_grad_norm=clip), monitor, raw(), ref)
+    assert [snap.get("clipped_fraction") for snap, _ in ref.rows] == [expected] * 8
 
 
 def test_clipped_fraction_norms_signal_noise_match_opacus_and_reach_prometheus():
     torch.manual_seed(0)
     exporter = PrometheusExporter(port=0, serve=False)
-    monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="t", overhead_every=3,
-                             raw_private_statistics=True)
+    monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="t")
     ref = Reference(monitor)
-    fit(DPModel(max_grad_norm=1.6), monitor, ref)  # about the median per-sample norm
+    fit(DPModel(max_grad_norm=1.6), monitor, raw(overhead_every=3), ref)  # ~ the median norm
     fractions = []
     for snap, truth in ref.rows:
-        assert snap.clipped_fraction == truth["clipped"]
-        fractions.append(snap.clipped_fraction)
-        assert torch.allclose(torch.tensor(snap.per_sample_grad_norms), truth["norms"],
+        assert snap.get("clipped_fraction") == truth["clipped"]
+        fractions.append(snap.get("clipped_fraction"))
+        assert torch.allclose(torch.tensor(snap.get("per_sample_grad_norms")), truth["norms"],
                               rtol=1e-5, atol=1e-6)
-        assert snap.noise_magnitude == pytest.approx(truth["noise"], rel=1e-4)
+        assert snap.get("noise_magnitude") == pytest.approx(truth["noise"], rel=1e-4)
         # The signal is estimated from the noised update alone: its energy minus sigma^2 C^2 d.
         expected_noise = (1.0 * 1.6) ** 2 * D
-        assert snap.signal_energy == pytest.approx(truth["noised"] ** 2 - expected_noise,
+        assert snap.get("signal_energy") == pytest.approx(truth["noised"] ** 2 - expected_noise,
                                                    rel=1e-3, abs=1e-3 * expected_noise)
-        assert snap.signal_to_noise_ratio == pytest.approx(
-            snap.signal_magnitude / math.sqrt(expected_noise))
+        assert snap.get("signal_to_noise_ratio") == pytest.approx(
+            snap.get("signal_magnitude") / math.sqrt(expected_noise))
     assert any(0 < f < 1 for f in fractions), fractions  # a genuinely intermediate case
 
     reg = exporter.registry
     last, last_truth = ref.rows[-1]
-    assert reg.get_sample_value("privacy_clipped_fraction", BASE) == last.clipped_fraction
+    assert reg.get_sample_value("privacy_clipped_fraction", BASE) == last.get("clipped_fraction")
     assert reg.get_sample_value("privacy_per_sample_grad_norm_count", BASE) == 8 * 32
     all_norms = torch.cat([truth["norms"] for _, truth in ref.rows])
     assert reg.get_sample_value("privacy_per_sample_grad_norm_sum", BASE) == pytest.approx(
@@ -116,16 +132,16 @@ def test_clipped_fraction_norms_signal_noise_match_opacus_and_reach_prometheus()
     assert reg.get_sample_value("privacy_per_sample_grad_norm_bucket", {**BASE, "le": "2.0"}) \
         == int((all_norms <= 2.0).sum())
     assert reg.get_sample_value("privacy_noise_magnitude_count", BASE) == 8
-    assert reg.get_sample_value("privacy_signal_magnitude", BASE) == last.signal_magnitude
+    assert reg.get_sample_value("privacy_signal_magnitude", BASE) == last.get("signal_magnitude")
     assert reg.get_sample_value("privacy_signal_to_noise_ratio", BASE) == \
-        last.signal_to_noise_ratio
+        last.get("signal_to_noise_ratio")
     parts = {op: reg.get_sample_value("privacy_overhead_ratio", {**BASE, "operation": op})
              for op in ("per_sample_gradients", "clipping", "noise", "accounting", "total")}
     # The gauges carry the last step's ratios, each under its own operation, and the total is the
     # plain step plus the parts (so it moves with them). Whether the total matches the cost DP
     # really adds is checked against a plain and a DP fit timed side by side, which no relation
     # among the ratios can show: test_bench_mechanism.py.
-    assert parts == last.overhead
+    assert parts == last.get("overhead")
     assert all(math.isfinite(v) for v in parts.values()), parts
     assert parts["total"] == pytest.approx(1 + sum(v for k, v in parts.items() if k != "total"))
 
@@ -134,14 +150,16 @@ def test_signal_estimate_is_unbiased_and_exact_without_noise():
     torch.manual_seed(2)
     monitor = PrivacyMonitor(delta=1e-5, session_id="t")
     ref = Reference(monitor)
-    fit(DPModel(noise_multiplier=0.0, max_grad_norm=0.5), monitor, ref)
+    fit(DPModel(noise_multiplier=0.0, max_grad_norm=0.5), monitor, MechanismMetrics(), ref)
     for snap, truth in ref.rows:
-        assert snap.signal_magnitude == pytest.approx(truth["signal"], rel=1e-4)
+        assert snap.get("signal_magnitude") == pytest.approx(truth["signal"], rel=1e-4)
     torch.manual_seed(2)
     monitor = PrivacyMonitor(delta=1e-5, session_id="t")
     ref = Reference(monitor)
-    fit(DPModel(noise_multiplier=0.5, max_grad_norm=0.5), monitor, ref, max_epochs=4)
-    errors = torch.tensor([snap.signal_energy - truth["signal"] ** 2 for snap, truth in ref.rows])
+    fit(DPModel(noise_multiplier=0.5, max_grad_norm=0.5), monitor, MechanismMetrics(), ref,
+        max_epochs=4)
+    errors = torch.tensor([snap.get("signal_energy") - truth["signal"] ** 2
+                           for snap, truth in ref.rows])
     # The estimate's sd per step is about sigma^2 C^2 sqrt(2d) + 2 sigma C |s|.
     spread = 0.25 ** 2 * math.sqrt(2 * D) + 2 * 0.25 * max(t["signal"] for _, t in ref.rows)
     assert abs(float(errors.mean())) < 3 * spread / math.sqrt(len(errors))
@@ -151,15 +169,16 @@ def test_signal_estimate_is_unbiased_and_exact_without_noise():
 @pytest.mark.parametrize("raw", [False, True])
 def test_noise_magnitude_is_sigma_c_sqrt_d(raw):
     torch.manual_seed(1)
-    monitor = PrivacyMonitor(delta=1e-5, session_id="t", raw_private_statistics=raw)
+    monitor = PrivacyMonitor(delta=1e-5, session_id="t")
     ref = Reference(monitor)
-    fit(DPModel(noise_multiplier=2.0, max_grad_norm=0.5), monitor, ref, max_epochs=4)
+    fit(DPModel(noise_multiplier=2.0, max_grad_norm=0.5), monitor,
+        MechanismMetrics(raw_private_statistics=raw), ref, max_epochs=4)
     realised = torch.tensor([truth["noise"] for _, truth in ref.rows])
     expected = 2.0 * 0.5 * math.sqrt(D)
     # The norm of a d-dimensional Gaussian: mean ~ sigma*C*sqrt(d), sd ~ sigma*C/sqrt(2).
     assert float(realised.mean()) == pytest.approx(expected, rel=0.05)
     assert float(realised.std()) == pytest.approx(2.0 * 0.5 / math.sqrt(2), rel=0.5)
-    published = [snap.noise_magnitude for snap, _ in ref.rows]
+    published = [snap.get("noise_magnitude") for snap, _ in ref.rows]
     if raw:
         assert published == pytest.approx(realised.tolist(), rel=1e-4)
     else:
@@ -176,16 +195,10 @@ class DropoutModel(DPModel):
         self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
 
 
-def _trained(monitor=None, seed=0):
-    torch.manual_seed(seed)
-    model = DropoutModel(max_grad_norm=0.3)
-    callbacks = [monitor] if monitor is not None else []
-    fit(model, *callbacks, max_epochs=2)
-    return model
-
-
-def test_parameters_are_bit_identical_with_and_without_the_monitor():
-    plain = _trained()
+def test_parameters_are_bit_identical_with_and_without_the_mechanism_metrics():
+    torch.manual_seed(0)
+    plain = DropoutModel(max_grad_norm=0.3)
+    fit(plain, max_epochs=2)
     hooks = {}
 
     class Keep(pl.Callback):
@@ -197,10 +210,11 @@ def test_parameters_are_bit_identical_with_and_without_the_monitor():
             hooks["patched"] = set(vars(trainer.optimizers[0])) & {"add_noise",
                                                                      "clip_and_accumulate"}
 
-    monitor = PrivacyMonitor(delta=1e-5, overhead_every=1)  # calibrate on every step
+    monitor = PrivacyMonitor(delta=1e-5)
+    steps = Steps(monitor)
     torch.manual_seed(0)
     watched = DropoutModel(max_grad_norm=0.3)
-    fit(watched, monitor, Keep(), max_epochs=2)
+    fit(watched, monitor, raw(overhead_every=1), Keep(), steps, max_epochs=2)  # calibrating
     for (name, a), b in zip(plain.named_parameters(), watched.parameters()):
         assert torch.equal(a, b), name
     # The accountant's hook was never replaced and still accounted every step.
@@ -209,13 +223,31 @@ def test_parameters_are_bit_identical_with_and_without_the_monitor():
     accountant = watched.privacy_engine.accountant
     assert accountant.history == [(1.0, 0.125, 16)]
     assert monitor.last_snapshot.epsilon == accountant.get_epsilon(1e-5)
-    assert monitor.last_snapshot.overhead is not None
+    assert steps.snapshots[-1].get("overhead") is not None
 
 
-def test_methods_are_restored_after_fit():
-    model = DPModel()
-    trainer = fit(model, PrivacyMonitor(delta=1e-5))
-    assert not set(vars(trainer.optimizers[0])) & {"add_noise", "clip_and_accumulate"}
+def test_methods_and_hooks_are_restored_after_fit():
+    trainer = fit(DPModel(), PrivacyMonitor(delta=1e-5), raw())
+    opt = trainer.optimizers[0]
+    assert not set(vars(opt)) & {"add_noise", "clip_and_accumulate"}
+    assert not opt.original_optimizer._optimizer_step_pre_hooks
+
+
+def test_calibration_pass_adds_no_full_backward_hook_warnings():
+    # Opacus' hooks make PyTorch warn on every DP backward whose module inputs need no
+    # gradient (the user's own fit, not ours); a plain pass run with them would add one each.
+    def warned(*callbacks):
+        monitor = PrivacyMonitor(delta=1e-5)
+        steps = Steps(monitor)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(DPModel(), monitor, *callbacks, steps)
+        return steps, sum("Full backward hook is firing" in str(w.message) for w in caught)
+
+    _, baseline = warned()
+    steps, calibrated = warned(MechanismMetrics(overhead_every=1))
+    assert steps.snapshots[-1].get("overhead") is not None  # the pass ran (steps 3 to 8)
+    assert baseline > 0 and calibrated == baseline
 
 
 class AdaClipModel(DPModel):
@@ -233,20 +265,20 @@ class AdaClipModel(DPModel):
 
 def test_adaptive_clipping_is_measured_against_each_steps_bound():
     torch.manual_seed(0)
-    monitor = PrivacyMonitor(delta=1e-5, session_id="t", raw_private_statistics=True)
+    monitor = PrivacyMonitor(delta=1e-5, session_id="t")
     ref = Reference(monitor)
     model = AdaClipModel(max_grad_norm=0.3)
-    fit(model, monitor, ref)
+    fit(model, monitor, raw(), ref)
     bounds = {truth["clip"] for _, truth in ref.rows}
     assert len(bounds) > 1  # the bound moved: later steps divide by a tensor bound
     for snap, truth in ref.rows:
-        assert snap.clipped_fraction == truth["clipped"]
-        assert torch.allclose(torch.tensor(snap.per_sample_grad_norms), truth["norms"],
+        assert snap.get("clipped_fraction") == truth["clipped"]
+        assert torch.allclose(torch.tensor(snap.get("per_sample_grad_norms")), truth["norms"],
                               rtol=1e-5, atol=1e-6)
         # Adaptive clipping adds less noise to the gradient than sigma: its count takes a share.
         sigma_g = (1.0 - (2 * 1.0) ** -2) ** -0.5
         expected_noise = (sigma_g * truth["clip"]) ** 2 * D
-        assert snap.signal_energy == pytest.approx(truth["noised"] ** 2 - expected_noise,
+        assert snap.get("signal_energy") == pytest.approx(truth["noised"] ** 2 - expected_noise,
                                                    rel=1e-3, abs=1e-3 * expected_noise)
     assert monitor.last_snapshot.epsilon == model.privacy_engine.accountant.get_epsilon(1e-5)
 
@@ -284,7 +316,7 @@ class GhostModel(DPModel):
 
 def test_ghost_clipping_reuses_its_norms_and_warns_about_overhead():
     torch.manual_seed(0)
-    monitor = PrivacyMonitor(delta=1e-5, session_id="t", raw_private_statistics=True)
+    monitor = PrivacyMonitor(delta=1e-5, session_id="t")
     seen = []
 
     class Norms(pl.Callback):
@@ -295,14 +327,14 @@ def test_ghost_clipping_reuses_its_norms_and_warns_about_overhead():
 
     model = GhostModel(max_grad_norm=0.3)
     with pytest.warns(UserWarning, match=r"privacy_overhead_ratio \(ghost clipping") as record:
-        fit(model, monitor, Norms())
-    assert sum("PrivacyMonitor cannot measure" in str(w.message) for w in record) == 1
+        fit(model, monitor, raw(), Norms())
+    assert sum("MechanismMetrics cannot measure" in str(w.message) for w in record) == 1
     assert len(seen) == 8
     for snap, norms in seen:
-        assert snap.clipped_fraction == float((norms + 1e-6 > 0.3).float().mean())
-        assert torch.allclose(torch.tensor(snap.per_sample_grad_norms), norms, rtol=1e-6)
-        assert snap.noise_magnitude > 0 and snap.signal_energy is not None
-        assert snap.overhead is None
+        assert snap.get("clipped_fraction") == float((norms + 1e-6 > 0.3).float().mean())
+        assert torch.allclose(torch.tensor(snap.get("per_sample_grad_norms")), norms, rtol=1e-6)
+        assert snap.get("noise_magnitude") > 0 and snap.get("signal_energy") is not None
+        assert snap.get("overhead") is None
     assert monitor.last_snapshot.epsilon == model.privacy_engine.accountant.get_epsilon(1e-5)
 
 
@@ -319,13 +351,12 @@ class PerLayerModel(DPModel):
 
 def test_uninstrumentable_clipping_keeps_core_metrics_and_warns_once():
     exporter = PrometheusExporter(port=0, serve=False)
-    monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="t",
-                             raw_private_statistics=True)
+    monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="t")
     model = PerLayerModel()
     with pytest.warns(UserWarning, match="privacy_clipped_fraction .*DPPerLayerOptimizer.*"
                                          "privacy_per_sample_grad_norm") as record:
-        fit(model, monitor)
-    assert sum("PrivacyMonitor cannot measure" in str(w.message) for w in record) == 1
+        fit(model, monitor, raw())
+    assert sum("MechanismMetrics cannot measure" in str(w.message) for w in record) == 1
     assert monitor.flush(60)
     final = model.privacy_engine.accountant.get_epsilon(1e-5)
     reg = exporter.registry
@@ -336,8 +367,8 @@ def test_uninstrumentable_clipping_keeps_core_metrics_and_warns_once():
     assert reg.get_sample_value("privacy_noise_magnitude_count", labels) == 8
 
 
-def test_mechanism_off_leaves_the_optimizer_alone():
-    monitor = PrivacyMonitor(delta=1e-5, mechanism=False)
+def test_without_mechanism_metrics_the_optimizer_is_left_alone():
+    monitor = PrivacyMonitor(delta=1e-5)
     patched = []
 
     class Look(pl.Callback):
@@ -346,25 +377,31 @@ def test_mechanism_off_leaves_the_optimizer_alone():
 
     fit(DPModel(), monitor, Look())
     assert patched == [set()] * 8
-    assert monitor.last_snapshot.clipped_fraction is None
+    assert monitor.last_snapshot.get("clipped_fraction") is None
 
 
 @pytest.mark.parametrize("value", [0, -3, 1.5, True, "10"])
 def test_bad_overhead_every_names_the_value(value):
     with pytest.raises(ValueError, match=f"overhead_every: {value!r}"):
-        PrivacyMonitor(delta=1e-5, overhead_every=value)
+        MechanismMetrics(overhead_every=value)
+
+
+def test_mechanism_metrics_without_a_monitor_names_the_fix():
+    with pytest.raises(RuntimeError, match=r"add PrivacyMonitor\(delta=\.\.\.\)"):
+        fit(DPModel(), MechanismMetrics())
 
 
 def test_module_made_private_by_the_callback_gets_every_mechanism_metric():
     from privacy_callbacks import DifferentialPrivacy
 
-    monitor = PrivacyMonitor(delta=1e-5, overhead_every=2)
+    monitor = PrivacyMonitor(delta=1e-5)
+    steps = Steps(monitor)
     fit(PlainModel(), DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=0.5,
-                                     statistics_noise_multiplier=10.0), monitor)
-    assert monitor.flush(60)
-    snap = monitor.last_snapshot
-    assert snap.clipped_fraction is not None and snap.noise_magnitude > 0
-    assert snap.overhead is not None and set(snap.overhead) == {
+                                          statistics_noise_multiplier=10.0), monitor,
+        MechanismMetrics(overhead_every=2), steps)
+    snap = steps.snapshots[-1]
+    assert snap.get("clipped_fraction") is not None and snap.get("noise_magnitude") > 0
+    assert snap.get("overhead") is not None and set(snap.get("overhead")) == {
         "per_sample_gradients", "clipping", "noise", "accounting", "total"}
 
 
@@ -377,17 +414,16 @@ def test_mechanism_fields_reach_a_real_influxdb():
     try:
         influxdb1_query(server, "", 'CREATE DATABASE "privacy"')
         exporter = InfluxDBExporter(server.url, api="v1", database="privacy")
-        monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="mech",
-                                 raw_private_statistics=True)
+        monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="mech")
         ref = Reference(monitor)
-        fit(DPModel(max_grad_norm=1.6), monitor, ref)
+        fit(DPModel(max_grad_norm=1.6), monitor, raw(), ref)
         rows = influxdb1_query(
             server, "privacy", "SELECT step, clipped_fraction, noise_magnitude, signal_magnitude, "
             "signal_to_noise_ratio FROM privacy_training WHERE session_id = 'mech'")[0]["values"]
         assert [row[1] for row in rows] == list(range(1, 9))
         for row, (snap, truth) in zip(rows, ref.rows):
-            assert row[2:] == [snap.clipped_fraction, snap.noise_magnitude,
-                               snap.signal_magnitude, snap.signal_to_noise_ratio]
+            assert row[2:] == [snap.get("clipped_fraction"), snap.get("noise_magnitude"),
+                               snap.get("signal_magnitude"), snap.get("signal_to_noise_ratio")]
             assert row[2] == truth["clipped"]
         assert exporter.dropped == 0
     finally:
@@ -436,17 +472,17 @@ class Releases(pl.Callback):
 CANARY_LABELS = {"session_id": "c", "model_name": "CanaryModule"}
 
 
-def _canary_fit(monitor_kwargs=None, dp_kwargs=None, epochs=2, extra=()):
+def _canary_fit(mechanism_kwargs=None, dp_kwargs=None, epochs=2, extra=()):
     from privacy_callbacks import DifferentialPrivacy
 
     torch.manual_seed(3)
     exporter = PrometheusExporter(port=0, serve=False)
-    monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="c",
-                             **(monitor_kwargs or {}))
+    monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="c")
     releases = Releases(monitor, exporter)
     dp = DifferentialPrivacy(**{"noise_multiplier": 1.0, "max_grad_norm": 1.0, "seed": 5,
                                 **(dp_kwargs or {})})
-    fit(CanaryModule(), dp, monitor, releases, *extra, max_epochs=epochs)
+    fit(CanaryModule(), dp, monitor, MechanismMetrics(**(mechanism_kwargs or {})), releases,
+        *extra, max_epochs=epochs)
     present = [row[0] for row in releases.rows]
     assert 0 < sum(present) < len(present)  # the canary is in some steps' batches, not all
     return releases.rows, dp, exporter
@@ -462,15 +498,15 @@ def test_raw_statistics_are_a_perfect_membership_test_and_need_opting_in():
 def test_by_default_nothing_published_reveals_the_canary():
     rows, _, exporter = _canary_fit()
     reg = exporter.registry
-    assert reg.get_sample_value("privacy_per_sample_grad_norm_count", CANARY_LABELS) is None
+    assert not reg.get_sample_value("privacy_per_sample_grad_norm_count", CANARY_LABELS)
     assert reg.get_sample_value("privacy_clipped_fraction", CANARY_LABELS) is None
     for _, snap, top in rows:
-        assert top is None and snap.per_sample_grad_norms is None
-        assert snap.clipped_fraction is None
+        assert not top and snap.get("per_sample_grad_norms") is None
+        assert snap.get("clipped_fraction") is None
         # Throughput counts the expected batch (32 here), not the Poisson batch's real size.
         assert snap.throughput * snap.step_seconds == pytest.approx(32)
     # The mechanism metrics that stay are data-independent or computed from the noised update.
-    assert all(snap.noise_magnitude > 0 and snap.signal_to_noise_ratio is not None
+    assert all(snap.get("noise_magnitude") > 0 and snap.get("signal_to_noise_ratio") is not None
                for _, snap, _ in rows)
 
 
@@ -495,8 +531,8 @@ def test_noised_histogram_hides_the_canary_and_carries_the_configured_noise():
     truth = TrueCounts(clip=1.0)
     sigma_s = 8.0
     rows, dp, _ = _canary_fit(dp_kwargs={"statistics_noise_multiplier": sigma_s},
-                              monitor_kwargs=None, extra=[truth])
-    released = torch.tensor([snap.noised_counts for _, snap, _ in rows])
+                              extra=[truth])
+    released = torch.tensor([snap.get("noised_counts") for _, snap, _ in rows])
     exact = torch.stack(truth.counts)
     residual = released - exact
     # Every count carries its own N(0, sigma_s^2) noise, nothing else.
@@ -508,7 +544,7 @@ def test_noised_histogram_hides_the_canary_and_carries_the_configured_noise():
     # The clipped fraction is read from the noised buckets above C, over the expected batch.
     clipped_from = int((truth.edges <= 1.0).sum())  # buckets above C
     for (_, snap, _), counts in zip(rows, released):
-        assert snap.clipped_fraction == pytest.approx(
+        assert snap.get("clipped_fraction") == pytest.approx(
             min(1.0, max(0.0, float(counts[clipped_from:].sum()) / 32)), rel=1e-5, abs=1e-6)
 
 
@@ -524,7 +560,7 @@ def test_histogram_noise_is_accounted_with_the_gradient_noise():
     noise = torch.tensor([ref["noise"] for _, ref in truth.rows])
     assert float(noise.mean()) == pytest.approx(sigma_g * clip * math.sqrt(D), rel=0.04)
     assert float(noise.mean()) > 1.2 * sigma * clip * math.sqrt(D)
-    assert rows[-1][1].noise_magnitude == pytest.approx(sigma_g * clip * math.sqrt(D))
+    assert rows[-1][1].get("noise_magnitude") == pytest.approx(sigma_g * clip * math.sqrt(D))
     assert rows[-1][1].noise_std == pytest.approx(sigma_g * clip / 32)
     assert rows[-1][1].noise_multiplier == sigma
     reg = exporter.registry
@@ -540,16 +576,16 @@ def test_statistics_noise_not_above_sigma_is_refused(sigma_s):
         DifferentialPrivacy(noise_multiplier=1.0, statistics_noise_multiplier=sigma_s)
 
 
-def test_make_private_wiring_keeps_per_sample_statistics_off_and_says_why_once(caplog):
+def test_make_private_wiring_keeps_per_sample_statistics_off_and_says_why_in_one_line(caplog):
     exporter = PrometheusExporter(port=0, serve=False)
     monitor = PrivacyMonitor(delta=1e-5, exporters=[exporter], session_id="t")
+    steps = Steps(monitor)
     with caplog.at_level("INFO", logger="privacy_callbacks"):
-        fit(DPModel(), monitor)
-    assert monitor.flush(60)
-    why = [r for r in caplog.records if "privacy_clipped_fraction are off" in r.getMessage()]
-    assert len(why) == 1 and "statistics_noise_multiplier" in why[0].getMessage()
-    assert exporter.registry.get_sample_value("privacy_per_sample_grad_norm_count", BASE) is None
-    assert monitor.last_snapshot.signal_to_noise_ratio is not None
+        fit(DPModel(), monitor, MechanismMetrics(), steps)
+    why = [r.getMessage() for r in caplog.records if "statistics are off" in r.getMessage()]
+    assert len(why) == 1 and "statistics_noise_multiplier" in why[0] and len(why[0]) <= 120
+    assert not exporter.registry.get_sample_value("privacy_per_sample_grad_norm_count", BASE)
+    assert steps.snapshots[-1].get("signal_to_noise_ratio") is not None
 
 
 def test_noise_std_follows_the_batches_a_window_really_accumulated():
@@ -568,7 +604,7 @@ def test_cpu_stride_measures_every_kth_step_by_cost_and_keeps_the_gauges(share, 
     # On a CPU the statistics are work inside the step: without per-sample statistics they
     # are measured every k-th step, k = their time over STATS_SHARE of the step's (at most
     # MAX_STRIDE), the calibration step always. A share of 1e-9 makes k the maximum, 100.
-    monkeypatch.setattr(MechanismProbe, "STATS_SHARE", share)
+    monkeypatch.setattr(MechanismMetrics, "STATS_SHARE", share)
     exporter = PrometheusExporter(serve=False)
     monitor = PrivacyMonitor(delta=1e-5, session_id="t", exporters=[exporter])
     seen = []
@@ -576,9 +612,9 @@ def test_cpu_stride_measures_every_kth_step_by_cost_and_keeps_the_gauges(share, 
     class Spy(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):
             snap = monitor.last_snapshot
-            seen.append((snap.step, snap.noise_magnitude is not None))
+            seen.append((snap.step, snap.get("noise_magnitude") is not None))
 
-    fit(DPModel(n=8 * 12, batch_size=8), monitor, Spy())
+    fit(DPModel(n=8 * 12, batch_size=8), monitor, MechanismMetrics(), Spy())
     assert [step for step, _ in seen] == list(range(1, 13))
     measured = [step for step, has in seen if has]
     if share == 1.0:
@@ -596,9 +632,9 @@ def test_cpu_stride_of_a_resumed_fit_counts_from_its_own_first_step(tmp_path, mo
     # The stride and the calibration follow the trainer's step count: a fit resumed at step 5
     # measures its own first step (6) and its own calibration step (its third, 8), then none
     # until the stride's end -- not steps 1 and 3 of a count that restarted.
-    monkeypatch.setattr(MechanismProbe, "STATS_SHARE", 1e-9)
+    monkeypatch.setattr(MechanismMetrics, "STATS_SHARE", 1e-9)
     first = fit(DPModel(n=8 * 12, batch_size=8), PrivacyMonitor(delta=1e-5, session_id="t"),
-                max_steps=5)
+                MechanismMetrics(), max_steps=5)
     path = tmp_path / "part1.ckpt"
     first.save_checkpoint(path)
     monitor = PrivacyMonitor(delta=1e-5, session_id="t",
@@ -608,9 +644,34 @@ def test_cpu_stride_of_a_resumed_fit_counts_from_its_own_first_step(tmp_path, mo
     class Spy(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):
             snap = monitor.last_snapshot
-            seen.append((snap.step, snap.noise_magnitude is not None))
+            seen.append((snap.step, snap.get("noise_magnitude") is not None))
 
-    fit(DPModel(n=8 * 12, batch_size=8), monitor, Spy(), max_steps=16, max_epochs=3,
-        ckpt_path=str(path))
+    fit(DPModel(n=8 * 12, batch_size=8), monitor, MechanismMetrics(), Spy(), max_steps=16,
+        max_epochs=3, ckpt_path=str(path))
     assert [step for step, _ in seen] == list(range(6, 17))
     assert [step for step, has in seen if has] == [6, 8]
+
+
+def test_a_skipped_step_never_reaches_a_later_release():
+    # The guard stops at the edge, min_steps forces two skipped steps, then a raised sigma lets
+    # one more step fit: its per-sample norms are exactly those of its own batch.
+    from privacy_callbacks import DifferentialPrivacy
+    from test_soundness import DELTA, CanaryPlain, RaiseNoise, opacus_epsilon
+
+    target = opacus_epsilon([(1.0, 1 / 8, 9), (4.0, 1 / 8, 1)]) + 1e-9
+    monitor = PrivacyMonitor(delta=DELTA, target_epsilon=target)
+    released = []
+
+    class Releases(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            assert monitor.flush(60)
+            norms = monitor.last_snapshot.get("per_sample_grad_norms")
+            if norms is not None:
+                released.append((len(norms), len(batch[0])))
+
+    dp = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1e6)
+    fit(CanaryPlain(), dp, monitor, raw(), RaiseNoise(4.0, after=2), Releases(), min_steps=16,
+        max_epochs=2)
+    history = dp.privacy_engine.accountant.history
+    assert history[-1] == (4.0, 1 / 8, 1) and len(released) == sum(s for _, _, s in history)
+    assert all(norms == samples for norms, samples in released), released

@@ -46,8 +46,7 @@ class AtTrainEnd(pl.Callback):
 
 def test_training_never_waits_for_a_stuck_exporter():
     exporter = StuckExporter()
-    monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter], session_id="stuck",
-                             mechanism=False)
+    monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter], session_id="stuck")
     seen = {}
 
     def at_end(trainer):
@@ -69,8 +68,7 @@ def test_training_runs_on_while_influxdb_accepts_but_never_answers():
     url = f"http://127.0.0.1:{hole.getsockname()[1]}"
     exporter = InfluxDBExporter(url, api="v1", database="privacy", flush_interval=0.1,
                                 request_timeout=60, close_timeout=1.0)
-    monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter], session_id="hole",
-                             mechanism=False)
+    monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter], session_id="hole")
     seen = {}
 
     def at_end(trainer):
@@ -84,58 +82,17 @@ def test_training_runs_on_while_influxdb_accepts_but_never_answers():
     assert (exporter.written, exporter.dropped) == (0, 16)  # every point counted, none silently
 
 
-@pytest.mark.servers
-def test_outage_longer_than_the_clients_retries_requeues_and_loses_nothing():
-    """The client gives up on a write after its retries; its points go back into our buffer
-    and reach the server once it is back (InfluxDB 1.x keeps acknowledged writes in its WAL)."""
-    server = influxdb1().start()
-    try:
-        influxdb1_query(server, "", 'CREATE DATABASE "privacy"')
-        exporter = InfluxDBExporter(server.url, api="v1", database="privacy",
-                                    flush_interval=0.1, retry_interval=0.1, max_retries=1,
-                                    max_retry_time=0.5)
-        gave_up = []
-        on_error = exporter._on_error
-
-        def spy(key, data, exc):
-            gave_up.append(type(exc).__name__)
-            on_error(key, data, exc)
-
-        exporter._on_error = spy  # bound before start(): the client calls this one
-        monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter], session_id="long",
-                                 mechanism=False)
-
-        class Outage(pl.Callback):
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                if trainer.global_step == 4:
-                    wait_for(lambda: exporter.written >= 2, 60, what="points before the outage")
-                    server.stop()
-                elif trainer.global_step == 12:
-                    wait_for(lambda: gave_up, 60, what="the client to give up on a write")
-                    server.start()
-
-        model = DPModel(n=512, batch_size=32)
-        fit(model, monitor, Outage(), max_epochs=2)
-        assert gave_up, "the outage never outlasted the client's retries"
-        assert (exporter.written, exporter.dropped) == (32, 0)
-        series = influxdb1_query(server, "privacy", "SELECT step, epsilon FROM privacy_training "
-                                                    "WHERE session_id = 'long'")
-        steps = sorted(row[1] for row in series[0]["values"])
-        assert steps == list(range(1, 33))
-    finally:
-        server.stop()
-
-
 def test_the_publisher_tells_each_build_whether_a_newer_step_is_queued():
     # Forecasts and the risk bound are computed for the newest step only: a publisher that
     # fell behind by five steps computes them once, not five times.
     from privacy_callbacks.publisher import Publisher
 
     built: list[tuple[int, bool]] = []
-    publisher = Publisher([], interval=60.0)  # drains only when flushed
+    publisher = Publisher([], lambda record, newest: built.append((record, newest)),
+                          interval=60.0)  # drains only when flushed
     try:
         for step in range(5):
-            publisher.publish_later(lambda record, newest: built.append((record, newest)), step)
+            publisher.put(step)
         assert publisher.flush(timeout=10.0)
     finally:
         publisher.close(timeout=10.0)
@@ -145,13 +102,15 @@ def test_the_publisher_tells_each_build_whether_a_newer_step_is_queued():
 def test_a_newer_snapshot_queued_behind_a_build_leaves_it_the_newest_build():
     # An exact epsilon published from the accounting thread after the last step's record must
     # not cost that step its forecast and risk bound (nothing newer will compute them).
+    from privacy_callbacks import PrivacySnapshot
     from privacy_callbacks.publisher import Publisher
 
     built: list[tuple[int, bool]] = []
-    publisher = Publisher([], interval=60.0)
+    publisher = Publisher([], lambda record, newest: built.append((record, newest)),
+                          interval=60.0)
     try:
-        publisher.publish_later(lambda record, newest: built.append((record, newest)), 1)
-        publisher.publish(None)  # type: ignore[arg-type]  # delivered as is: nothing to build
+        publisher.put(1)
+        publisher.put(PrivacySnapshot(step=1, timestamp_ns=0, accountant="rdp"))  # as it is
         assert publisher.flush(timeout=10.0)
     finally:
         publisher.close(timeout=10.0)

@@ -92,7 +92,7 @@ def test_every_dashboard_query_returns_data_from_a_real_fit():
                                  session_id="dash", model_name="mlp", policy="default")
         model = ValidatedDPModel()
         probe = MembershipInferenceProbe(model.dataset, model.holdout, samples=32)
-        auditor = OneRunAudit(canaries=50)
+        auditor = OneRunAudit(1e-5, canaries=50)
 
         def query_panels(trainer, model):
             steps = 'training_steps_with_privacy_total{session_id="dash"}'
@@ -236,7 +236,7 @@ def test_broken_noise_audit_alert_reaches_the_webhook_and_a_correct_run_stays_qu
         def audited(session: str, at_end) -> None:
             monitor = PrivacyMonitor(delta=1e-5, exporters=[PrometheusExporter(
                 port=ports[session])], session_id=session, model_name="wide")
-            auditor = OneRunAudit(canaries=1000)
+            auditor = OneRunAudit(1e-5, canaries=1000)
 
             def checked(trainer, model):
                 bounds[session] = (auditor.result.epsilon_lower_bound,

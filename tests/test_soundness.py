@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dp_models import DPModel, fit, make_data
-from privacy_callbacks import DifferentialPrivacy, DPPolicy, PrivacyMonitor, PrometheusExporter
+from privacy_callbacks import (ComplianceAudit, DifferentialPrivacy, DPPolicy, PrivacyMonitor,
+                               PrometheusExporter)
 from test_budget_guard import DELTA, opacus_epsilon
 
 N, BATCH = 256, 32  # 8 batches an epoch: q = 1/8
@@ -126,7 +127,7 @@ def guarded_fit(wiring: str, target: float, *extra: pl.Callback, sigma: float = 
     else:
         model, dp, callbacks = CanaryDP(sigma), None, []
     ledger = Ledger(1 / 8)
-    monitor = PrivacyMonitor(delta=DELTA, target_epsilon=target, mechanism=False)
+    monitor = PrivacyMonitor(delta=DELTA, target_epsilon=target)
     trainer = fit(model, ledger, *callbacks, *extra, monitor, accumulate_grad_batches=accumulate,
                   **trainer_kwargs)
     accountant = Ledger.accountant(trainer)
@@ -171,12 +172,12 @@ class OwnHook(CanaryDP):
 
 def test_unknown_sample_rate_is_skipped_not_released(caplog):
     model = OwnHook(1.0)
-    monitor = PrivacyMonitor(delta=DELTA, target_epsilon=100.0, mechanism=False)
-    with caplog.at_level(logging.WARNING, logger="privacy_callbacks.monitor"):
+    monitor = PrivacyMonitor(delta=DELTA, target_epsilon=100.0)
+    with caplog.at_level(logging.WARNING, logger="privacy_callbacks.guard"):
         fit(model, monitor, max_epochs=1)
     assert model.privacy_engine.accountant.history == []
     assert model.canary.weight.summed_grad is None
-    assert any("cannot be read from the DP optimizer's accountant hook" in r.getMessage()
+    assert any("the sample rate it would be charged cannot be read" in r.getMessage()
                for r in caplog.records)
 
 
@@ -287,10 +288,10 @@ def violations(registry, policy: str) -> dict[str, float]:
 def policy_fit(tmp_path, dp: DifferentialPrivacy, policy):
     exporter = PrometheusExporter(serve=False)
     monitor = PrivacyMonitor(delta=DELTA, exporters=[exporter], session_id="pol",
-                             policy=policy, audit=tmp_path / "audit.jsonl", progress_bar=False,
-                             mechanism=False)
+                             progress_bar=False)
+    audit = ComplianceAudit(DELTA, policy=policy, audit=tmp_path / "audit.jsonl")
     model = CanaryPlain()
-    fit(model, dp, monitor)
+    fit(model, dp, monitor, audit)
     return exporter.registry
 
 

@@ -22,9 +22,7 @@ def opacus_epsilon(sigma: float, q: float, steps: int, delta: float = 1e-5) -> f
 @pytest.mark.parametrize("order", ["dp_first", "monitor_first"])
 def test_unmodified_module_becomes_private(order):
     dp = DifferentialPrivacy(noise_multiplier=1.1, max_grad_norm=1.0)
-    # Finds dp.privacy_engine by itself. No overhead calibration: it would call training_step
-    # once more, and this test counts the calls.
-    monitor = PrivacyMonitor(delta=1e-5, overhead_every=None)
+    monitor = PrivacyMonitor(delta=1e-5)  # finds dp.privacy_engine by itself
     callbacks = [dp, monitor] if order == "dp_first" else [monitor, dp]
     model = PlainModel()
     trainer = fit(model, *callbacks, max_epochs=2)
@@ -58,7 +56,7 @@ def test_target_epsilon_calibrates_sigma_for_the_planned_epochs():
 
 def test_gradient_accumulation_accounts_the_logical_batch():
     dp = DifferentialPrivacy(noise_multiplier=1.0)
-    monitor = PrivacyMonitor(delta=1e-5, overhead_every=None)  # training_step calls are counted
+    monitor = PrivacyMonitor(delta=1e-5)
     model = PlainModel()
     fit(model, dp, monitor, accumulate_grad_batches=2, max_epochs=2)
     # Opacus' hook: rate of one physical batch times the batches accumulated, once per step.

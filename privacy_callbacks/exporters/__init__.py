@@ -1,7 +1,2 @@
-"""Exporters: where snapshots go."""
-
-from .base import Exporter, RunInfo
-from .influxdb import InfluxDBExporter
-from .prometheus import PrometheusExporter
-
-__all__ = ["Exporter", "InfluxDBExporter", "PrometheusExporter", "RunInfo"]
+"""Exporters: where snapshots go (``PrometheusExporter`` in the core, ``InfluxDBExporter`` as
+the ``influxdb`` extra)."""

@@ -5,530 +5,296 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import math
 import threading
 import time
 import typing
 import urllib.parse
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from influxdb_client import InfluxDBClient, Point, WritePrecision
-from influxdb_client.client.write_api import WriteApi, WriteOptions, WriteType
-from reactivex.scheduler import EventLoopScheduler
-
-from .. import catalog
+from .. import catalog, checks
 from ..snapshot import PrivacySnapshot
 from .base import Exporter, RunInfo
+
+try:
+    from influxdb_client import InfluxDBClient, Point
+except ImportError as exc:  # an extra: the core never needs it
+    raise ImportError("InfluxDBExporter needs influxdb-client: "
+                      "pip install 'privacy_callbacks[influxdb]'") from exc
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["InfluxDBExporter"]
 
-_SENDER = "privacy-influxdb"
-_WRITER = "privacy-influxdb-write"
-# How much later than the step's last point a newer value for that step is written: servers that
-# keep milliseconds (VictoriaMetrics) must see a later time, not the same one.
-_LATER_NS = 1_000_000
+_LATER_NS = 1_000_000  # a step's newer value lands 1 ms after its last point (VictoriaMetrics: ms)
+_NAMES = {"v2": ("org", "bucket", "token"),
+          "v1": ("database", "retention_policy", "username", "password")}
+_REQUIRED = {"v2": ("org", "bucket"), "v1": ("database",)}
+# The fix a refusal's error names, by (api, status); 403 reads as 401.
+_FIXES = {
+    ("v2", 401): "check the token and its write permission on the bucket",
+    ("v1", 401): "check username and password",
+    ("v2", 404): "InfluxDB 1.x has no /api/v2/write: use api='v1'; on InfluxDB 2.x/3.x check "
+                 "org {org!r} and bucket {bucket!r}",
+    ("v1", 404): "create the database (CREATE DATABASE \"{database}\"), or use api='v2' for "
+                 "InfluxDB 2.x/3.x"}
+_TEXT = {"Content-Type": "text/plain; charset=utf-8"}
+_FULL = ("InfluxDB exporter buffer full (%d points, server at %s not keeping up): dropping the "
+         "oldest; see privacy_export_dropped_total{exporter=\"influxdb\"}")
 
 
-@contextlib.contextmanager
-def _logging_untouched() -> Iterator[None]:
-    """Undo the logger levels the client sets while it is built (it forces WARNING)."""
-    loggers = logging.Logger.manager.loggerDict
-    before = {name: lg.level for name, lg in loggers.items() if isinstance(lg, logging.Logger)}
-    try:
-        yield
-    finally:
-        for name, lg in list(loggers.items()):
-            level = before.get(name, logging.NOTSET)
-            if isinstance(lg, logging.Logger) and lg.level != level:
-                lg.setLevel(level)
+def _levels() -> dict[logging.Logger, int]:
+    known = [logging.getLogger(), *list(logging.Logger.manager.loggerDict.values())]
+    return {lg: lg.level for lg in known if isinstance(lg, logging.Logger)}
 
 
-class _V1WriteApi(WriteApi):
-    """The client's batching ``WriteApi`` (batches, retries, callbacks), posting the same line
-    protocol to InfluxDB 1.x's ``/write?db=`` instead of ``/api/v2/write``."""
-
-    def __init__(self, influxdb_client: InfluxDBClient, write_options: WriteOptions, *,
-                 database: str, retention_policy: str | None, **kwargs: Any) -> None:
-        self._v1_query = [("db", database)]
-        if retention_policy:
-            self._v1_query.append(("rp", retention_policy))
-        super().__init__(influxdb_client, write_options, **kwargs)
-
-    def _post_write(self, _async_req: bool, bucket: str, org: str, body: bytes, precision: Any,
-                    **kwargs: Any) -> Any:
-        # Points carry ns timestamps, 1.x's default precision: no precision parameter needed.
-        return self._influxdb_client.api_client.call_api(
-            "/write", "POST", query_params=list(self._v1_query),
-            header_params={"Content-Type": "text/plain; charset=utf-8"}, body=body,
-            auth_settings=[], response_type=None, _return_http_data_only=True,
-            urlopen_kw=kwargs.get("urlopen_kw"))
+def _check_url(url: object) -> str:
+    parts = urllib.parse.urlsplit(url if isinstance(url, str) else "")
+    if parts.username is not None or parts.password is not None:  # not echoed: it holds a secret
+        raise ValueError("url must not contain credentials: pass token= or username=/password=")
+    with contextlib.suppress(ValueError):  # from .port: a malformed port
+        if isinstance(url, str) and parts.scheme in ("http", "https") and parts.hostname \
+                and parts.port != 0 and not (parts.query or parts.fragment):
+            return url.rstrip("/")
+    raise ValueError(f"Unexpected value for url: {url!r}; use scheme://host:port, e.g. "
+                     "'http://localhost:8086'")
 
 
-class _Closed(RuntimeError):
-    """Stops the client's retries of a write once the exporter is closed."""
-
-
-def _status(exc: BaseException) -> int | None:
-    """The HTTP status of a failed write, ``None`` when the server gave no answer."""
-    status = getattr(exc, "status", None)
-    if status is None:
-        status = getattr(getattr(exc, "response", None), "status", None)
-    return status or None
-
-
-def _server_message(exc: BaseException) -> str:
-    body = getattr(exc, "body", None) or getattr(exc, "message", None) or ""
-    if isinstance(body, bytes):
-        body = body.decode("utf-8", "replace")
-    return " ".join(str(body).split())[:200]
-
-
-def _check_number(name: str, value: object, *, integer: bool = False, zero: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite number > 0 (>= 0 with ``zero``)."""
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
-            or not (value >= 0 if zero else value > 0):
-        what = "an integer" if integer else "a finite number"
-        raise ValueError(f"Unexpected value for {name}: {value!r}; use {what} "
-                         f"{'>= 0' if zero else '> 0'}")
+# (attribute, field, type) per catalog field. A field keeps its first type (a float to an integer
+# field fails the batch): the snapshot's declaration decides; ``snapshot.extra`` holds floats.
+_HINTS = typing.get_type_hints(PrivacySnapshot)
+_FIELDS: tuple[tuple[str, str, Callable[[Any], Any]], ...] = tuple(
+    (m.attr, m.field, int if int in typing.get_args(_HINTS.get(m.attr)) else float)
+    for m in catalog.METRICS if m.attr is not None and m.field is not None)
 
 
 class InfluxDBExporter(Exporter):
     """Writes one point per optimizer step to InfluxDB, never stalling training.
 
-    Each point is measurement ``privacy_training`` with tags ``session_id``, ``model_name``,
-    ``rank``, ``accountant``; one field per catalog metric that has a per-step value (its
-    ``field`` name, e.g. ``epsilon``, ``noise_multiplier``), an integer field ``step``, and the
-    step's end as timestamp (ns). A newer value for a step already written (the exact epsilon
-    replacing its upper bound, results that arrived after the last step) is one more point for
-    that step, 1 ms after its last one (see :meth:`_stamp`), so the newest point of a fit holds
-    the exact final epsilon on every server.
-
-    Points are built on the publisher's thread and go into a bounded buffer; a sender thread feeds
-    them, at most one batch at a time, to influxdb-client's batching ``WriteApi``, which writes and
-    retries with backoff. During an outage points stay in the buffer; when it is full the oldest
-    are dropped, counted in :attr:`dropped` (``privacy_export_dropped_total{exporter="influxdb"}``
-    when a :class:`PrometheusExporter` runs too) and warned about once. A write that failed after
-    all retries goes back to the front of the buffer, so an outage loses points only beyond
-    ``buffer_size``. :meth:`close` writes what is left within ``close_timeout`` and then gives up:
-    the process never waits on a server that is gone.
-
-    A server that refuses the writes (HTTP 401/403: credentials, 404: wrong API version, org,
-    bucket or database) is reported once, as an error naming the URL and the API version; the
-    exporter then stops writing for this fit and counts every point as dropped.
+    A point: measurement ``privacy_training``; tags ``session_id``, ``model_name``, ``rank``,
+    ``accountant``; a field per catalog metric with a ``field`` (the README metrics table's
+    ``InfluxDB field``) and a value, and ``step``; the step's end as time (ns). A newer value for
+    a step (its exact epsilon) is one more point, 1 ms after the step's last one. Points wait in
+    a bounded buffer of ours (the client's batching writer queues without bound in an outage and
+    waits 300 s at close); a sender thread writes a batch at a time, and on failure puts it back
+    and retries with backoff. A full buffer drops its oldest, counted in :attr:`dropped`
+    (``privacy_export_dropped_total{exporter="influxdb"}``) and warned about once; :meth:`close`
+    counts what is not written within its timeout. A refusal (401/403: credentials; 404: wrong
+    API, org, bucket or database) is one error naming the URL, the API and the fix, and drops
+    every point of the fit.
 
     Args:
         url: Base URL of the server, e.g. ``http://localhost:8086``.
-        org: Organization (``api="v2"``).
-        bucket: Bucket (``api="v2"``).
-        token: API token (``api="v2"``); never logged.
+        org, bucket, token: Where to write with ``api="v2"``; the token is never logged.
         api: ``"v2"`` for ``/api/v2/write`` (InfluxDB 2.x, 3.x and compatible servers), ``"v1"``
             for ``/write?db=`` (InfluxDB 1.x).
-        database: Database (``api="v1"``).
-        retention_policy: Retention policy (``api="v1"``); the database's default if ``None``.
-        username: User name (``api="v1"``, HTTP basic authentication).
-        password: Password (``api="v1"``); never logged.
-        buffer_size: Points held while the server is slow or away; the default (60 000) covers
-            10 minutes at 100 steps/s.
-        batch_size: Points per write request.
+        database, retention_policy: Where to write with ``api="v1"`` (``None``: the default).
+        username, password: HTTP basic authentication (``api="v1"``); never logged.
+        buffer_size, batch_size: Points held while the server is slow or away (the default: 10
+            minutes at 100 steps/s), and sent per write request.
         flush_interval: Seconds a partial batch waits before it is written.
-        retry_interval: Seconds before the first retry of a failed write; later retries back off
-            exponentially.
-        max_retries: Retries of one write before its points go back to the buffer.
-        max_retry_time: Seconds one write may spend retrying.
+        retry_interval: Seconds before the first retry; each further failure doubles the wait,
+            up to ``max_retry_delay`` seconds.
         request_timeout: Seconds one HTTP request may take.
-        close_timeout: Upper bound, in seconds, on the wait for the last points at the end of a
-            fit (the monitor's own bound, 10 s, applies too).
-
-    Exported fields: the ``InfluxDB field`` column of the README's metrics table, generated from
-    :data:`privacy_callbacks.catalog.METRICS`, plus ``step``.
+        close_timeout: Bound, in seconds, on the wait for the last points at the end of a fit.
     """
 
     name = "influxdb"
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        org: str | None = None,
-        bucket: str | None = None,
-        token: str | None = None,
-        api: str = "v2",
-        database: str | None = None,
-        retention_policy: str | None = None,
-        username: str | None = None,
-        password: str | None = None,
-        buffer_size: int = 60_000,
-        batch_size: int = 1_000,
-        flush_interval: float = 1.0,
-        retry_interval: float = 5.0,
-        max_retries: int = 5,
-        max_retry_time: float = 180.0,
-        request_timeout: float = 10.0,
-        close_timeout: float = 10.0,
-    ) -> None:
+    def __init__(self, url: str, *, org: str | None = None, bucket: str | None = None,
+                 token: str | None = None, api: str = "v2", database: str | None = None,
+                 retention_policy: str | None = None, username: str | None = None,
+                 password: str | None = None, buffer_size: int = 60_000, batch_size: int = 1_000,
+                 flush_interval: float = 1.0, retry_interval: float = 5.0,
+                 max_retry_delay: float = 30.0, request_timeout: float = 10.0,
+                 close_timeout: float = 10.0) -> None:
         super().__init__()
-        if api not in ("v1", "v2"):
+        if api not in _NAMES:
             raise ValueError(f"Unexpected value for api: {api!r}; use 'v2' (InfluxDB 2.x/3.x, "
                              "/api/v2/write) or 'v1' (InfluxDB 1.x, /write?db=)")
-        self.url = self._check_url(url)
-        if api == "v2":
-            self._check_names(api, required=(("bucket", bucket), ("org", org)),
-                              other=(("database", database), ("retention_policy", retention_policy),
-                                     ("username", username), ("password", password)))
-        else:
-            self._check_names(api, required=(("database", database),),
-                              other=(("bucket", bucket), ("org", org), ("token", token)))
-            if (username is None) != (password is None):
-                raise ValueError("username and password go together: pass both, or neither for "
-                                 "a server without authentication")
-        for key, value in (("buffer_size", buffer_size), ("batch_size", batch_size)):
-            _check_number(key, value, integer=True)
-        _check_number("max_retries", max_retries, integer=True, zero=True)
-        for key, seconds in (("flush_interval", flush_interval),
-                             ("retry_interval", retry_interval),
-                             ("request_timeout", request_timeout)):
-            _check_number(key, seconds)
-        for key, seconds in (("max_retry_time", max_retry_time), ("close_timeout", close_timeout)):
-            _check_number(key, seconds, zero=True)
-        self.api = api
-        self.org, self.bucket = org, bucket
-        self.database, self.retention_policy, self.username = database, retention_policy, username
-        self.buffer_size = buffer_size
-        self.batch_size = min(batch_size, buffer_size)
-        self.flush_interval = float(flush_interval)
-        self.retry_interval = float(retry_interval)
-        self.max_retries = max_retries
-        self.max_retry_time = float(max_retry_time)
-        self.request_timeout = float(request_timeout)
-        self.close_timeout = float(close_timeout)
-        self.written = 0
-        self.retried = 0
-        self._token = token
-        self._password = password
+        self.url = _check_url(url)
+        names = {"org": org, "bucket": bucket, "token": token, "database": database,
+                 "retention_policy": retention_policy, "username": username, "password": password}
+        for key, value in names.items():
+            if key in _REQUIRED[api] and (not isinstance(value, str) or not value):
+                raise ValueError(f"Unexpected value for {key}: {value!r}; use a non-empty "
+                                 f"string (api={api!r} needs a {key})")
+            if key not in _NAMES[api] and value is not None:  # not echoed: it may be a secret
+                raise ValueError(f"{key} is not used with api={api!r}: InfluxDB 2.x/3.x "
+                                 "(api='v2') takes org, bucket and token, InfluxDB 1.x "
+                                 "(api='v1') database, username and password")
+        if (username is None) != (password is None):
+            raise ValueError("username and password go together: pass both, or neither")
+        count, seconds, zero = "an integer > 0", "a finite number > 0", "a finite number >= 0"
+        self.buffer_size = checks.number("buffer_size", buffer_size, count, integer=True)
+        self.batch_size = min(checks.number("batch_size", batch_size, count, integer=True),
+                              buffer_size)
+        self.flush_interval = checks.number("flush_interval", flush_interval, seconds)
+        self.retry_interval = checks.number("retry_interval", retry_interval, seconds)
+        self.max_retry_delay = checks.number("max_retry_delay", max_retry_delay, seconds)
+        self.request_timeout = checks.number("request_timeout", request_timeout, seconds)
+        self.close_timeout = checks.number("close_timeout", close_timeout, zero, low_ok=True)
+        self.api, self.org, self.bucket, self.database = api, org, bucket, database
+        self._path = "/api/v2/write" if api == "v2" else "/write"
+        # What each write sends, decided once; the secrets live only in the client's auth header.
+        rp = [("rp", retention_policy)] if retention_policy else []
+        self._query = ([("org", org), ("bucket", bucket)] if api == "v2"
+                       else [("db", database), *rp]) + [("precision", "ns")]
+        self._auth: dict[str, Any] = {"token": token} if api == "v2" else {
+            "token": f"{username}:{password}", "auth_basic": True} if username else {}
+        self.written = self.retried = 0
         self._lock = threading.Condition()
-        self._buffer: collections.deque[bytes] = collections.deque()
-        self._in_flight = 0
-        self._running = False
-        self._draining = False
-        self._refused = False
+        self._buffer: collections.deque[bytes] = collections.deque(maxlen=self.buffer_size)
+        self._in_flight = 0  # points of the write under way, out of the buffer
+        self._running = self._draining = self._refused = False
         self._warned: set[str] = set()
-        self._client: InfluxDBClient | None = None
-        self._write_api: WriteApi | None = None
-        self._options: WriteOptions | None = None
-        self._scheduler: EventLoopScheduler | None = None
         self._sender: threading.Thread | None = None
-        self._tags: tuple[tuple[str, str], ...] = ()
-        self._fields = self._field_plan()
-        # Time and step of the last point built (publisher thread only).
-        self._last_ns = 0
-        self._last_step: int | None = None
-
-    def __repr__(self) -> str:
-        target = (f"org={self.org!r}, bucket={self.bucket!r}" if self.api == "v2"
-                  else f"database={self.database!r}")
-        return f"InfluxDBExporter(url={self.url!r}, api={self.api!r}, {target})"
-
-    @staticmethod
-    def _check_url(url: object) -> str:
-        if not isinstance(url, str) or not url:
-            raise ValueError(f"Unexpected value for url: {url!r}; use e.g. 'http://localhost:8086'")
-        try:
-            parts = urllib.parse.urlsplit(url)
-            parts.port  # noqa: B018 -- raises on a malformed port
-        except ValueError:
-            raise ValueError(f"Malformed url {url!r}: use e.g. 'http://localhost:8086'") from None
-        if parts.username is not None or parts.password is not None:
-            # Not echoed: the URL holds a secret.
-            raise ValueError("url must not contain credentials: pass token= (api='v2') or "
-                             "username=/password= (api='v1')")
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
-                or parts.fragment:
-            raise ValueError(f"Malformed url {url!r}: use scheme://host:port, e.g. "
-                             "'http://localhost:8086'")
-        return url.rstrip("/")
-
-    @staticmethod
-    def _check_names(api: str, required: tuple[tuple[str, object], ...],
-                     other: tuple[tuple[str, object], ...]) -> None:
-        for key, value in required:
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"Unexpected value for {key}: {value!r}; api={api!r} needs a "
-                                 f"non-empty {key}")
-        for key, value in other:
-            if value is not None:
-                raise ValueError(f"{key} is not used with api={api!r}: "
-                                 + ("InfluxDB 2.x/3.x take org, bucket and token" if api == "v2"
-                                    else "InfluxDB 1.x takes database, username and password"))
-
-    @staticmethod
-    def _field_plan() -> tuple[tuple[str, str, Callable[[Any], Any]], ...]:
-        """(snapshot attribute, field, type) for every per-step catalog metric.
-
-        A field keeps one type in InfluxDB forever (a float written to an integer field fails the
-        whole batch), so the type comes from the snapshot's declaration, not from each value.
-        """
-        hints = typing.get_type_hints(PrivacySnapshot)
-        plan = []
-        for metric in catalog.METRICS:
-            if metric.field is None or metric.attr is None:
-                continue
-            hint = hints.get(metric.attr)
-            if hint is None:  # a property reading the device statistics
-                hint = typing.get_type_hints(getattr(PrivacySnapshot, metric.attr).fget)["return"]
-            plan.append((metric.attr, metric.field,
-                         int if int in (typing.get_args(hint) or (hint,)) else float))
-        return tuple(plan)
-
-    # -- lifecycle ---------------------------------------------------------------------------
+        self._tags: dict[str, str] = {}
+        self._last_ns, self._last_step = 0, -1  # of the last point built (publisher thread)
 
     def start(self) -> None:
         if self._running:
             return
-        with _logging_untouched():
-            if self.api == "v2":
-                # influxdb-client annotates token and org `str = None`: None is what it expects
-                # when there is no token (org is set: __init__ requires it with api="v2").
-                client = InfluxDBClient(url=self.url, token=self._token,  # type: ignore[arg-type]
-                                        org=self.org,  # type: ignore[arg-type]
-                                        timeout=int(self.request_timeout * 1000))
-            elif self.username is not None:
-                client = InfluxDBClient(url=self.url, token=f"{self.username}:{self._password}",
-                                        auth_basic=True, org="-",
-                                        timeout=int(self.request_timeout * 1000))
-            else:
-                client = InfluxDBClient(url=self.url, org="-",
-                                        timeout=int(self.request_timeout * 1000))
-        # One daemon thread of our own for the HTTP writes: the client's default is a pool shared
-        # by every WriteApi in the process, whose threads the interpreter waits for at exit.
-        self._scheduler = EventLoopScheduler(thread_factory=lambda target: threading.Thread(
-            target=target, name=_WRITER, daemon=True))
-        self._options = WriteOptions(
-            write_type=WriteType.batching, batch_size=self.batch_size,
-            flush_interval=int(self.flush_interval * 1000),
-            retry_interval=int(self.retry_interval * 1000), max_retries=self.max_retries,
-            max_retry_time=int(self.max_retry_time * 1000),
-            max_close_wait=int(self.close_timeout * 1000), write_scheduler=self._scheduler)
-        callbacks: dict[str, Any] = {"success_callback": self._on_success,
-                                     "error_callback": self._on_error,
-                                     "retry_callback": self._on_retry}
-        if self.api == "v2":
-            self._write_api = WriteApi(client, self._options, **callbacks)
-        else:
-            assert self.database is not None  # __init__ requires it with api="v1"
-            self._write_api = _V1WriteApi(client, self._options, database=self.database,
-                                          retention_policy=self.retention_policy, **callbacks)
-        self._client = client
-        with self._lock:
-            self._buffer.clear()
-            self._in_flight = 0
-            self._refused = False
-            self._draining = False
-            self._running = True
-        self._sender = threading.Thread(target=self._send, name=_SENDER, daemon=True)
-        self._sender.start()
+        before = _levels()  # building a client sets its loggers, and the root, to WARNING
+        client = InfluxDBClient(self.url, timeout=int(self.request_timeout * 1000), **self._auth)
+        for lg in _levels():
+            lg.setLevel(before.get(lg, logging.NOTSET))
+        with self._lock:  # close() left the buffer empty
+            self._draining, self._refused, self._running = False, False, True
+            self._sender = threading.Thread(target=self._send, args=(client,),
+                                            name="privacy-influxdb", daemon=True)
+            self._sender.start()
 
     def open(self, info: RunInfo) -> None:
-        self._tags = tuple((tag, str(getattr(info, tag))) for tag in catalog.INFLUX_TAGS)
-        self._last_ns, self._last_step = 0, None
+        self._tags = {tag: str(getattr(info, tag)) for tag in catalog.INFLUX_TAGS}
+        self._last_ns, self._last_step = 0, -1
 
-    def _stamp(self, snapshot: PrivacySnapshot) -> int:
-        """The point's time: the step's end, or 1 ms after the step's last point for a newer
-        value of the step just written.
-
-        The monitor publishes a step again, with the step's time, when a better value arrives:
-        the exact epsilon replacing the upper bound published first, an attack's result after
-        the last step. InfluxDB would merge it into the step's point, but a server that keeps
-        every sample (VictoriaMetrics, at millisecond resolution) holds both values at one time
-        and returns either -- the bound together with ``epsilon_exact`` 1, say. One ms later the
-        newest value is the latest point everywhere, and the bound stays what it was: the
-        value published at the step's end. Times never go back, so the newest point is the
-        last one published (the publisher never sends an earlier step after a later one).
-        """
+    def export(self, snapshot: PrivacySnapshot) -> None:
+        values = {field: kind(value) for attr, field, kind in _FIELDS
+                  if (value := snapshot.get(attr)) is not None}
+        # A step published again (a better value) keeps its time: a server keeping every sample
+        # would hold both at one time and return either; 1 ms later the newest is the latest.
         stamp = snapshot.timestamp_ns
         if stamp <= self._last_ns:
             stamp = self._last_ns + (_LATER_NS if snapshot.step == self._last_step else 1)
         self._last_ns, self._last_step = stamp, snapshot.step
-        return stamp
-
-    def export(self, snapshot: PrivacySnapshot) -> None:
-        if self._refused or not self._running:
-            with self._lock:
-                self.dropped += 1
-            return
-        point = Point(catalog.INFLUX_MEASUREMENT)
-        for key, value in self._tags:
-            point.tag(key, value)
-        for attr, field, cast in self._fields:
-            value = getattr(snapshot, attr)
-            if value is not None:
-                point.field(field, cast(value))
-        point.field(catalog.INFLUX_STEP_FIELD, snapshot.step)
-        point.time(self._stamp(snapshot), WritePrecision.NS)
-        line = point.to_line_protocol().encode()
+        line = Point.from_dict({
+            "measurement": catalog.INFLUX_MEASUREMENT, "tags": self._tags, "time": stamp,
+            "fields": {**values, catalog.INFLUX_STEP_FIELD: snapshot.step}},
+        ).to_line_protocol().encode()  # the default precision, ns
         with self._lock:
-            buffer = self._buffer
-            buffer.append(line)
-            full = self._trim()
-            # The sender wakes once per flush_interval anyway: wake it early only for a full
-            # batch, so a step does not cost a thread switch.
-            if len(buffer) >= self.batch_size:
+            if self._refused or not self._running:
+                self.dropped += 1
+                return
+            full = len(self._buffer) == self.buffer_size  # the deque drops its oldest
+            self.dropped += full
+            self._buffer.append(line)
+            # The sender wakes each flush_interval: early only for a full batch (a thread switch).
+            if len(self._buffer) >= self.batch_size:
                 self._lock.notify_all()
         if full:
-            self._warn_full()
+            self._warn_once("full", logging.WARNING, _FULL, self.buffer_size, self.url)
 
     def close(self, timeout: float = 10.0) -> None:
-        write_api, sender = self._write_api, self._sender
-        if write_api is None or sender is None:
+        sender = self._sender
+        if sender is None:
             return
         budget = max(0.0, min(timeout, self.close_timeout))
         deadline = time.monotonic() + budget
         with self._lock:
             self._draining = True
             self._lock.notify_all()
-            while self._buffer and not self._refused:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._lock.wait(left)
+            self._lock.wait_for(lambda: self._refused or not (self._buffer or self._in_flight),
+                                budget)
             self._running = False
             self._lock.notify_all()
         sender.join(max(0.0, deadline - time.monotonic()))
-        # Completing the client's stream writes its last partial batch now; it waits for the
-        # write at most max_close_wait (300 s by default in the client: ours is what is left).
-        assert self._options is not None and self._scheduler is not None
-        self._options.max_close_wait = max(0, int((deadline - time.monotonic()) * 1000))
-        write_api.close()
-        self._scheduler.dispose()
-        if self._client is not None:
-            self._client.close()
         with self._lock:
+            # A write still under way ends within request_timeout, unheard: its points count here.
             lost = len(self._buffer) + self._in_flight
             self.dropped += lost
             self._buffer.clear()
             self._in_flight = 0
-            # A write still retrying reports back later: its points are already counted above.
-            self._write_api = None
-        self._sender = self._client = self._scheduler = self._options = None
+            self._sender = None
         if lost:
             logger.warning("%d privacy points were not written to InfluxDB at %s within %.1f s "
                            "and are counted as dropped", lost, self.url, budget)
 
-    # -- background --------------------------------------------------------------------------
-
-    def _send(self) -> None:
-        """Feed the client at most one batch at a time, so its own queue never grows."""
-        while True:
-            with self._lock:
-                self._lock.wait_for(self._batch_ready, timeout=self.flush_interval)
-                if not self._running:
-                    return
-                count = min(len(self._buffer), self.batch_size - self._in_flight)
-                if count <= 0:
+    def _send(self, client: InfluxDBClient) -> None:
+        me, delay = threading.current_thread(), 0.0
+        with contextlib.closing(client):
+            while (batch := self._next(me, delay)) is not None:
+                if not batch:
                     continue
-                lines = [self._buffer.popleft() for _ in range(count)]
-                self._in_flight += count
-                self._lock.notify_all()
-            write_api = self._write_api
-            if write_api is not None:
-                # influxdb-client annotates org `str = None` and write_precision as its
-                # WritePrecision class, whose members (WritePrecision.NS) are plain strings.
-                write_api.write(self.bucket or "", self.org, lines,  # type: ignore[arg-type]
-                                write_precision=WritePrecision.NS)  # type: ignore[arg-type]
+                try:
+                    # The client's WriteApi posts only to /api/v2/write, which InfluxDB 1.x lacks
+                    # before 1.8; its public low-level call (the one WriteApi makes) posts to
+                    # either, with one connection pool, timeout, auth header and error type
+                    # (it adds its headers to the dict it gets: a fresh one).
+                    client.api_client.call_api(
+                        self._path, "POST", query_params=self._query, header_params=dict(_TEXT),
+                        body=b"\n".join(batch), auth_settings=[])
+                    error: Exception | None = None
+                except Exception as exc:  # the server's answer, or none: both handled below
+                    error = exc
+                delay = self._settle(me, batch, error, delay)
 
-    def _batch_ready(self) -> bool:
-        if not self._running:
-            return True
-        room = self.batch_size - self._in_flight
-        return room > 0 and bool(self._buffer) and (
-            self._draining or len(self._buffer) >= room)
-
-    def _on_success(self, _key: tuple, data: bytes) -> None:
-        count = data.count(b"\n") + 1
+    def _next(self, me: threading.Thread, delay: float) -> list[bytes] | None:
+        """The next batch (``None``: stop) after ``delay`` (the close cuts it short: one more
+        try at once), then a full batch, ``flush_interval`` or the close."""
+        def stop() -> bool:
+            return not self._running or self._refused or self._sender is not me
         with self._lock:
-            if self._write_api is None:
-                return
-            self._in_flight = max(0, self._in_flight - count)
-            self.written += count
+            was = self._draining
+            self._lock.wait_for(lambda: stop() or self._draining != was, delay)
+            self._lock.wait_for(lambda: stop() or len(self._buffer) >= self.batch_size
+                                or self._draining and bool(self._buffer), self.flush_interval)
+            if stop():
+                return None
+            self._in_flight = min(self.batch_size, len(self._buffer))
+            return [self._buffer.popleft() for _ in range(self._in_flight)]
+
+    def _settle(self, me: threading.Thread, batch: list[bytes], error: Exception | None,
+                delay: float) -> float:
+        """Count a write's points; the wait before the next write."""
+        status = getattr(error, "status", None) or None
+        with self._lock:
+            if self._sender is not me:  # closed meanwhile: these points are counted
+                return 0.0
+            self._in_flight = 0
             self._lock.notify_all()
-
-    def _on_retry(self, _key: tuple, _data: bytes, exc: BaseException) -> None:
-        with self._lock:
-            closed = self._write_api is None
-            if not closed:
+            if error is None:
+                self.written += len(batch)
+                return 0.0
+            kept, self._refused = [], status in (401, 403, 404)
+            if status is None or status >= 429:  # an outage: keep the newest that fit
+                kept = batch[max(0, len(batch) - self.buffer_size + len(self._buffer)):]
+                self._buffer.extendleft(reversed(kept))
                 self.retried += 1
-        if closed:
-            # Raised inside the client's retry loop, it ends the write: a closed exporter leaves
-            # no thread retrying (with backoff, up to max_retry_time) behind it.
-            raise _Closed(f"InfluxDBExporter for {self.url} is closed; its points are counted "
-                          "as dropped")
-        self._warn_once("unreachable", logging.WARNING,
-                        "InfluxDB at %s is not taking writes (%s); points are kept (up to %d) "
-                        "and retried", self.url, type(exc).__name__, self.buffer_size)
-
-    def _on_error(self, _key: tuple, data: bytes, exc: BaseException) -> None:
-        lines = data.split(b"\n")
-        status = _status(exc)
-        with self._lock:
-            if self._write_api is None:
-                return
-            self._in_flight = max(0, self._in_flight - len(lines))
-            if status is None or status >= 429:
-                # Retries exhausted on an outage: the points wait in the buffer for the next try.
-                self._buffer.extendleft(reversed(lines))
-                full = self._trim()
-            else:
-                self.dropped += len(lines)
-                full = False
-                if status in (401, 403, 404):
-                    self._refused = True
-                    self.dropped += len(self._buffer)
-                    self._buffer.clear()
-            self._lock.notify_all()
-        if full:
-            self._warn_full()
-        if status is not None and status < 429:
-            self._refusal(status, exc)
-
-    def _refusal(self, status: int, exc: BaseException) -> None:
-        endpoint = "/api/v2/write" if self.api == "v2" else f"/write?db={self.database}"
-        said = _server_message(exc)
-        if status in (401, 403):
-            fix = ("check the token and its write permission on the bucket" if self.api == "v2"
-                   else "check username and password")
-        elif status == 404 and self.api == "v2":
-            fix = (f"InfluxDB 1.x has no /api/v2/write: use api='v1'; on InfluxDB 2.x/3.x check "
-                   f"org {self.org!r} and bucket {self.bucket!r}")
-        elif status == 404:
-            fix = (f"create the database (CREATE DATABASE \"{self.database}\"), or use api='v2' "
-                   "for InfluxDB 2.x/3.x")
-        else:
-            fix = "the points of this batch are dropped"
-        off = (" The InfluxDB exporter stops writing for this fit; points are counted as dropped."
-               if self._refused else "")
-        self._warn_once(f"status-{status}", logging.ERROR,
-                        "InfluxDB at %s (API %s) answered HTTP %d to %s%s: %s.%s", self.url,
-                        self.api, status, endpoint, f" ({said})" if said else "", fix, off)
-
-    def _trim(self) -> bool:
-        """Drop the oldest points beyond the bound; call with the lock held."""
-        over = len(self._buffer) - self.buffer_size
-        for _ in range(over):
-            self._buffer.popleft()
-        if over > 0:
-            self.dropped += over
-        return over > 0
-
-    def _warn_full(self) -> None:
-        self._warn_once("full", logging.WARNING,
-                        "InfluxDB exporter buffer full (%d points, server at %s not keeping up): "
-                        "dropping the oldest; see privacy_export_dropped_total"
-                        "{exporter=\"influxdb\"}", self.buffer_size, self.url)
+            self.dropped += len(batch) - len(kept) + (len(self._buffer) if self._refused else 0)
+            if self._refused:
+                self._buffer.clear()
+        if status is not None and status < 429:  # a refusal: one error naming the fix
+            said = getattr(error, "message", None) or ""
+            said = " ".join((said.decode("utf-8", "replace") if isinstance(said, bytes)
+                             else str(said)).split())[:200]
+            fix = _FIXES.get((self.api, 401 if status == 403 else status), "batch dropped").format(
+                org=self.org, bucket=self.bucket, database=self.database)
+            self._warn_once(f"status-{status}", logging.ERROR, "InfluxDB at %s (API %s) answered "
+                            "HTTP %d to %s%s: %s.%s", self.url, self.api, status, self._path,
+                            f" ({said})" if said else "", fix,
+                            " The exporter stops writing for this fit; points are counted as "
+                            "dropped." if self._refused else "")
+            return 0.0
+        if len(kept) < len(batch):
+            self._warn_once("full", logging.WARNING, _FULL, self.buffer_size, self.url)
+        self._warn_once("unreachable", logging.WARNING, "InfluxDB at %s is not taking writes "
+                        "(%s); points are kept (up to %d) and retried", self.url,
+                        type(error).__name__, self.buffer_size)
+        return min(2 * delay, self.max_retry_delay) if delay else self.retry_interval
 
     def _warn_once(self, key: str, level: int, msg: str, *args: object) -> None:
-        if key in self._warned:
-            return
-        self._warned.add(key)
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
         logger.log(level, msg, *args)

@@ -1,0 +1,168 @@
+"""A tamper-evident, append-only audit trail of privacy events (JSON lines).
+
+A line is ``{"seq", "ts", "event", "data", "prev", "hash"[, "hmac"]}``: ``prev``, the SHA-256 of
+the line before (64 zeros first), pins deletions and reordering; ``hash`` (of the record's
+canonical JSON) pins an edit to its record; ``hmac`` needs the secret key. Cutting off the end
+leaves a valid shorter chain: keep :func:`verify`'s head hash elsewhere when that matters.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import json
+import math
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT_KEY_ENV", "AuditTrail", "VerifyResult", "verify"]
+
+DEFAULT_KEY_ENV = "PRIVACY_AUDIT_HMAC_KEY"
+_GENESIS = "0" * 64
+
+
+def _canonical(record: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in record.items() if k not in ("hash", "hmac")}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _key(env: str | None) -> bytes | None:
+    value = os.environ.get(env) if env else None
+    return value.encode() if value else None
+
+
+def _jsonable(value: Any) -> Any:
+    """Strict JSON: inf and nan become their ``repr``, keys strings, other objects ``str``."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    return value if value is None or isinstance(value, (str, int, float)) else str(value)
+
+
+class AuditTrail:
+    """Appends hash-chained events to a JSON-lines file (mode 0600), continuing an existing one.
+
+    Args:
+        path: The audit file.
+        key_env: Environment variable holding the HMAC key; when set, every record carries an
+            HMAC-SHA256. The key never leaves the process (not in records, logs or ``repr``).
+        fsync: ``os.fsync`` after each record, so an event survives a crash right after it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, key_env: str | None = DEFAULT_KEY_ENV,
+                 fsync: bool = True) -> None:
+        if not str(path):
+            raise ValueError(f"Unexpected value for path: {path!r}; use a file path")
+        self.path, self.key_env, self.fsync = Path(path), key_env, fsync
+        self._key = _key(key_env)
+        self._lock = threading.Lock()
+        self._seq: int | None = None  # read from the file at the first record
+        self._prev = _GENESIS
+
+    @property
+    def hmac_enabled(self) -> bool:
+        return self._key is not None
+
+    def record(self, event: str, **data: Any) -> dict[str, Any]:
+        """Append one event with ``data``, its facts; returns the record written."""
+        with self._lock:
+            if self._seq is None:
+                lines = self.path.read_bytes().split(b"\n") if self.path.exists() else []
+                last = next((line for line in reversed(lines) if line.strip()), b"")
+                try:
+                    self._seq = int(json.loads(last)["seq"]) if last else 0
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{self.path} does not end with an audit record; run "
+                                     f"`python -m privacy_callbacks audit verify {self.path}` "
+                                     "or start a new file") from None
+                self._prev = hashlib.sha256(last).hexdigest() if last else _GENESIS
+            ts = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            record: dict[str, Any] = {"seq": self._seq + 1, "ts": ts, "event": event,
+                                      "data": _jsonable(data), "prev": self._prev}
+            body = _canonical(record)
+            record["hash"] = hashlib.sha256(body).hexdigest()
+            if self._key is not None:
+                record["hmac"] = hmac.new(self._key, body, hashlib.sha256).hexdigest()
+            line = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.fchmod(fd, 0o600)  # also tightens a file that existed with looser bits
+                os.write(fd, line + b"\n")
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._seq, self._prev = self._seq + 1, hashlib.sha256(line).hexdigest()
+            return record
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What :func:`verify` found: ``ok``, the ``records`` intact; for a broken trail the 1-based
+    ``line`` and expected ``seq`` of the first bad record and the ``reason``; ``head``, the SHA-256
+    of the last good line (anchor it elsewhere to detect truncation)."""
+
+    ok: bool
+    records: int
+    line: int | None = None
+    seq: int | None = None
+    reason: str = ""
+    head: str = _GENESIS
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"OK: {self.records} records, head {self.head}"
+        return f"BROKEN at line {self.line} (record {self.seq}): {self.reason}"
+
+
+def _fault(record: Any, seq: int, prev: str, key: bytes | None) -> str | None:
+    """Why ``record`` is not the intact record ``seq`` after ``prev``; ``None`` if it is."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    found = record.get("seq")
+    if found != seq:
+        return f"found record {found}: record(s) {seq}..{found - 1} deleted or moved" \
+            if isinstance(found, int) and found > seq \
+            else f"found record {found!r}: records reordered or duplicated"
+    if record.get("prev") != prev:
+        return (f"previous-record hash does not match line {seq - 1}: a record before it was "
+                "altered, inserted or removed")
+    body = _canonical(record)
+    if record.get("hash") != hashlib.sha256(body).hexdigest():
+        return "record content altered (its hash does not match)"
+    mac = record.get("hmac")
+    if key is not None and not (isinstance(mac, str) and hmac.compare_digest(
+            mac, hmac.new(key, body, hashlib.sha256).hexdigest())):
+        return "HMAC missing or wrong: altered, or signed with another key"
+    return None
+
+
+def verify(path: str | os.PathLike[str], *, key_env: str | None = DEFAULT_KEY_ENV,
+           require_hmac: bool = False) -> VerifyResult:
+    """The first broken or altered record of an audit trail, if any.
+
+    Args:
+        path: The audit file (``OSError`` when it cannot be read).
+        key_env: Environment variable with the HMAC key; when set, every record's HMAC is checked.
+        require_hmac: Raise ``ValueError`` when the key variable is not set.
+    """
+    key = _key(key_env)
+    if require_hmac and key is None:
+        raise ValueError(f"require_hmac is set but the environment variable {key_env!r} is "
+                         "empty: export the audit HMAC key there")
+    prev, count = _GENESIS, 0
+    for number, line in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        try:
+            fault = _fault(json.loads(line), count + 1, prev, key)
+        except ValueError:
+            fault = "not valid JSON"
+        if fault is not None:
+            return VerifyResult(False, count, number, count + 1, fault, prev)
+        prev, count = hashlib.sha256(line).hexdigest(), count + 1
+    return VerifyResult(True, count, head=prev)
