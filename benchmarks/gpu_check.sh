@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU check: the overhead benchmark on MiniLM- and BERT-base-size encoders and a short DP
-# fine-tune of the real all-MiniLM-L6-v2, on a GPU machine that can neither reach a package index
-# nor receive more than 64 MiB. About 4 minutes on one H100/H200; results go to $OUT.
+# GPU check: a short DP fine-tune of the real all-MiniLM-L6-v2, the mechanism metrics' sync check
+# (benchmarks/gpu_mechanism_check.py: no host-device synchronisation from privacy_callbacks) and
+# the overhead benchmark (benchmarks/bench_overhead.py --mode gpu) on MiniLM- and BERT-base-size
+# encoders, on a GPU machine that can neither reach a package index nor receive more than 64 MiB.
+# About 6 minutes on one H100/H200; results go to $OUT. Any failed step fails the script.
 #
 #   bash benchmarks/gpu_check.sh --prepare      # here, with network: fills .whl/ and .model/
 #   bash benchmarks/gpu_check.sh                # on the GPU machine, carrying .whl and .model
@@ -62,13 +64,16 @@ cat "$OUT/env.txt"
 
 if [ "$mode" = gpu ]; then
   tune=(--accelerator gpu --epochs 3)
+  mech=(--size minilm --steps 20 --rounds 2 --warmup 5)
   bench=(--mode gpu --reps 4 --steps 15 --warmup 3)
-  tune_limit=100 bench_limit=170
+  tune_limit=100 mech_limit=150 bench_limit=170
 else
   tune=(--accelerator cpu --epochs 1 --max-steps 3 --n-train 192 --n-test 64 --batch-size 16
         --max-length 16)
-  bench=(--mode cpu --reps 1 --steps 2 --warmup 1)
-  tune_limit=240 bench_limit=240
+  mech=(--size tiny --steps 8 --rounds 1 --warmup 2 --overhead-every 2)
+  # Part 2 (the hooks beside their floor, CPU only), one short round.
+  bench=(--mode cpu --reps 1 --steps 2 --warmup 1 --hook-rounds 1 --hook-steps 40)
+  tune_limit=240 mech_limit=240 bench_limit=240
 fi
 
 status=0
@@ -87,6 +92,13 @@ if [ "$status" = 0 ]; then
   grep -E "^(Privacy metrics|epoch|Summary)|RANDOM|Error" "$OUT/finetune.log"
   [ "$rc" = 0 ] || { echo "fine-tune failed (exit $rc); see finetune.log" >&2; status=1; }
 fi
+
+echo "== mechanism sync check: benchmarks/gpu_mechanism_check.py ${mech[*]}"
+timeout "$mech_limit" python3 benchmarks/gpu_mechanism_check.py "${mech[@]}" \
+  --json "$OUT/mechanism.json" >"$OUT/mechanism.log" 2>&1
+rc=$?
+grep -E "^(device|sync check|synchronising|fit under)" "$OUT/mechanism.log"
+[ "$rc" = 0 ] || { tail -5 "$OUT/mechanism.log" >&2; echo "sync check failed (exit $rc)" >&2; status=1; }
 
 echo "== benchmark: benchmarks/bench_overhead.py ${bench[*]}"
 timeout "$bench_limit" python3 benchmarks/bench_overhead.py "${bench[@]}" \

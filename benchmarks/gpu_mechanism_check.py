@@ -14,6 +14,8 @@ BERT-base-size: 12 layers, hidden 768) is trained with Opacus DP-SGD in hooks mo
    ``TorchFunctionMode`` on the training thread counts every call that would make the host wait
    for the device on CUDA (a value read, a blocking copy), by the line that made it; none may
    come from ``privacy_callbacks`` and the fits with and without them must count the same.
+   The script exits 1 when a synchronisation came from ``privacy_callbacks``, the monitor added
+   one, or the ``"error"``-mode fit raised.
 2. Cost: DP fits without the monitor, with the monitor alone ("off") and with the mechanism
    metrics beside it ("on"), interleaved; median step times and ratios; the reported overhead
    ``total`` (steps after warm-up) against a side-by-side plain fit, and ``excess_ratio``:
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch CPU threads when there is no CUDA device")
     parser.add_argument("--overhead-every", type=int, default=5,
                         help="calibration cadence of the monitored fit")
+    parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads)  # more threads than free cores: timings scatter
@@ -267,7 +270,11 @@ def main(argv: list[str] | None = None) -> int:
             (reported - 1) / (side_by_side - 1), 4),
     })
     print(json.dumps(result, indent=1))
-    return 0
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    synced = result["syncs_from_privacy_callbacks"] or result["syncs_added_by_monitor"]
+    return 1 if synced or result.get("error_mode_fit", "passed") != "passed" else 0
 
 
 if __name__ == "__main__":

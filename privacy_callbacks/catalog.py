@@ -1,8 +1,5 @@
-"""The metric catalog: the one place a metric is named.
-
-The exporters, the alert rules, the dashboards and ``docs/metrics.md`` come from :data:`METRICS`.
-Every metric carries :data:`BASE_LABELS` plus its own ``labels``; no label changes per step.
-"""
+"""The metric catalog, the one place a metric is named: exporters, alert rules, dashboards and
+``docs/metrics.md`` come from :data:`METRICS`. No label changes per step."""
 
 from __future__ import annotations
 
@@ -22,10 +19,9 @@ INFLUX_STEP_FIELD = "step"
 
 @dataclass(frozen=True)
 class Metric:
-    """One metric: its Prometheus ``name`` (counters end in ``_total``), ``kind``, one-sentence
-    ``help``, ``unit``, ``labels`` beyond :data:`BASE_LABELS`, the snapshot attribute ``attr``
-    that holds it (``PrivacySnapshot.get``; a counter's is the running total), the InfluxDB
-    ``field`` of the per-step point, and a histogram's ``buckets``."""
+    """One metric: Prometheus ``name``, ``kind``, one-sentence ``help``, ``unit``, ``labels``
+    beyond :data:`BASE_LABELS`, the snapshot attribute ``attr`` that holds it (a counter's is the
+    running total), the InfluxDB ``field`` of the per-step point, a histogram's ``buckets``."""
 
     name: str
     kind: Literal["gauge", "counter", "histogram"]
@@ -52,13 +48,10 @@ class Metric:
 _ACC = ("accountant",)
 
 
-def _decades(low: float, high: float) -> tuple[float, ...]:
-    """Bucket bounds 1, 2, 5 per decade from ``low`` to ``high`` (both powers of ten)."""
-    bounds, scale = [], low
-    while scale <= high * (1 + 1e-9):
-        bounds += [float(f"{m * scale:.3g}") for m in (1, 2, 5)]
-        scale *= 10
-    return tuple(b for b in bounds if b <= high * (1 + 1e-9))
+def _decades(low: int, high: int) -> tuple[float, ...]:
+    """Bucket bounds 1, 2, 5 per decade from ``10**low`` to ``10**high``."""
+    bounds = [float(f"{m}e{e}") for e in range(low, high) for m in (1, 2, 5)]
+    return (*bounds, float(f"1e{high}"))
 
 METRICS: tuple[Metric, ...] = (
     Metric("privacy_epsilon_consumed", "gauge",
@@ -71,21 +64,17 @@ METRICS: tuple[Metric, ...] = (
            "1 if the reported epsilon is the accountant's exact value for its step, 0 if it is an "
            "upper bound (published until the exact value is computed).",
            labels=_ACC, attr="epsilon_exact", field="epsilon_exact"),
-    Metric("privacy_delta_consumed", "gauge",
-           "Delta the reported epsilon is computed for.",
+    Metric("privacy_delta_consumed", "gauge", "Delta the reported epsilon is computed for.",
            labels=_ACC, attr="delta", field="delta"),
-    Metric("privacy_epsilon_target", "gauge",
-           "Epsilon budget for this training run.",
+    Metric("privacy_epsilon_target", "gauge", "Epsilon budget for this training run.",
            labels=_ACC, attr="target_epsilon", field="epsilon_target"),
     Metric("privacy_budget_remaining", "gauge",
            "Epsilon budget left: target minus epsilon spent (negative once the target is passed).",
            labels=_ACC, attr="budget_remaining", field="budget_remaining"),
-    # Exact values only: a counter cannot go down, so an upper bound would stay in it.
     Metric("privacy_budget_consumed_total", "counter",
            "Epsilon consumed in this session, as a monotonic counter of exact values: an upper "
            "bound (privacy_epsilon_exact 0) never raises it, the exact epsilon of a later step "
-           "does.",
-           labels=_ACC, attr="session_epsilon"),
+           "does.", labels=_ACC, attr="session_epsilon"),
     Metric("privacy_epsilon_forecast", "gauge",
            "Epsilon at the end of the planned training if the current noise and sample rate hold.",
            labels=_ACC, attr="epsilon_forecast", field="epsilon_forecast"),
@@ -96,11 +85,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("privacy_noise_multiplier", "gauge",
            "Noise multiplier sigma of the Gaussian mechanism in the last step.",
            attr="noise_multiplier", field="noise_multiplier"),
-    Metric("gradient_clipping_norm", "gauge",
-           "Per-sample gradient clipping norm C.",
+    Metric("gradient_clipping_norm", "gauge", "Per-sample gradient clipping norm C.",
            attr="max_grad_norm", field="clipping_norm"),
-    Metric("privacy_sample_rate", "gauge",
-           "Sampling rate q the accountant used for the last step.",
+    Metric("privacy_sample_rate", "gauge", "Sampling rate q the accountant used for the last step.",
            attr="sample_rate", field="sample_rate"),
     Metric("privacy_noise_std", "gauge",
            "Standard deviation of the noise on the averaged update: sigma_g*C/(B*k), B the global "
@@ -114,36 +101,31 @@ METRICS: tuple[Metric, ...] = (
            "batch size is private) unless raw private statistics are on.",
            unit="samples/s", labels=("rank",), attr="throughput", field="throughput"),
     Metric("privacy_accounting_errors_total", "counter",
-           "Failures while computing epsilon; training continued.",
-           attr="accounting_errors"),
+           "Failures while computing epsilon; training continued.", attr="accounting_errors"),
     Metric("privacy_export_dropped_total", "counter",
-           "Snapshots or points an exporter dropped (outage, full buffer).",
-           labels=("exporter",)),
+           "Snapshots or points an exporter dropped (outage, full buffer).", labels=("exporter",)),
     Metric("training_step_seconds", "gauge",
            "Wall-clock time of the last optimizer step, data loading included.",
            unit="s", labels=("rank",), attr="step_seconds", field="step_seconds"),
-    # Mechanism metrics, read from the device without synchronising the training thread. Each is
-    # data-independent, post-processing of the noised update, an accounted noised release, or
-    # raw only on explicit opt-in (README "Mechanism metrics").
+    # Mechanism metrics, read from the device without blocking training: each is data-independent,
+    # post-processing of the noised update, an accounted release, or raw on explicit opt-in.
     Metric("privacy_clipped_fraction", "gauge",
            "Fraction of per-sample gradients whose norm exceeded C this step: from the noised "
            "histogram's buckets above C over the expected batch (accounted), or exact "
-           "(raw opt-in).",
-           attr="clipped_fraction", field="clipped_fraction"),
-    # A histogram, not p50/p90/max gauges: buckets add up across steps, ranks and runs, any
-    # quantile is chosen at query time (histogram_quantile over rate()), and the training side
-    # never sorts. 1-2-5 buckets cover norms far below and far above any usual C.
+           "(raw opt-in).", attr="clipped_fraction", field="clipped_fraction"),
+    # A histogram, not quantile gauges: buckets add up across steps, ranks and runs, a quantile is
+    # chosen at query time and training never sorts. The buckets span far around any usual C.
     Metric("privacy_per_sample_grad_norm", "histogram",
            "Per-sample gradient L2 norms before clipping: noised bucket counts, rounded and "
            "floored at 0 (accounted), or the norms themselves (raw opt-in).",
-           attr="per_sample_grad_norms", buckets=_decades(1e-3, 1e3)),
+           attr="per_sample_grad_norms", buckets=_decades(-3, 3)),
     # One observation per step. The noise norm concentrates at sigma*C*sqrt(d) (d = parameters),
     # so the buckets reach 1e6 (sigma*C = 1 up to d = 1e12).
     Metric("privacy_noise_magnitude", "histogram",
            "L2 norm of the Gaussian noise added to the summed gradient this step: "
            "sigma_g*C*sqrt(d) once the realised norm was checked on the device (finite, within "
            "0.5-1.5x), else the realised norm (broken noise, or raw opt-in).",
-           attr="noise_magnitude", field="noise_magnitude", buckets=_decades(1e-3, 1e6)),
+           attr="noise_magnitude", field="noise_magnitude", buckets=_decades(-3, 6)),
     Metric("privacy_signal_magnitude", "gauge",
            "Norm of the summed clipped gradients, estimated from the noised update: "
            "sqrt(max(0, norm(g~)^2 - sigma_g^2*C^2*d)) (post-processing; noisy for small signals).",
@@ -154,8 +136,7 @@ METRICS: tuple[Metric, ...] = (
     # The snapshot attribute is a mapping {operation: ratio}; its keys are the label values.
     Metric("privacy_overhead_ratio", "gauge",
            "Time of a DP step part relative to the same step without DP "
-           "(total: DP step / plain step).",
-           labels=("operation",), attr="overhead"),
+           "(total: DP step / plain step).", labels=("operation",), attr="overhead"),
     # Budget guard.
     Metric("privacy_budget_exhausted", "gauge",
            "1 once the budget guard found that one more step would pass the target, else 0.",
@@ -163,8 +144,7 @@ METRICS: tuple[Metric, ...] = (
     # Security and compliance.
     Metric("membership_inference_risk_score", "gauge",
            "Largest membership-inference advantage (TPR - FPR) any attack can have at the current "
-           "(epsilon, delta).",
-           attr="membership_inference_risk", field="mia_risk_score"),
+           "(epsilon, delta).", attr="membership_inference_risk", field="mia_risk_score"),
     Metric("membership_inference_empirical_auc", "gauge",
            "AUC of a loss-threshold membership-inference attack on training vs held-out samples.",
            attr="membership_inference_auc", field="mia_empirical_auc"),
@@ -188,9 +168,8 @@ METRICS: tuple[Metric, ...] = (
 )
 
 _BY_NAME = {m.name: m for m in METRICS}
-_FIELDS = [m.field for m in METRICS if m.field]
-if len(_BY_NAME) != len(METRICS) or len(set(_FIELDS)) != len(_FIELDS) \
-        or INFLUX_STEP_FIELD in _FIELDS:
+_FIELDS = [INFLUX_STEP_FIELD] + [m.field for m in METRICS if m.field]
+if len(_BY_NAME) != len(METRICS) or len(set(_FIELDS)) != len(_FIELDS):
     raise RuntimeError("Duplicate metric name or InfluxDB field in the catalog")
 
 

@@ -32,11 +32,8 @@ def flag(name: str, value: Any) -> bool:
 
 
 def label(name: str, value: Any) -> str:
-    """A Prometheus label value or InfluxDB tag fixed for a run (``session_id``, ``model_name``).
-
-    Letters, digits and ``_ . : / -``, at most 128: no spaces, quotes or ``@`` (an e-mail address
-    or a name with spaces never becomes a label).
-    """
+    """A label value or tag fixed for a run (``session_id``): at most 128 letters, digits and
+    ``_ . : / -``, so no e-mail address or name with spaces becomes a label."""
     if not isinstance(value, str) or not _LABEL.match(value):
         raise ValueError(f"Unexpected value for {name}: {value!r}; use at most 128 of "
                          "A-Z a-z 0-9 _ . : / - (starting with a letter or digit)")

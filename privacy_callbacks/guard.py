@@ -17,12 +17,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BudgetGuard"]
 
-# A noise multiplier that falls below the one a count was made for (a noise schedule) gets a
-# count made at this fraction of it: one count then covers many steps of the schedule.
-_FLOOR = 0.9
-# Seconds the training thread waits for the accountant's own answer when a bound says "no"
-# (under DDP it waits for it: every rank must decide alike).
-_WAIT = 60.0
+_FLOOR = 0.9  # a falling sigma is counted at this fraction of it: one count, many steps
+_WAIT = 60.0  # seconds to wait for the accountant's own "no" (under DDP: as long as it takes)
 
 
 def _grown(base: View, now: View, q: float, floor: float) -> bool:
@@ -46,24 +42,20 @@ def _succeeded(future: Future[Any]) -> bool:
 
 
 class BudgetGuard(Callback):
-    """Skips (and stops the fit before) any optimizer step that would take epsilon past
-    ``target_epsilon``, by the accountant the run uses -- RDP, PRV or GDP.
+    """Skips, and stops the fit before, any optimizer step that would take epsilon past
+    ``target_epsilon`` by the run's own accountant (RDP, PRV or GDP).
 
-    Modelled on ``EarlyStopping``. Before each optimizer step it checks the step Opacus is about
-    to account, at its own noise multiplier and sample rate (a scheduler, an accumulation cut
-    short at an epoch's end or ``min_epochs`` can change them): a step that does not fit is
-    skipped -- its batch is dropped, never released -- and the fit stops. Most steps cost one
-    comparison: a count says how many steps in total fit at the sample rate and any noise
-    multiplier above a floor. The count comes from a sound bound at once and from the
-    accountant's own ``get_epsilon`` (a search on the background worker) soon after; a "no" is
-    only ever the accountant's own answer, so training uses exactly the budget its accountant
-    allows, and every DDP rank decides alike without a collective per step. A "no" from a bound
-    waits for that answer (up to a minute; under DDP, for as long as it takes).
+    Before each step it checks the step Opacus is about to account, at its own sigma and sample
+    rate; a step that does not fit is skipped (its batch is dropped, never released) and the fit
+    stops. Most steps cost one comparison against a count of the steps that fit at the sample
+    rate and any sigma above a floor: a sound bound's at once, the accountant's own
+    ``get_epsilon`` search from the worker soon after. Only the accountant's answer says "no"
+    (waiting up to a minute for it; under DDP as long as it takes, so ranks decide alike).
 
     Args:
         target_epsilon: The epsilon budget.
         delta: The delta epsilon is computed for, in (0, 1).
-        accountant: The Opacus accountant or ``PrivacyEngine``; found on the module by default.
+        accountant: An Opacus accountant or ``PrivacyEngine``; found on the module by default.
         allow_privacy_reset: Accept resuming from a checkpoint without privacy state.
         stop: ``False`` only reports: ``exhausted`` is set, the fit goes on past the target.
 
@@ -135,8 +127,8 @@ class BudgetGuard(Callback):
             self._plan(trainer, float(optimizers[0].noise_multiplier), q)
 
     def _plan(self, trainer: pl.Trainer, sigma: float, q: float) -> None:
-        """Ask for the accountant's count at once, and warn once if the plan passes the target
-        (with the same accountant's numbers: at once for RDP, from the worker otherwise)."""
+        """Ask for the accountant's count now; warn once, in its numbers, if the plan passes
+        the target."""
         accounting = self.accounting
         assert accounting is not None
         accounting.prepare(sigma, q)
@@ -184,8 +176,6 @@ class BudgetGuard(Callback):
                 f"rank 0 has {first}. Give every rank the same target_epsilon, delta and stop, "
                 "and the same privacy state to resume from.")
 
-    # -- the check, before every optimizer step ----------------------------------------------
-
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Any) -> None:
         rate = self._rate if optimizer is self._optimizer else self._rates.get(id(optimizer))
@@ -202,9 +192,8 @@ class BudgetGuard(Callback):
         self._decide(trainer, optimizer, float(sigma), q)
 
     def _last_of(self, credit: tuple[float, float, int | None, bool], sigma: float) -> None:
-        """This step uses up its count at this sigma. If one more step would not fit by the
-        accountant's own count, stop after this one; every rank comes to the same answer, as
-        each waits here for that count when its own was a bound's."""
+        """This step uses up its count: stop after it if the accountant's own count (waited
+        for, so every rank agrees) says one more does not fit."""
         q, floor = credit[0], credit[1]
         if floor != sigma:
             return
@@ -249,8 +238,7 @@ class BudgetGuard(Callback):
             self._last_of(self._credit, sigma)
 
     def _ask(self, view: View, floor: float, q: float) -> Future[int | None]:
-        """The accountant's count at (floor, q) from the worker: one asked already (and still
-        valid for the history now), else a new question."""
+        """The accountant's count at (floor, q): asked already and still valid, or asked now."""
         asked = self._asked.get((floor, q))
         if asked is not None and _grown(asked[0], view, q, floor):
             return asked[1]
@@ -264,8 +252,7 @@ class BudgetGuard(Callback):
     def _count(self, view: View, total: int, floor: float, q: float,
                wait: bool = False) -> tuple[int | None, bool]:
         """Most steps in total that fit at q and sigma >= floor, and whether that is the
-        accountant's own count: it, if the worker has it; else a bound's, asking the worker
-        for it -- and, with ``wait``, waiting for it when the bound says no."""
+        accountant's own count; a bound's meanwhile, waited past (``wait``) when it says no."""
         accounting = self.accounting
         assert accounting is not None
         asked = self._asked.get((floor, q))
@@ -286,8 +273,7 @@ class BudgetGuard(Callback):
             return limit, False
 
     def steps_left(self, view: View, sigma: float, q: float) -> int | None:
-        """Further steps at (sigma, q) that fit after ``view`` (the metrics' count, on the
-        publisher thread): the accountant's own count when known, else a bound's."""
+        """Further steps at (sigma, q) that fit after ``view`` (publisher thread)."""
         accounting = self.accounting
         assert accounting is not None
         total = sum(s for _, _, s in view[0][:view[1]])
@@ -345,8 +331,6 @@ class BudgetGuard(Callback):
             ", the step about to run was skipped" if skipped else "", record["epsilon"],
             self.delta, accounting.mechanism, sigma, q, record["next_epsilon"],
             self.target_epsilon)
-
-    # -- after the step ----------------------------------------------------------------------
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:

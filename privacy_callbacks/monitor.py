@@ -27,30 +27,26 @@ __all__ = ["PrivacyMonitor"]
 class PrivacyMonitor(Callback):
     """Publishes the privacy an Opacus DP-SGD run spends, after every optimizer step.
 
-    The training thread only notes each step (the accountant history's length and last
-    segment, sigma, C, the time: host-side values, no epsilon); the publisher thread computes
-    epsilon for the history exactly as it was then -- the accountant's exact value, or an upper
-    bound labelled as one until the exact value is known -- builds the :class:`PrivacySnapshot`
-    and feeds the exporters. Epsilon also goes to the progress bar and the loggers every
-    ``log_every_n_steps``. Before the fit returns, the exporters hold the exact last epsilon.
-    With ``target_epsilon``, a :class:`~privacy_callbacks.BudgetGuard` runs inside. The history
-    is saved in checkpoints and restored on ``trainer.fit(ckpt_path=...)``. Under DDP privacy
-    values come from rank 0, throughput and step time from every rank (``rank`` label).
+    The training thread notes each step (host-side values only); the publisher thread computes
+    epsilon for the history as it was then -- the accountant's exact value, or a labelled upper
+    bound until that is known -- and feeds the exporters, which hold the exact last epsilon before
+    the fit returns. With ``target_epsilon`` a :class:`~privacy_callbacks.BudgetGuard` runs inside.
+    The history is saved in checkpoints and restored on resume. Under DDP privacy values come
+    from rank 0, throughput and step time from every rank.
 
     Args:
         delta: The delta epsilon is reported for, in (0, 1).
         target_epsilon: The budget: budget metrics, forecast and the guard.
         exporters: Where snapshots go, e.g. ``[PrometheusExporter(port=9108)]``.
-        accountant: The Opacus accountant or ``PrivacyEngine``; by default the ``PrivacyEngine``
-            on the LightningModule (``self.privacy_engine``) or a callback.
-        session_id: Label of the session: by default each ``fit`` is one (a resumed fit keeps
-            its checkpoint's); a named session spans every fit and restart.
-        model_name: Label of the model; the LightningModule's class name by default.
+        accountant: An Opacus accountant or ``PrivacyEngine``; by default the module's
+            ``privacy_engine`` or a callback's.
+        session_id: By default each ``fit`` is a session (a resume keeps its checkpoint's).
+        model_name: By default the LightningModule's class name.
         progress_bar: Show epsilon in the progress bar.
-        max_pending: Steps the publisher holds while exporters lag, then drops the oldest.
-        stop_at_target: Skip and stop before a step past the target; ``False`` only reports.
-        allow_privacy_reset: Accept resuming without privacy state, or with another delta or
-            accountant (epsilon would be under-reported: off by default).
+        max_pending: Steps held while exporters lag; then the oldest are dropped.
+        stop_at_target: Stop before a step past the target; ``False`` only reports.
+        allow_privacy_reset: Accept a resume without privacy state or with another delta or
+            accountant (epsilon would be under-reported).
     """
 
     def __init__(self, delta: float, target_epsilon: float | None = None, *,
@@ -95,25 +91,23 @@ class PrivacyMonitor(Callback):
         self._accountant: Any = None
         self._reporters: list[Any] = []
         self._step_reporters: list[Any] = []
-        self._every = True
         self._planned: int | None = None
         self._t_last: float | None = None
+        self._every = True
         self._rank = self._step = self._batches = 0
         self._log_every, self._log_loggers, self._logged = 50, False, -1
-        self._state_key = self._generate_state_key(
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
             delta=self.delta, target_epsilon=self.target_epsilon,
             session_id=self.session_id if self._named else None,
             exporters=[repr(e) if type(e).__repr__ is not object.__repr__ else type(e).__name__
                        for e in self.exporters])
 
     @property
-    def state_key(self) -> str:
-        return self._state_key
-
-    @property
     def last_snapshot(self) -> PrivacySnapshot | None:
-        """The last step's snapshot (after the fit: with the exact final epsilon); during a fit
-        it first waits (briefly) until every step so far is built."""
+        """The last step's snapshot (after the fit: the exact final epsilon)."""
         if self._publisher is not None and not self._publisher.on_thread():
             self._publisher.flush(timeout=10.0)
         return self._last
@@ -121,8 +115,6 @@ class PrivacyMonitor(Callback):
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every step so far reached the exporters; False on timeout."""
         return True if self._publisher is None else self._publisher.flush(timeout)
-
-    # -- lifecycle ---------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -206,8 +198,6 @@ class PrivacyMonitor(Callback):
                         self.session_id, accounting.mechanism, self.delta,
                         f", metrics at {', '.join(urls)}" if urls else "")
 
-    # -- per step ----------------------------------------------------------------------------
-
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t_last, self._batches, self._step = None, 0, trainer.global_step
 
@@ -278,9 +268,8 @@ class PrivacyMonitor(Callback):
             self._logged = step
 
     def _build(self, record: tuple, newest: bool) -> PrivacySnapshot | None:
-        """One step's snapshot (publisher thread). A step with a newer one in the same batch is
-        built only if someone reads every step (an exporter with ``every_step``, an observer)
-        or it carries measured values."""
+        """One step's snapshot (publisher thread); an older step of a batch only if someone reads
+        every step or it carries measured values."""
         step, timestamp_ns, view, sigma, clip, batches, seconds, reads, exhausted = record
         if not (newest or reads or self._every):
             return None
@@ -340,11 +329,9 @@ class PrivacyMonitor(Callback):
                 and last.epsilon_step == value.step:
             publisher.put(self._with_epsilon(dataclasses.replace(last, extra={}), value, None))
 
-    # -- end of the fit ----------------------------------------------------------------------
-
     def _publish_final(self, timeout: float = 10.0) -> None:
-        """The exact epsilon of the last step, and what reporters learned since (an attack's
-        result at the end of training), out before the fit returns."""
+        """The last step's exact epsilon and the reporters' last values, out before the fit
+        returns."""
         publisher, accounting = self._publisher, self.accounting
         if publisher is None or accounting is None or not self._exporting:
             return
@@ -409,8 +396,6 @@ class PrivacyMonitor(Callback):
         if self.accounting is not None:
             self.accounting.close()  # kept: epsilon and the last values stay readable
 
-    # -- checkpoint state --------------------------------------------------------------------
-
     def state_dict(self) -> dict[str, Any]:
         last, accounting = self.last_snapshot, self.accounting  # every step so far built
         accountant = None if accounting is None else accounting.accountant
@@ -422,8 +407,7 @@ class PrivacyMonitor(Callback):
                 "history": [] if accountant is None else [list(s) for s in accountant.history]}
 
     def _exact_session_epsilon(self) -> float | None:
-        """The session's exact epsilon at the last step, computed (once per checkpoint) while a
-        bound is published: a resumed session's counter counts on from it, never from a bound."""
+        """The session's exact epsilon now (a resumed session counts on from it, not a bound)."""
         last, accounting = self._last, self.accounting
         if last is None or last.epsilon_exact == 1 or accounting is None or sum(
                 s for _, _, s in accounting.accountant.history) != last.epsilon_step:

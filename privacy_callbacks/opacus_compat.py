@@ -69,14 +69,10 @@ def _hook_rate(hook: Any) -> float | None:
 
 
 class ChargedRate:
-    """The sample rate Opacus will charge one optimizer's next step, in a few attribute reads.
-
-    Opacus' own hook charges ``sample_rate * accumulated_iterations``; a hook bound to an object
-    with ``accounted_sample_rate(optimizer, accumulated)`` (the ``DifferentialPrivacy``
-    callback) says its rate itself. ``None`` for any other hook: the step cannot be checked.
-    The batches accumulated are read from the first trained parameter's ``grad_sample`` (a
-    tensor for one, a list for several); Opacus' own property walks every parameter.
-    """
+    """The sample rate Opacus will charge an optimizer's next step, in a few attribute reads:
+    its own hook's ``sample_rate * accumulated``, or what a hook's owner says through
+    ``accounted_sample_rate(optimizer, accumulated)``; ``None`` for any other hook. Batches
+    accumulated come from the first trained parameter's ``grad_sample`` (a list for several)."""
 
     __slots__ = ("optimizer", "_hook", "_rate", "_told", "_param")
 
@@ -117,9 +113,8 @@ class ChargedRate:
 
 
 def gradient_noise_multiplier(optimizer: DPOptimizer, sigma: float) -> float:
-    """The multiplier of the noise ``add_noise`` puts on the summed clipped gradients when the
-    accounted ``sigma`` also covers a statistics release (``statistics_noise_multiplier``, or
-    AdaClip's unclipped count): ``(sigma^-2 - sigma_s^-2)^-1/2``."""
+    """The gradient's share of an accounted ``sigma`` that also covers a statistics release
+    (``statistics_noise_multiplier``, AdaClip's count): ``(sigma^-2 - sigma_s^-2)^-1/2``."""
     sigma_s = getattr(optimizer, "statistics_noise_multiplier", None)
     if isinstance(optimizer, AdaClipDPOptimizer):
         sigma_s = 2 * optimizer.unclipped_num_std
@@ -143,16 +138,15 @@ def skip_step(optimizer: DPOptimizer) -> None:
 
 
 def discard_skipped(optimizer: DPOptimizer) -> None:
-    """Drop what a skipped step left: Opacus keeps its clipped sum for the next step, which
-    would then release it uncounted. The next step holds only batches accumulated after this."""
+    """Drop what a skipped step left: Opacus keeps its clipped sum, which the next step would
+    release uncounted."""
     for p in optimizer.params:
         p.summed_grad = None
         p.grad_sample = None
         p.grad = None
 
 
-# The checkpoint keys of the callbacks that save the accountant's history.
-_OWNERS = ("PrivacyMonitor", "BudgetGuard")
+_OWNERS = ("PrivacyMonitor", "BudgetGuard")  # the callbacks whose checkpoint state holds it
 
 
 def saved_states(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
@@ -164,11 +158,8 @@ def saved_states(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
 
 def restore_history(trainer: Any, accountant: IAccountant, states: list[dict[str, Any]],
                     delta: float, allow_privacy_reset: bool) -> None:
-    """Put a checkpoint's accountant history back (``on_train_start``), failing closed.
-
-    A resumed fit whose checkpoint holds no privacy state, or another delta or accountant, would
-    under-report the privacy spent: that raises unless the user opted in.
-    """
+    """Put a checkpoint's history back, failing closed: a resume without privacy state, or with
+    another delta or accountant, would under-report epsilon, so it raises unless opted in."""
     if not states and trainer.ckpt_path is None:
         return
     state = next((s for s in states if s.get("delta") == delta), states[0] if states else None)

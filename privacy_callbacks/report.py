@@ -1,9 +1,8 @@
 """The privacy report: one self-contained HTML page per session, from its audit records.
 
-Everything on the page comes from the audit records: data-independent settings, the
-accountant's epsilon (post-processing of what DP released) and accounted releases (the one-run
-audit's bound, an attack's score). The chart is matplotlib's SVG, inline (no network load); the
-page is a Jinja2 template with HTML escaping on. Needs the ``report`` extra.
+The records hold only data-independent settings, the accountant's epsilon (post-processing of
+what DP released) and accounted releases (the one-run audit's bound, attack scores). The chart is
+matplotlib's inline SVG, the page a Jinja2 template with HTML escaping on (the ``report`` extra).
 """
 
 from __future__ import annotations
@@ -66,14 +65,9 @@ def _chart(fits: list[dict[str, Any]], target: float | None, resumes: list[int])
 
 
 def render(records: Iterable[Mapping[str, Any]], *, verified: Any = None) -> str:
-    """The report page of the last session in ``records`` (audit trail records, oldest first).
-
-    Args:
-        records: Audit records as :class:`~privacy_callbacks.compliance.AuditTrail` writes
-            them (``{"event", "ts", "data", ...}``).
-        verified: The trail's :class:`~privacy_callbacks.compliance.VerifyResult`, or ``None``
-            when the records come from no trail.
-    """
+    """The page of the last session in ``records`` (``{"event", "ts", "data"}``, oldest first,
+    as :class:`~privacy_callbacks.compliance.AuditTrail` writes them); ``verified``: the trail's
+    :class:`~privacy_callbacks.compliance.VerifyResult`, ``None`` for records from no trail."""
     import jinja2
 
     records = _session(list(records))

@@ -1,7 +1,4 @@
-"""PrivacySnapshot: one frozen record per optimizer step, and how optional parts add to it.
-
-The monitor finds the protocols' implementers among the trainer's callbacks (duck typing).
-"""
+"""PrivacySnapshot, one frozen record per optimizer step; protocols by which callbacks add to it."""
 
 from __future__ import annotations
 
@@ -15,15 +12,11 @@ __all__ = ["FIELDS", "Observer", "PrivacySnapshot", "Reporter", "StepReporter", 
 class PrivacySnapshot:
     """What the monitor knows after one optimizer step; ``None`` means "not known".
 
-    ``epsilon`` (at ``delta``, earlier fits included) is never below the accountant's own
-    ``get_epsilon`` for ``epsilon_step`` accounted steps: ``epsilon_exact`` 1 when it is that
-    value, 0 for an upper bound. ``session_steps``, ``session_epsilon`` (exact values only: a
-    counter cannot go down) and ``accounting_errors`` count what this session (a fit, or every
-    fit of a named one) accounted. ``assessed``: the forecast, steps left and risk bound were
-    computed (for the newest step of each publisher batch). ``extra``: the optional parts'
-    values by catalog attribute (:class:`Reporter`, :class:`StepReporter`). Under DDP, ranks
-    other than 0 export only ``throughput`` and ``step_seconds``.
-    """
+    ``epsilon`` (earlier fits included) is never below the accountant's ``get_epsilon`` after
+    ``epsilon_step`` steps (``epsilon_exact`` 1: that value, 0: a bound). ``session_*`` and
+    ``accounting_errors`` count this session (``session_epsilon``: exact values only).
+    ``assessed``: forecast, steps left and risk were computed (the newest step of each publisher
+    batch). ``extra``: optional parts' values by catalog attribute."""
 
     step: int
     timestamp_ns: int
@@ -61,11 +54,8 @@ FIELDS = frozenset(f.name for f in fields(PrivacySnapshot))
 
 @runtime_checkable
 class Reporter(Protocol):
-    """Latest results (an attack's score, policy violations) by catalog attribute, read on the
-    publisher thread for the newest step of each batch and at the end of the fit."""
-
     def privacy_values(self) -> Mapping[str, Any]:
-        ...
+        """Latest results by catalog attribute (an attack's score), read on the publisher thread."""
 
 
 def reported(reporters: Any) -> dict[str, Any]:
@@ -80,17 +70,23 @@ def reported(reporters: Any) -> dict[str, Any]:
 
 @runtime_checkable
 class StepReporter(Protocol):
-    """Per-step measurements (mechanism statistics): called on the training thread after each
-    optimizer step, it returns what the publisher thread calls to read the step's values (device
-    values are read there), or ``None``."""
-
     def privacy_step_values(self, step: int) -> Callable[[], Mapping[str, Any]] | None:
-        ...
+        """After each step, on the training thread: a reader the publisher thread calls, or None."""
 
 
 @runtime_checkable
 class Observer(Protocol):
-    """Sees every snapshot of the exporting rank (the audit trail), on the publisher thread."""
-
     def privacy_observe(self, snapshot: PrivacySnapshot) -> None:
-        ...
+        """Sees every snapshot of the exporting rank (the audit trail), on the publisher thread."""
+
+
+@runtime_checkable
+class Source(Protocol):
+    """The callback that publishes the snapshots (``PrivacyMonitor``), found by what it offers."""
+
+    delta: float
+    session_id: str
+    accounting: Any
+
+    @property
+    def last_snapshot(self) -> PrivacySnapshot | None: ...

@@ -184,7 +184,8 @@ def test_background_failure_is_counted_not_raised(caplog):
         assert ours.errors >= 1
         # What stays published is the RDP bound, labelled as a bound for the step.
         assert ours.latest.step == 1 and not ours.latest.exact
-        assert ours.latest.value == value.value >= opacus_epsilon(PRVAccountant,
+        # (it may tighten once the RDP vector is computed, never below PRV's value).
+        assert value.value >= ours.latest.value >= opacus_epsilon(PRVAccountant,
                                                                   [(1.0, 0.01, 1)], 1e-5)
         assert "failed" in caplog.text
     finally:

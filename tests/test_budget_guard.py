@@ -84,7 +84,8 @@ def test_stops_mid_epoch_one_step_before_the_target(caplog):
         opacus_epsilon(history)
     messages = [r.getMessage() for r in caplog.records]
     assert any("planned training" in m and "only 9 more steps fit" in m for m in messages)
-    assert any("budget guard: stopping training at step 9 (9 steps accounted):" in m for m in messages)
+    stopping = "budget guard: stopping training at step 9 (9 steps accounted):"
+    assert any(stopping in m for m in messages)
     stop = monitor.guard.stop_record
     assert stop["step"] == 9 and stop["epsilon"] == opacus_epsilon(history)
     assert stop["next_epsilon"] == opacus_epsilon(one_more_step(history, 1.0, 0.125)) > 4.0

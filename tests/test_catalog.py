@@ -1,25 +1,29 @@
-"""The catalog is the single source of metric names; the README's table comes from it."""
+"""The catalog is the single source of metric names; docs/metrics.md is generated from it."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
 from privacy_callbacks import catalog
-from privacy_callbacks.__main__ import main
+from privacy_callbacks.__main__ import main, metrics_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_readme_metrics_table_is_generated_from_the_catalog():
-    readme = (ROOT / "README.md").read_text()
-    table = re.search(r"<!-- metrics:start -->\n(.*?)\n<!-- metrics:end -->", readme, re.S)
-    assert table, "README.md lost its metrics table markers"
-    assert table.group(1) == catalog.markdown_table(), (
-        "README metrics table is stale: "
-        "run `python -m privacy_callbacks metrics --readme README.md`")
+def test_docs_metrics_page_is_generated_from_the_catalog():
+    assert (ROOT / "docs" / "metrics.md").read_text() == metrics_markdown(), (
+        "docs/metrics.md is stale: run `python -m privacy_callbacks metrics --write "
+        "docs/metrics.md`")
+
+
+def test_metrics_page_lists_every_metric_with_its_labels_and_field():
+    rows = {line.split(" | ")[0].strip("|` "): line for line in metrics_markdown().splitlines()
+            if line.startswith("| `")}
+    assert list(rows) == [m.name for m in catalog.METRICS]
+    eps = rows["privacy_epsilon_consumed"]
+    assert "| gauge |" in eps and "| accountant |" in eps and "| `epsilon` |" in eps
 
 
 def test_contract_names_are_present():
@@ -32,10 +36,17 @@ def test_contract_names_are_present():
         assert catalog.by_name(name).name == name
 
 
-def test_snapshot_attributes_exist_for_every_metric():
-    from privacy_callbacks import PrivacySnapshot
-    for metric in catalog.METRICS:  # fields, or properties reading the device statistics
-        assert metric.attr is None or hasattr(PrivacySnapshot, metric.attr), metric.name
+def test_every_metric_attribute_reads_from_a_snapshot():
+    """A field of the snapshot, or a value an optional part adds to its ``extra``."""
+    from privacy_callbacks.snapshot import FIELDS, PrivacySnapshot
+
+    attrs = [m.attr for m in catalog.METRICS if m.attr]
+    extra = {attr: 0.25 for attr in attrs if attr not in FIELDS}
+    snap = PrivacySnapshot(step=3, timestamp_ns=0, accountant="rdp", epsilon=1.5, extra=extra)
+    assert snap.get("epsilon") == 1.5 and snap.get("step") == 3
+    for attr in attrs:
+        assert snap.get(attr) == (getattr(snap, attr) if attr in FIELDS else 0.25), attr
+    assert "clipped_fraction" in extra and "session_epsilon" in FIELDS
 
 
 def test_invalid_definitions_are_rejected():
@@ -47,6 +58,8 @@ def test_invalid_definitions_are_rejected():
         catalog.by_name("nope")
 
 
-def test_cli_prints_the_table(capsys):
+def test_cli_prints_and_writes_the_page(capsys, tmp_path: Path):
     assert main(["metrics"]) == 0
-    assert capsys.readouterr().out.strip() == catalog.markdown_table()
+    assert capsys.readouterr().out == metrics_markdown()
+    assert main(["metrics", "--write", str(tmp_path / "metrics.md")]) == 0
+    assert (tmp_path / "metrics.md").read_text() == metrics_markdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 HEAVY = ("torch", "lightning", "opacus")
+ROOT = Path(__file__).resolve().parents[1]
 
 # Runs the CLI in a fresh interpreter, then reports which heavy packages it imported.
 PROBE = f"""
@@ -34,17 +36,47 @@ def run_cli(*args: str, cwd: Path) -> tuple[str, str]:
     return lines["IMPORTED"], lines["CODE"]
 
 
-@pytest.mark.parametrize("args", [
-    ("--help",),
-    ("metrics",),
-    ("generate", "{tmp}/ops"),
-    ("audit", "verify", "{tmp}/missing.jsonl"),
+@pytest.mark.parametrize("args,code", [
+    (("--help",), "0"),
+    (("metrics",), "0"),
+    (("generate", "{tmp}/ops"), "0"),
+    (("audit", "verify", "{tmp}/missing.jsonl"), "2"),  # a missing file is a usage error
+    (("report", "{tmp}/missing.jsonl", "-o", "{tmp}/r.html"), "2"),
 ])
-def test_cli_commands_import_no_torch(tmp_path: Path, args: tuple[str, ...]):
-    imported, code = run_cli(*(a.format(tmp=tmp_path) for a in args), cwd=tmp_path)
+def test_cli_commands_import_no_torch(tmp_path: Path, args: tuple[str, ...], code: str):
+    imported, exit_code = run_cli(*(a.format(tmp=tmp_path) for a in args), cwd=tmp_path)
     assert imported == "", f"`privacy-callbacks {' '.join(args)}` imported {imported}"
-    expected = "2" if args[0] == "audit" else "0"  # a missing audit file is a usage error
-    assert code == expected
+    assert exit_code == code
+
+
+@pytest.mark.parametrize("content,says", [
+    (None, "No such file"),
+    ('{"seq": 1}\n', "no fit_start record"),
+])
+def test_report_errors_are_one_clear_line(tmp_path: Path, content: str | None, says: str):
+    trail = tmp_path / "trail.jsonl"
+    if content is not None:
+        trail.write_text(content)
+    result = subprocess.run([sys.executable, "-m", "privacy_callbacks", "report", str(trail),
+                             "-o", str(tmp_path / "r.html")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and says in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and str(trail) in result.stderr
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_report_without_its_extra_names_the_extra(tmp_path: Path):
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "jinja2.py").write_text("raise ImportError('blocked', name='jinja2')\n")
+    (tmp_path / "trail.jsonl").write_text('{"seq": 1}\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(ROOT)])}
+    result = subprocess.run([sys.executable, "-m", "privacy_callbacks", "report",
+                             str(tmp_path / "trail.jsonl"), "-o", str(tmp_path / "r.html")],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2
+    assert "privacy_callbacks[report]" in result.stderr and "jinja2" in result.stderr
 
 
 def test_public_names_still_import_from_the_package_root():

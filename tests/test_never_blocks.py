@@ -14,7 +14,6 @@ import pytest
 
 from dp_models import DPModel, fit
 from privacy_callbacks import Exporter, InfluxDBExporter, PrivacyMonitor
-from servers import influxdb1, influxdb1_query, wait_for
 
 DELTA = 1e-5
 

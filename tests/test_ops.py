@@ -15,8 +15,8 @@ from privacy_callbacks import catalog
 from privacy_callbacks.__main__ import main
 from privacy_callbacks.ops import ALERTS, RECEIVERS, Receivers, RuleOptions, alertmanager_config
 from privacy_callbacks.ops.dashboards import DATASOURCE, dashboards, panel_metrics, panels
-from privacy_callbacks.ops.rules import CATEGORIES, rule_file, rule_tests
-from privacy_callbacks.ops.template import render, selector_query
+from privacy_callbacks.ops.rules import CATEGORIES, rule_file
+from promtool_cases import cases, render, rule_tests
 from servers import require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_generate_writes_every_file(generated: Path):
     names = sorted(str(p.relative_to(generated)) for p in generated.rglob("*") if p.is_file())
     assert names == ["alertmanager.yml", "dashboards/privacy-budget.json",
                      "dashboards/privacy-performance.json", "dashboards/privacy-security.json",
-                     "privacy-rules.test.yml", "privacy-rules.yml", "prometheus.yml"]
+                     "privacy-rules.yml", "prometheus.yml"]
     assert (generated / "alertmanager.yml").stat().st_mode & 0o077 == 0
 
 
@@ -52,11 +52,14 @@ def test_promtool_checks_rules_and_config(generated: Path):
 
 def test_promtool_unit_tests_every_alert_both_ways(generated: Path):
     promtool = require_binary("promtool", "prometheus")
+    (generated / "privacy-rules.test.yml").write_text(rule_tests("privacy-rules.yml"))
     result = run([promtool, "test", "rules", "privacy-rules.test.yml"], generated)
     assert result.returncode == 0, result.stdout + result.stderr
+    by_alert = cases(RuleOptions())
+    assert set(by_alert) == {alert.name for alert in ALERTS}
     for alert in ALERTS:
-        assert any(case.fires for case in alert.cases), f"{alert.name} never shown firing"
-        assert any(not case.fires for case in alert.cases), f"{alert.name} never shown quiet"
+        assert any(case.fires for case in by_alert[alert.name]), f"{alert.name} never fires"
+        assert any(not case.fires for case in by_alert[alert.name]), f"{alert.name} never quiet"
 
 
 CHANGED = [
@@ -104,22 +107,20 @@ def test_expected_annotations_are_the_rules_templates_rendered():
     audit = by_name["PrivacyAttackDetected: audit bound above the reported epsilon"][0]
     assert audit["exp_annotations"]["description"].startswith(
         "The one-run privacy audit proves ε ≥ 1.80 (95 % confidence)")
-    for alert in ALERTS:
-        for case in alert.cases:
-            for expected in by_name[f"{alert.name}: {case.name}"]:
-                assert "{{" not in str(expected["exp_annotations"]), (alert.name, case.name)
+    for expected in by_name.values():
+        assert "{{" not in str(expected)
 
 
-def test_an_annotation_the_renderer_cannot_expand_fails_generation(monkeypatch):
+def test_an_annotation_the_tests_cannot_expand_fails_their_generation(monkeypatch):
     from privacy_callbacks.ops import rules
 
-    made = rules._alerts
+    made = rules.alerts
 
-    def humanized(options):
+    def humanized(options=None):
         return tuple(replace(a, description="{{ $value | humanize }} refused")
                      if a.name == "MetricsAuthenticationFailures" else a for a in made(options))
 
-    monkeypatch.setattr(rules, "_alerts", humanized)
+    monkeypatch.setattr("promtool_cases.alerts", humanized)
     with pytest.raises(ValueError, match="MetricsAuthenticationFailures: burst of wrong "
                                          "passwords: .*humanize"):
         rule_tests("rules.yml")
@@ -129,25 +130,28 @@ def test_an_annotation_the_renderer_cannot_expand_fails_generation(monkeypatch):
     "{{ $value | humanize }}", "{{ $value }}", "{{- $labels.job }}", "{{ range . }}{{ end }}",
     "{{ if $labels.job }}open", "{{ $x := 1 }}", "{{ $value | printf \"%d\" }}",
     "{{ with query `up` }}{{ . | first | value | printf \"%.2f\" }}{{ end }}",
-    "{{ with query `rate(up[5m])` }}x{{ end }}", "{{ with query `up{}` }}x{{ end }}",
 ])
 def test_renderer_refuses_what_it_does_not_implement(text: str):
-    query = selector_query({'up{job="j"}': 1.0, 'up{job="k"}': 1.0})
-    with pytest.raises(ValueError, match="not supported|matches 2|has no {{ end }}"):
-        render(text, labels={"job": "j"}, value=1.0, query=query)
+    with pytest.raises(ValueError, match="not supported"):
+        render(text, {"job": "j"}, 1.0, 8.0)
+
+
+def test_renderer_needs_the_values_the_text_reads():
+    with pytest.raises(ValueError, match="reads \\$value"):
+        render("{{ $value | printf \"%.2f\" }}", {}, None)
+    exhausted = next(a for a in ALERTS if a.name == "PrivacyBudgetExhausted")
+    with pytest.raises(ValueError, match="reads the target"):
+        render(exhausted.description, {"accountant": "rdp"}, 9.0)
+    assert render(exhausted.description, {"accountant": "rdp"}, 9.0, 8.0).startswith(
+        "ε spent is 9.00 (rdp accountant) for a target of 8.00, or the budget guard")
 
 
 def test_renderer_expands_the_constructs_of_the_rules():
-    query = selector_query({'target{session_id="s1",accountant="rdp"}': 8.0})
     text = ('{{ if $labels.attack_type }}{{ $labels.attack_type }}{{ else }}none{{ end }} '
-            '{{ $value | printf "%.2f" }} {{ $value | humanizeDuration }} '
-            '{{ with printf `target{session_id=%q,accountant=%q}` $labels.session_id '
-            '$labels.accountant | query }}{{ . | first | value | printf "%.1f" }}{{ end }}')
-    assert render(text, labels={"session_id": "s1", "accountant": "rdp"}, value=3725.0,
-                  query=query) == "none 3725.00 1h 2m 5s 8.0"
-    assert render(text, labels={"attack_type": "lira", "session_id": "s2"}, value=59.0,
-                  query=query) == "lira 59.00 59s "
-    assert render("{{ $value | humanizePercentage }}", labels={}, value=0.85) == "85%"
+            '{{ $value | printf "%.2f" }} {{ $value | humanizeDuration }}')
+    assert render(text, {"session_id": "s1"}, 3725.0) == "none 3725.00 1h 2m 5s"
+    assert render(text, {"attack_type": "lira"}, 59.0) == "lira 59.00 59s"
+    assert render("{{ $value | humanizePercentage }}", {}, 0.85) == "85%"
 
 
 def test_configurable_budget_low_ratio_is_proven_too(tmp_path: Path):
@@ -171,6 +175,7 @@ def test_alerts_have_the_labels_and_annotations_routing_needs():
         "PrivacyBudgetExhausted", "PrivacyAttackDetected", "PrivacyComplianceViolation",
         "NoiseGenerationFailure"}
     assert {a.category for a in ALERTS} == set(CATEGORIES)
+    assert {a.severity for a in ALERTS} == {"critical", "warning"}
     for alert in ALERTS:
         rule = alert.rule(None)
         assert "$labels" in rule["annotations"]["summary"], alert.name

@@ -23,8 +23,8 @@ import pytest
 from torch.utils.data import DataLoader
 
 from dp_models import DPModel, make_data
-from privacy_callbacks import (MembershipInferenceProbe, OneRunAudit, PrivacyMonitor,
-                               PrometheusExporter)
+from privacy_callbacks import (ComplianceAudit, MechanismMetrics, MembershipInferenceProbe,
+                               OneRunAudit, PrivacyMonitor, PrometheusExporter)
 from privacy_callbacks.ops import (ALERTS, Receivers, alertmanager_config, prometheus_config,
                                    rule_file)
 from privacy_callbacks.ops.dashboards import dashboards
@@ -37,10 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def fit(monitor: PrivacyMonitor, at_end, extra: tuple[pl.Callback, ...] = (),
         model: DPModel | None = None, **trainer_kwargs) -> DPModel:
-    """A one-epoch real DP fit; ``at_end(trainer, model)`` runs while the exporter serves."""
+    """A one-epoch real DP fit; ``at_end(trainer, model)`` runs while the exporter serves, once
+    every callback published its last values (the monitor reads them at ``on_fit_end``)."""
 
     class AtEnd(pl.Callback):
-        def on_train_end(self, trainer, pl_module):
+        def on_fit_end(self, trainer, pl_module):
             monitor.flush()
             at_end(trainer, pl_module)
 
@@ -85,11 +86,12 @@ def test_every_dashboard_query_returns_data_from_a_real_fit():
                                         "prom", "dash-pw")).start()
     results: dict[str, list] = {}
     try:
-        # The default policy flags DPModel's non-Poisson loader: the violations panel has a row.
         monitor = PrivacyMonitor(delta=1e-5, target_epsilon=50.0,
                                  exporters=[PrometheusExporter(port=port,
                                                                basic_auth=("prom", "dash-pw"))],
-                                 session_id="dash", model_name="mlp", policy="default")
+                                 session_id="dash", model_name="mlp")
+        # The default policy flags DPModel's non-Poisson loader: the violations panel has a row.
+        compliance = ComplianceAudit(1e-5, 50.0, policy="default")
         model = ValidatedDPModel()
         probe = MembershipInferenceProbe(model.dataset, model.holdout, samples=32)
         auditor = OneRunAudit(1e-5, canaries=50)
@@ -120,7 +122,8 @@ def test_every_dashboard_query_returns_data_from_a_real_fit():
                                                          substitute(target["expr"], "dash")))
 
         # Validation mid-epoch, so later steps carry the probe's values.
-        fit(monitor, query_panels, (probe, auditor), model, val_check_interval=4,
+        fit(monitor, query_panels, (probe, auditor, compliance, MechanismMetrics()), model,
+            val_check_interval=4,
             num_sanity_val_steps=0)
     finally:
         server.stop()
@@ -240,7 +243,7 @@ def test_broken_noise_audit_alert_reaches_the_webhook_and_a_correct_run_stays_qu
 
             def checked(trainer, model):
                 bounds[session] = (auditor.result.epsilon_lower_bound,
-                                   monitor.accounting.epsilon)
+                                   monitor.last_snapshot.epsilon)
                 wait_for(lambda: prometheus_query(
                     prom, f'privacy_audit_epsilon_lower_bound{{session_id="{session}"}}'),
                     60, what=f"Prometheus to scrape the audit of {session}")

@@ -194,7 +194,7 @@ def test_a_step_the_guard_skips_releases_no_canary():
     class Count(pl.Callback):
         def on_train_start(self, trainer, pl_module):
             draw = auditor._add_canaries
-            auditor._add_canaries = lambda c: (released.append(c), draw(c))
+            auditor._add_canaries = lambda *args: (released.append(args), draw(*args))
 
     fit(model, monitor, auditor, Count())
     accounted = sum(n for _, _, n in model.privacy_engine.accountant.history)

@@ -72,17 +72,38 @@ def test_cli_renders_the_same_numbers_and_a_tampered_trail_fails(tmp_path):
     again = page_text(out.read_text())
     final = model.privacy_engine.accountant.get_epsilon(1e-5)
     assert f"ε = {final:.4f}" in again and "Audit trail verified" in again
-    lines = (tmp_path / "trail.jsonl").read_text().splitlines()
-    record = json.loads(lines[-1])
-    record["data"]["epsilon"] = 0.5  # a smaller epsilon, claimed after the fact
-    lines[-1] = json.dumps(record)
-    (tmp_path / "trail.jsonl").write_text("\n".join(lines) + "\n")
+    tamper(tmp_path / "trail.jsonl")
     run = subprocess.run([sys.executable, "-m", "privacy_callbacks", "report",
                           str(tmp_path / "trail.jsonl"), "-o", str(out)], capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 1
     tampered = page_text(out.read_text())
     assert "Audit trail verification failed" in tampered and "ε = 0.5000" in tampered
+
+
+def tamper(trail) -> None:
+    """Claims a smaller final epsilon after the fact, in the trail's last record."""
+    lines = trail.read_text().splitlines()
+    record = json.loads(lines[-1])
+    record["data"]["epsilon"] = 0.5
+    trail.write_text("\n".join([*lines[:-1], json.dumps(record)]) + "\n")
+
+
+def test_a_tampered_trail_renders_with_a_visible_verification_failure(tmp_path):
+    from privacy_callbacks.report import render_trail
+
+    report_fit(tmp_path)
+    tamper(tmp_path / "trail.jsonl")
+    html, ok = render_trail(tmp_path / "trail.jsonl")
+    text = page_text(html)
+    assert not ok and "Audit trail verification failed: BROKEN at line" in text
+    assert "record content altered" in text and "ε = 0.5000" in text
+    # The next fit's own report says so too, and the fit is not affected.
+    monitor = PrivacyMonitor(delta=1e-5, session_id="rep")
+    audit = ComplianceAudit(1e-5, audit=tmp_path / "trail.jsonl", report=tmp_path / "next.html")
+    trainer = fit(DPModel(), monitor, audit)
+    assert trainer.global_step == 8 and monitor.last_snapshot.epsilon_exact == 1
+    assert "Audit trail verification failed" in page_text((tmp_path / "next.html").read_text())
 
 
 def test_schedule_and_resume_are_marked(tmp_path):
@@ -118,3 +139,19 @@ def test_a_report_path_per_session(tmp_path):
     assert (tmp_path / "one.html").is_file()
     with pytest.raises(ValueError, match="report: 3"):
         ComplianceAudit(1e-5, report=3)
+
+
+def test_figures_from_training_records_without_noise_stay_off_the_page():
+    from privacy_callbacks.report import render
+
+    reported = {"membership_inference_auc": 0.7311, "membership_inference_advantage": 0.4622,
+                "attack_scores": {"loss_threshold": 0.7311, "one_run_audit": 0.5525},
+                "audit_epsilon_lower_bound": 0.2107}
+    records = [{"event": "fit_start", "ts": "2026-01-01T00:00:00Z",
+                "data": {"session_id": "s", "target_epsilon": 4.0, "delta": 1e-5}},
+               {"event": "fit_end", "ts": "2026-01-01T00:01:00Z",
+                "data": {"session_id": "s", "epsilon": 3.5, "epsilon_exact": True,
+                         "delta": 1e-5, "reported": reported, "series": [[1, 3.5, 1]]}}]
+    text = page_text(render(records))
+    assert "0.7311" not in text and "0.4622" not in text and "are not shown here" in text
+    assert "ε proven at least 0.2107" in text and "0.5525" in text  # canaries: post-processing

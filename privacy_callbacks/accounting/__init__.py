@@ -1,24 +1,20 @@
 """Epsilon of one Opacus accountant at one delta, every step, never below the accountant's own.
 
-Every value is an :class:`Epsilon`: value, accounted step, exact or an upper bound.
+* RDP: exact from cached vectors in microseconds (:mod:`.rdp`); a (sigma, q) not cached yet is
+  bounded until the worker has its vector.
+* PRV, GDP: ``get_epsilon`` takes ms to s, so the worker computes it for the step training will
+  have reached by then (epsilon grows with the steps), which bounds every earlier step of the
+  stretch and is exact once training gets there; before that, :mod:`.bounds`.
 
-* RDP: exact from cached vectors in microseconds (:mod:`.rdp`); a (sigma, q) whose vector is not
-  computed yet (a noise scheduler's) is bounded until the worker has it.
-* PRV, GDP: Opacus' ``get_epsilon`` takes milliseconds to seconds, so the worker computes it
-  for the step training will have reached when it is done (epsilon grows with the steps: Opacus'
-  values showed no decrease over steps 1-300 and 1000-1100 at four (sigma, q) each), which
-  bounds every earlier step of the same stretch and is exact once training gets there. Before
-  that, the closed-form bounds of :mod:`.bounds`.
-
-The budget guard asks :meth:`Accounting.bound_count` (sound, from cached values, on the training
-thread) and :meth:`Accounting.exact_count` (the accountant's own answer, from the worker) how
-many steps fit a target.
+The guard asks :meth:`Accounting.bound_count` (sound, cached, training thread) and
+:meth:`Accounting.exact_count` (the accountant's own, worker) how many steps fit a target.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
+import functools
 import logging
 import math
 import threading
@@ -45,8 +41,7 @@ View = tuple[list, int, "Segment | None"]  # a history as it was: (list, segment
 
 @dataclass(frozen=True, slots=True)
 class Epsilon:
-    """One epsilon: its value, the accounted step count it belongs to, and whether it is the
-    accountant's exact value (else an upper bound of it)."""
+    """An epsilon, the accounted step count it is for, and whether it is exact (else a bound)."""
 
     value: float
     step: int
@@ -59,10 +54,8 @@ def _key(history: list, n: int) -> tuple[int, Any]:
 
 
 class Accounting:
-    """Epsilon for one accountant and delta.
-
-    Thread use: :meth:`epsilon` is called by the publisher thread (and, rarely, the training
-    thread), :meth:`bound_count` by the guard on the training thread; a lock keeps them apart.
+    """Epsilon for one accountant and delta; a lock keeps the publisher, training and worker
+    threads apart.
 
     Attributes:
         latest: The newest :class:`Epsilon` (replaced whole, never changed).
@@ -84,13 +77,12 @@ class Accounting:
         self._bounded = self._rdp or self.mechanism == "prv"  # an RDP sum bounds epsilon
         self._worker = Worker(f"privacy-accounting-{self.mechanism}")
         self._lock = threading.RLock()
-        # One running sum per use: the publisher's views, the guard's (live) history, the
-        # worker's jobs, and the latest view as the worker's vectors arrive.
+        # One running sum per user: publisher, guard, worker jobs, the latest view.
         self._sum, self._guard_sum, self._job_sum, self._latest_sum = (
             rdp.RdpSum(), rdp.RdpSum(), rdp.RdpSum(), rdp.RdpSum())
         self._view: View | None = None  # latest's
         self._known: collections.deque[tuple] = collections.deque(maxlen=8)  # get_epsilon's
-        # PRV, GDP: steps a second, seconds a get_epsilon, and (when, steps) of the last look.
+        # PRV, GDP: steps a second, seconds a get_epsilon, (when, steps) of the last look.
         self._rate = self._cost = 0.0
         self._mark: tuple[float, int] | None = None
         self._forecast: tuple[tuple, float] | None = None
@@ -102,8 +94,7 @@ class Accounting:
         return history, n, history[n - 1] if n else None
 
     def prepare(self, sigma: float, q: float) -> None:
-        """Compute now the vectors a fit starts with (about 0.1 s each, once per process), so
-        its first values are exact; a resumed history's others come from the worker."""
+        """Compute the vectors a fit starts with now (~0.1 s each, once per process)."""
         if not self._bounded:
             return
         history = self.accountant.history
@@ -113,8 +104,6 @@ class Accounting:
         rest = [seg[:2] for seg in history if rdp.VECTORS.get(*seg[:2]) is None]
         if rest:
             self._worker.submit("vectors", 5, lambda: self._vectors(list(dict.fromkeys(rest))))
-
-    # -- epsilon -------------------------------------------------------------------------------
 
     def epsilon(self, view: View | None = None) -> Epsilon | None:
         """Epsilon of ``view`` (the history now by default); ``None`` if computing failed."""
@@ -181,8 +170,8 @@ class Accounting:
     def _vectors(self, keys: list[tuple[float, float]]) -> None:
         for sigma, q in keys:
             if rdp.VECTORS.get(sigma, q) is None:
-                vec = self._call(lambda s=sigma, r=q: np.asarray(rdp.compute(s, r)),
-                                 "rdp", sigma, q, rdp.ORDERS)
+                vec = self._call(functools.partial(rdp.compute, sigma, q), "rdp", sigma, q,
+                                 rdp.ORDERS)
                 rdp.VECTORS.put(sigma, q, np.asarray(vec))
                 self._refresh()  # summed as it comes, before the cache can forget it
         self._refresh()
@@ -224,8 +213,8 @@ class Accounting:
                 logger.exception("Publishing a background epsilon failed")
 
     def settle(self, timeout: float = 10.0) -> bool:
-        """Wait (at most ``timeout`` s) until epsilon is exact for the history now (or for the
-        latest value's, if the accountant has since dropped steps: Opacus' GDP on a new sigma)."""
+        """Wait (at most ``timeout`` s) until epsilon is exact for the history now (or the
+        latest value's, if the accountant dropped steps since)."""
         view = history, n, last = self.view()
         latest, latest_view = self.latest, self._view
         if latest is not None and latest_view is not None and latest.step > sum(
@@ -243,15 +232,11 @@ class Accounting:
         value = self.epsilon(view)
         return value is not None and value.exact and value.step == current.step
 
-    # -- the budget ----------------------------------------------------------------------------
-
     def bound_count(self, floor: float, q: float, target: float, view: View | None = None,
                     publisher: bool = False) -> tuple[int | None, bool]:
-        """Most accounted steps in total for which the history of ``view`` (now by default) plus
-        further steps at ``q`` and a noise multiplier ``>= floor`` keeps epsilon at most
-        ``target``, by a sound bound from what is cached (``None``: no limit); and whether it is
-        the accountant's own count (RDP with every vector cached). Microseconds. The
-        ``publisher`` thread has a sum of its own (its views lag the guard's)."""
+        """Most steps in total for which ``view``'s history plus steps at ``q`` and sigma
+        ``>= floor`` keeps epsilon <= ``target``, by a sound bound from the cache (``None``: no
+        limit), and whether it is the accountant's own count. The publisher has its own sum."""
         history, n, last = self.view() if view is None else view
         with self._lock:
             return self._count(history, n, last, floor, q, target,
@@ -325,8 +310,7 @@ class Accounting:
         return None if k is None else steps + k
 
     def epsilon_after(self, steps: int, sigma: float, q: float) -> Future[float]:
-        """The accountant's own epsilon after ``steps`` more steps at (sigma, q) from the
-        history now, computed by the worker (a warning or a message needs it)."""
+        """The accountant's own epsilon after ``steps`` more steps at (sigma, q), by the worker."""
         view = self.view()
         return self._worker.submit(("after", steps, sigma, q, _key(view[0], view[1]), view[2]),
                                    2, lambda: self._after(view, steps, sigma, q))
@@ -342,8 +326,7 @@ class Accounting:
                                self.delta)
 
     def forecast(self, view: View, steps: int, sigma: float, q: float) -> float | None:
-        """Epsilon after ``steps`` more steps at (sigma, q) from ``view``: at once for RDP,
-        else the worker's latest value (computed at most every half second)."""
+        """Epsilon after ``steps`` more at (sigma, q): at once for RDP, else the worker's latest."""
         history, n, last = view
         if self._rdp:
             with self._lock:
@@ -372,8 +355,6 @@ class Accounting:
         with self._lock:
             total = self._sum.total(history, n, last)[0]
         return min(bound, advantage_from_rdp(total, rdp.ORDERS))
-
-    # -- plumbing ------------------------------------------------------------------------------
 
     def _get_epsilon(self, history: list[Segment]) -> float:
         clone = copy.copy(self.accountant)

@@ -1,13 +1,10 @@
 """Off the training thread: one worker thread per accounting, driving one child process.
 
-The worker runs one job at a time, the most urgent first (a fit waiting for its exact final
-epsilon, a guard waiting for the accountant's answer, then values computed ahead); a newer job
-of the same kind replaces one not started yet. Opacus' computations run in :mod:`.child`, a
-plain ``python`` process that reads requests from a pipe. Not
-``concurrent.futures.ProcessPoolExecutor``: its spawn and forkserver children first import the
-parent's ``__main__`` file, which re-runs a training script that lacks an
-``if __name__ == "__main__"`` guard (``tests/test_accounting.py`` runs one); ``fork`` is unsafe
-with torch's threads.
+Jobs run one at a time, most urgent first; a newer job of the same key replaces one not started.
+Opacus' computations run in :mod:`.child`, a plain ``python`` process fed through a pipe -- not
+``ProcessPoolExecutor``: its spawn/forkserver children import the parent's ``__main__``, which
+re-runs a training script without an ``if __name__ == "__main__"`` guard (a test runs one), and
+``fork`` is unsafe with torch's threads.
 """
 
 from __future__ import annotations
@@ -30,8 +27,7 @@ __all__ = ["Child", "ChildUnavailable", "Worker"]
 
 
 class ChildUnavailable(Exception):
-    """The child process cannot take this request (it failed, or the request cannot be sent):
-    compute it in this process."""
+    """The child cannot take this request: compute it in this process."""
 
 
 class Child:
@@ -43,8 +39,7 @@ class Child:
         self._lock = threading.Lock()  # one request at a time
 
     def call(self, *request: Any) -> Any:
-        """The child's answer (raises the child's error as ``RuntimeError``); blocks in a pipe
-        read, so the interpreter lock is free meanwhile."""
+        """The child's answer (its error as ``RuntimeError``); waits in a pipe read, GIL free."""
         try:
             data = pickle.dumps(request)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
@@ -95,8 +90,7 @@ class Worker:
         self._closed = False
 
     def submit(self, key: Any, priority: int, job: Callable[[], Any]) -> Future[Any]:
-        """Run ``job`` on the worker. A job under the same ``key`` not started yet is replaced,
-        and its future gets this job's result."""
+        """Run ``job``, replacing a job of ``key`` not started yet (its future gets this result)."""
         with self._cv:
             pending = self._jobs.get(key)
             future: Future[Any] = Future() if pending is None else pending[2]

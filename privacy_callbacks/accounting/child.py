@@ -1,11 +1,9 @@
 """The accounting's child process, and the search for the last step that fits a budget.
 
-Run as a script (``python child.py RDP_ANALYSIS_FILE``) it answers pickled requests from stdin
-with pickled ``(ok, value)`` on stdout, one at a time. Opacus' ``compute_rdp`` (15-70 ms of pure
-Python) and PRV's ``get_epsilon`` (0.1-1 s) hold the interpreter lock in a thread, and the
-training thread waits for it after every torch call: in a child they cost it nothing but a core.
-Opacus' RDP analysis is loaded from its file, so a child that only computes vectors never
-imports torch; a request carrying an accountant imports Opacus when it is unpickled.
+As a script (``python child.py RDP_ANALYSIS_FILE``) it answers pickled requests on stdin with
+pickled ``(ok, value)``. ``compute_rdp`` (15-70 ms of pure Python) and PRV's ``get_epsilon``
+(0.1-1 s) would hold the interpreter lock in a thread, stalling training; in a child they cost a
+core. The RDP analysis is loaded from its file, so a vectors-only child never imports torch.
 """
 
 from __future__ import annotations
@@ -18,8 +16,7 @@ Segment = tuple[float, float, int]
 
 
 def extended(history: list[Segment], sigma: float, q: float, steps: int) -> list[Segment]:
-    """``history`` plus ``steps`` steps at (sigma, q), merged into the last segment as Opacus'
-    accountants merge them."""
+    """``history`` plus ``steps`` at (sigma, q), merged as Opacus' accountants merge them."""
     if not steps:
         return list(history)
     if history and history[-1][:2] == (sigma, q):
@@ -29,9 +26,8 @@ def extended(history: list[Segment], sigma: float, q: float, steps: int) -> list
 
 def last_fitting(epsilon_after: Callable[[int], float], target: float, start: int = 0,
                  cap: int = 1 << 40) -> int | None:
-    """The largest ``k >= 0`` with ``epsilon_after(k) <= target`` (epsilon grows with k), from
-    ``start``, a k known to fit; ``None`` when even ``cap`` fits. A failed computation counts as
-    not fitting."""
+    """The largest ``k >= start`` (known to fit) with ``epsilon_after(k) <= target``, epsilon
+    growing with k; ``None`` when ``cap`` fits. A failed computation does not fit."""
 
     def fits(k: int) -> bool:
         try:

@@ -1,16 +1,11 @@
 """RDP composition from cached per-(sigma, q) vectors: Opacus' own numbers, in microseconds.
 
-Opacus' ``RDPAccountant`` sums ``compute_rdp(q, sigma, steps)`` -- one vector over its orders
-times ``steps`` -- over the history, in history order, then converts at delta. A vector depends
-on (sigma, q) alone and takes Opacus 15-70 ms, so it is computed once per process
-(:data:`VECTORS`) and the finished segments are summed once (:class:`RdpSum`): the same float
-operations in the same order, so epsilon is bit-identical to ``get_epsilon``.
-
-A (sigma, q) whose vector is not computed yet (a noise scheduler's new sigma) is bounded: the
-subsampled Gaussian's RDP decreases in sigma at every order (Opacus' values, checked over sigma
-0.3-20 and q 1e-3-0.9), so the cached vector of the same q at the largest sigma' <= sigma lies
-above it, and so does the unsubsampled Gaussian's ``alpha / (2 sigma^2)`` (Opacus' value at
-q = 1): their minimum at each order bounds it.
+A one-step vector depends on (sigma, q) alone and takes Opacus 15-70 ms: it is computed once per
+process (:data:`VECTORS`) and the finished segments are summed once (:class:`RdpSum`), in
+Opacus' order, so epsilon is bit-identical to ``get_epsilon``. A (sigma, q) not cached yet is
+bounded: the subsampled Gaussian's RDP falls with sigma at every order (Opacus' values, sigma
+0.3-20, q 1e-3-0.9), so the cached vector of q at the largest sigma' <= sigma, and the
+unsubsampled ``alpha / (2 sigma^2)``, both lie above it: their minimum bounds it.
 """
 
 from __future__ import annotations
@@ -32,8 +27,7 @@ Segment = tuple[float, float, int]
 
 
 class Vectors:
-    """Exact one-step RDP vectors by (sigma, q), shared by every fit of the process, read-only;
-    the least recently stored go first."""
+    """Exact one-step RDP vectors by (sigma, q) for the process, least recently stored out first."""
 
     def __init__(self, size: int = 4096) -> None:  # 1.2 kB each
         self._size = size
@@ -120,13 +114,9 @@ def epsilon(rdp: Any, delta: float) -> float:
 
 
 class RdpSum:
-    """The RDP of a history as it was at one step, for one thread.
-
-    Opacus only appends a segment or replaces the last one, so the finished segments of a
-    history list never change: they are summed once, exactly (through the first segment whose
-    vector is not cached yet) and as an upper bound (every segment, bounding vectors where
-    needed). Views of one history in step order cost one vector add per new segment.
-    """
+    """The RDP of a history as it was at one step, for one thread. Opacus only appends or
+    replaces the last segment, so finished segments are summed once: exactly (up to the first
+    uncached vector) and as an upper bound (bounding vectors where needed)."""
 
     __slots__ = ("history", "upper_n", "prev", "upper", "upper_steps", "exact_n", "exact",
                  "exact_steps")
@@ -143,8 +133,8 @@ class RdpSum:
 
     def total(self, history: list, n: int, last: Segment | None,
               extra: Segment | None = None) -> tuple[Any, bool, int]:
-        """RDP (0 for nothing), whether it is exact, and the step count of the history's first
-        ``n`` segments, the last one ``last`` -- plus ``extra`` steps, merged as Opacus would."""
+        """RDP (0 for nothing), whether exact, and steps of the first ``n`` segments (the last
+        one ``last``), plus ``extra`` merged as Opacus would."""
         done = n - 1 if last is not None else 0
         if (history is not self.history or done < self.upper_n
                 or (self.upper_n and history[self.upper_n - 1] is not self.prev)):
@@ -177,8 +167,7 @@ class RdpSum:
         return rdp, exact, steps
 
     def missing(self, last: Segment | None, limit: int = 8) -> list[tuple[float, float]]:
-        """The first (sigma, q) without a cached exact vector of the last :meth:`total`'s
-        history (at most ``limit`` of them, oldest first) and of ``last``."""
+        """Up to ``limit`` uncached (sigma, q) of the last :meth:`total`'s history and ``last``."""
         history = self.history or []
         keys = [seg[:2] for seg in history[self.exact_n:min(self.upper_n, self.exact_n + limit)]]
         keys += [] if last is None else [last[:2]]

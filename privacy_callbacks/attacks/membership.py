@@ -1,8 +1,4 @@
-"""The loss-threshold membership attack (Yeom et al. 2018), measured at each validation.
-
-The proven cap on every attack's advantage (TPR - FPR) is the core's
-``membership_inference_risk_score``; this measures what one simple attack achieves.
-"""
+"""The loss-threshold membership attack (Yeom et al. 2018), measured at each validation."""
 
 from __future__ import annotations
 
@@ -22,18 +18,17 @@ __all__ = ["MembershipInferenceProbe", "attack_metrics"]
 
 def attack_metrics(member_losses: Sequence[float] | np.ndarray,
                    nonmember_losses: Sequence[float] | np.ndarray) -> tuple[float, float]:
-    """``(auc, advantage)`` of the loss-threshold attack ("member if loss <= t"): P[a random
-    member's loss < a random non-member's] (ties count half; Mann-Whitney U), max_t TPR - FPR."""
+    """``(auc, advantage)`` of the attack "member if loss <= t": P[a random member's loss < a
+    random non-member's] (ties count half; Mann-Whitney U), and max_t TPR - FPR."""
     members = np.asarray(member_losses, dtype=float)
     others = np.asarray(nonmember_losses, dtype=float)
     if members.size == 0 or others.size == 0:
         raise ValueError("attack_metrics needs at least one member and one non-member loss")
     scores = np.concatenate([members, others])
     order = np.argsort(scores, kind="mergesort")
-    # Average ranks over ties, so equal losses count half.
     uniq, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
     ranks = np.empty(scores.size)
-    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)  # average ranks over ties
     n_m, n_o = members.size, others.size
     u = ranks[n_m:].sum() - n_o * (n_o + 1) / 2.0  # (member, non-member) pairs ordered right
     tpr = np.searchsorted(np.sort(members), uniq, side="right") / n_m
@@ -44,13 +39,13 @@ def attack_metrics(member_losses: Sequence[float] | np.ndarray,
 class MembershipInferenceProbe(Callback):
     """Runs the loss-threshold membership attack at the end of each validation.
 
-    Losses on a fixed sample of training examples (members) and of held-out ones give the AUC
-    and best advantage, published by a :class:`~privacy_callbacks.PrivacyMonitor` in the Trainer
-    as ``membership_inference_empirical_{auc,advantage}`` and ``privacy_attack_score{attack_type=
-    "loss_threshold"}``, the best balanced accuracy (0.5 = chance). A point estimate whose
-    members no coin chose, it cannot disprove epsilon (:class:`~privacy_callbacks.OneRunAudit`
-    can). From training records without noise, it is a release outside epsilon (it warns): use
-    it on evaluation runs. Costs a no-grad forward pass over ``2 * samples`` examples.
+    Losses on a fixed sample of training examples (members) and of held-out ones give ``auc``,
+    the best ``advantage`` (TPR - FPR; ``membership_inference_risk_score`` caps every attack's)
+    and ``score`` (best balanced accuracy), published by a :class:`~privacy_callbacks.
+    PrivacyMonitor` as ``membership_inference_empirical_{auc,advantage}`` and
+    ``privacy_attack_score{attack_type="loss_threshold"}``. It cannot disprove epsilon
+    (:class:`~privacy_callbacks.OneRunAudit` can) and, scoring records without noise, is a
+    release outside epsilon (it warns): use it on evaluation runs.
 
     Args:
         members: The training dataset (or a subset of it); items are ``(input, target)``.
@@ -58,7 +53,6 @@ class MembershipInferenceProbe(Callback):
         samples: Examples drawn from each dataset, once (``seed``): successive values compare.
         loss_fn: ``loss_fn(outputs, targets)``, one loss per example; cross-entropy by default.
         batch_size: Examples per forward pass.
-        seed: Seed of the fixed sample.
     """
 
     attack_type = "loss_threshold"
@@ -82,34 +76,22 @@ class MembershipInferenceProbe(Callback):
         self.members, self.nonmembers, self.loss_fn = members, nonmembers, loss_fn
         self._idx = [sorted(random.Random(seed + i).sample(range(len(d)), min(samples, len(d))))
                      for i, d in enumerate((members, nonmembers))]
-        # (auc, advantage) as one reference: the publisher thread reads a consistent pair.
-        self._latest: tuple[float, float] | None = None
-
-    @property
-    def auc(self) -> float | None:
-        """Latest AUC, ``None`` before the first validation."""
-        return None if self._latest is None else self._latest[0]
-
-    @property
-    def advantage(self) -> float | None:
-        """Latest best advantage (TPR - FPR), ``None`` before the first validation."""
-        return None if self._latest is None else self._latest[1]
-
-    @property
-    def score(self) -> float | None:
-        """Best balanced accuracy, ``(1 + advantage) / 2``; ``None`` before the first."""
-        return None if self._latest is None else 0.5 + self._latest[1] / 2.0
+        self.auc: float | None = None  # the latest values; None before the first validation
+        self.advantage: float | None = None
+        self.score: float | None = None
+        self._values: Mapping[str, Any] = {}  # one reference: the publisher reads a whole set
 
     def privacy_values(self) -> Mapping[str, Any]:
-        latest = self._latest
-        return {} if latest is None else {
-            "membership_inference_auc": latest[0], "membership_inference_advantage": latest[1],
-            "attack_scores": {self.attack_type: 0.5 + latest[1] / 2.0}}
+        return self._values
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        self._latest = self.measure(pl_module)
+        self.auc, self.advantage = self.measure(pl_module)
+        self.score = 0.5 + self.advantage / 2.0
+        self._values = {"membership_inference_auc": self.auc,
+                        "membership_inference_advantage": self.advantage,
+                        "attack_scores": {self.attack_type: self.score}}
 
     def measure(self, model: torch.nn.Module) -> tuple[float, float]:
         """Run the attack on ``model`` now; returns ``(auc, advantage)``."""
@@ -117,9 +99,8 @@ class MembershipInferenceProbe(Callback):
         model.eval()
         try:
             with torch.no_grad():
-                member, other = (self._losses(model, data, idx) for data, idx in
-                                 zip((self.members, self.nonmembers), self._idx))
-                return attack_metrics(member, other)
+                return attack_metrics(*(self._losses(model, data, idx) for data, idx in
+                                        zip((self.members, self.nonmembers), self._idx)))
         finally:
             model.train(was_training)
 

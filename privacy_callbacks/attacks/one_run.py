@@ -1,20 +1,13 @@
 """A privacy audit in one training run (Steinke, Nasr, Jagielski, NeurIPS 2023).
 
-m *canaries* are each included in training by an independent fair coin only the auditor knows;
-an attack then guesses "in" for the k+ highest-scored and "out" for the k- lowest. Under
-(epsilon, delta)-DP for each canary, Theorem 5.2 bounds the correct guesses v of r = k+ + k- by
-Binomial(r, e^eps / (1 + e^eps)) plus a delta term (:func:`p_value`): the largest epsilon that
-rejects at ``confidence`` is a lower bound on the true one. Above the reported epsilon it proves
-the guarantee false (noise off, a wrong sigma or rate, steps not accounted).
-
-Canary i is ``±C`` on one coordinate (a clipped record's norm), drawn each step at the charged
-rate and added after Opacus' ``add_noise`` (additive: before or after is the same) and before
-its scaling, as a sampled record is; a skipped step adds none. The run is DP-SGD over the data
-plus the included canaries at the accounted (sigma, q, steps): real records keep their guarantee
-(canaries neither replace nor resample them; Opacus divides by the *expected* batch size) and a
-canary gets a record's. Coins, coordinates, signs and draws come from the operating system
-(``secrets``): no seed reset or resume replays them. Canary i scores ``-sign_i * (theta_i(now)
-- theta_i(start))``; (k+, k-) come from a fixed grid paid for by a Bonferroni correction.
+m *canaries*, each included by a fair coin only the auditor knows; an attack guesses "in" for
+the k+ highest-scored, "out" for the k- lowest. Under (epsilon, delta)-DP, Theorem 5.2 bounds
+the correct guesses v of r = k+ + k- (:func:`p_value`): the largest epsilon rejected at
+``confidence`` is a lower bound on the true one, which above the reported epsilon proves the
+guarantee false. Canary i is ``±C`` on one coordinate (a clipped record), drawn each step at the
+charged rate and added after Opacus' noise, before its scaling, as a sampled record is (a
+skipped step adds none); coins, coordinates, signs and draws come from the operating system. It
+scores ``-sign_i * (theta_i(now) - theta_i(start))``; (k+, k-) come from a fixed grid (Bonferroni).
 """
 
 from __future__ import annotations
@@ -53,8 +46,7 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     checks.number("delta", delta, "a probability", low_ok=True, high=1, high_ok=True)
     p = 1.0 / (1.0 + math.exp(-epsilon))
     beta = float(binom.sf(v - 1, r, p))  # P[Binomial(r, p) >= v]
-    if delta > 0 and v > 0:
-        # P[v > B >= v - i] for i = 1..v, as cumulative sums of the pmf below v.
+    if delta > 0 and v > 0:  # P[v > B >= v - i] for i = 1..v: cumulative sums below v
         below = np.cumsum(binom.pmf(np.arange(v - 1, -1, -1), r, p))
         beta += 2.0 * m * delta * float(np.max(below / np.arange(1, v + 1)))
     return min(1.0, beta)
@@ -62,7 +54,7 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
 
 def epsilon_lower_bound(m: int, r: int, v: int, delta: float, *,
                         confidence: float = 0.95) -> float:
-    """The largest epsilon ``v`` correct guesses out of ``r`` reject at ``confidence`` (0 when
+    """The largest epsilon that ``v`` correct of ``r`` guesses reject at ``confidence`` (0 when
     even 0 is not): just below the root of :func:`p_value` (it grows with epsilon) at
     ``1 - confidence``, so that ``p_value(result) < 1 - confidence``."""
     alpha = 1.0 - checks.number("confidence", confidence, "a probability in (0, 1), e.g. 0.95",
@@ -116,21 +108,18 @@ def audit(scores: Sequence[float] | np.ndarray, included: Sequence[bool] | np.nd
 class OneRunAudit(Callback):
     """Audits the run's privacy claim with canaries, in the same training run (opt-in).
 
-    Scores ``canaries`` canaries (module docstring) at the end of training: a lower bound on the
-    true epsilon, published by a :class:`~privacy_callbacks.PrivacyMonitor` in the Trainer as
-    ``privacy_audit_epsilon_lower_bound`` and ``privacy_attack_score{attack_type=
-    "one_run_audit"}`` and logged as an error above the accountant's epsilon. A correct run's
-    bound is far below it (``benchmarks/bench_audit.py``). A canary costs utility like a record:
-    use far fewer than parameters. Under DDP they live on rank 0; a resumed fit is refused.
-    ``result`` is the latest :class:`AuditResult` (``None`` before the first audit).
+    Scores ``canaries`` canaries (module docstring) at the end of training: ``result``, an
+    :class:`AuditResult`, published by a :class:`~privacy_callbacks.PrivacyMonitor` in the
+    Trainer as ``privacy_audit_epsilon_lower_bound`` and ``privacy_attack_score{attack_type=
+    "one_run_audit"}``, logged as an error above the accountant's epsilon (a correct run's is far
+    below: ``benchmarks/bench_audit.py``). A canary costs utility like a record: use far fewer
+    than parameters. Under DDP they live on rank 0; a resumed fit is refused.
 
     Args:
-        delta: The delta of the bound: the monitor's.
+        delta: The bound's delta: the monitor's. ``confidence``: the bound's confidence.
         canaries: m; more give a tighter bound (1000 is typical).
-        confidence: Confidence of the lower bound.
-        at_validation: Also audit at the end of every validation. Each look is a test of its
-            own: k looks raise a correct run's chance of a bound above its epsilon to k times
-            ``1 - confidence``.
+        at_validation: Also audit at the end of every validation; k looks raise a correct run's
+            chance of a bound above its epsilon k-fold.
     """
 
     attack_type = "one_run_audit"
@@ -145,18 +134,17 @@ class OneRunAudit(Callback):
         self.at_validation = checks.flag("at_validation", at_validation)
         self.result: AuditResult | None = None
         self._accountant: Any = None
+        # The optimizer, our add_noise on it (None: canaries out), another part's put first.
         self._optimizer: Any = None
-        self._wrapper: Any = None  # ours on the optimizer; None when the canaries are out
-        self._previous: Any = None  # an instance add_noise another part put there first
-        self._rate: Any = None
+        self._wrapper: Any = None
+        self._previous: Any = None
         self._coins = self._signs = np.empty(0)  # per canary, in the order of _where
         # Per parameter with canaries: it, their coordinates, start values and sign * coin.
         self._where: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._generator: torch.Generator | None = None
 
     @property
     def score(self) -> float | None:
-        """``privacy_attack_score``: the guess accuracy proven at ``confidence`` (0.5 = none)."""
+        """``privacy_attack_score``: the guess accuracy proven (0.5 = none); ``None`` before."""
         return None if self.result is None else self.result.accuracy_bound
 
     @property
@@ -164,10 +152,9 @@ class OneRunAudit(Callback):
         return None if self.result is None else self.result.epsilon_lower_bound
 
     def privacy_values(self) -> Mapping[str, Any]:
-        result = self.result
-        return {} if result is None else {
-            "attack_scores": {self.attack_type: result.accuracy_bound},
-            "audit_epsilon_lower_bound": result.epsilon_lower_bound}
+        r = self.result  # read once: the publisher thread sees one result
+        return {} if r is None else {"attack_scores": {self.attack_type: r.accuracy_bound},
+                                     "audit_epsilon_lower_bound": r.epsilon_lower_bound}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         try:
@@ -196,42 +183,40 @@ class OneRunAudit(Callback):
         self._signs = np.where(rng.random(m) < 0.5, -1.0, 1.0)
         ends = np.cumsum(sizes)
         owner = np.searchsorted(ends, flat, side="right")
-        offset = flat - (ends - sizes)[owner]
-        device, self._where = params[0].device, []
+        offset, device = flat - (ends - sizes)[owner], params[0].device
+        self._where = []
         for i in np.unique(owner).tolist():
             mine, p = np.flatnonzero(owner == i), params[i]
             coords = torch.as_tensor(offset[mine], device=device)
             self._where.append((p, coords, p.detach().reshape(-1)[coords].clone(), torch.as_tensor(
                 self._signs[mine] * self._coins[mine], dtype=p.dtype, device=device)))
-        self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(secrets.randbits(63))
+        generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+        rate = opacus_compat.ChargedRate(optimizer)
         # Opacus has no hook between its noise and its scaling: wrap add_noise on the instance.
-        original, self._rate = optimizer.add_noise, opacus_compat.ChargedRate(optimizer)
-        self._optimizer, self._previous = optimizer, optimizer.__dict__.get("add_noise")
+        original, self._optimizer = optimizer.add_noise, optimizer
+        self._previous = vars(optimizer).get("add_noise")
 
         def add_noise(*args: Any, **kwargs: Any) -> Any:
             result = original(*args, **kwargs)
             if self._wrapper is add_noise:  # a wrapper put over ours outlives it: inert then
-                self._add_canaries(float(optimizer.max_grad_norm))
+                self._add_canaries(float(optimizer.max_grad_norm), rate(), generator)
             return result
 
         optimizer.add_noise = self._wrapper = add_noise
 
-    def _add_canaries(self, c: float) -> None:
-        """Each included canary, drawn at the charged rate, adds ``sign * C`` to its coordinate
-        of the noised sum; on the device (a device generator draws), no host synchronisation."""
-        q = self._rate()
+    def _add_canaries(self, c: float, q: float | None, generator: torch.Generator) -> None:
+        """Each included canary, drawn at the charged rate ``q``, adds ``sign * C`` to its
+        coordinate of the noised sum, on the device (no host synchronisation)."""
         if q is None:
             return  # a rate no one charges: a canary drawn at a guess of it would be unaccounted
         for p, coords, _, weight in self._where:  # an excluded canary's weight is 0
             if p.grad is not None:
-                drawn = torch.rand(coords.numel(), generator=self._generator,
-                                   device=p.device) < q
+                drawn = torch.rand(coords.numel(), generator=generator, device=p.device) < q
                 p.grad.view(-1).index_add_(0, coords, weight * drawn * c)
 
     def _uninstall(self) -> None:
         optimizer, wrapper, self._wrapper = self._optimizer, self._wrapper, None
-        if optimizer is not None and optimizer.__dict__.get("add_noise") is wrapper:
+        if optimizer is not None and vars(optimizer).get("add_noise") is wrapper:
             if self._previous is None:
                 del optimizer.add_noise  # the class's method again
             else:
@@ -250,28 +235,25 @@ class OneRunAudit(Callback):
     def _report(self) -> None:
         if self._wrapper is None:
             return
-        self.result = result = self.measure()
-        try:
-            reported = None if self._accountant is None else float(
-                self._accountant.get_epsilon(self.delta))
-        except Exception:  # the audit stands without it; the monitor counts accounting errors
-            reported = None
-        broken = reported is not None and result.epsilon_lower_bound > reported
+        self.result = r = self.measure()
+        try:  # no accountant, or it failed (the monitor counts that): the audit stands
+            reported = f"{float(self._accountant.get_epsilon(self.delta)):.4g}"
+        except Exception:
+            reported = "unknown"
+        broken = reported != "unknown" and r.epsilon_lower_bound > float(reported)
         logger.log(logging.ERROR if broken else logging.INFO, "Privacy audit: epsilon >= %.4g "
                    "(%.0f%% confidence, %d/%d correct guesses on %d canaries; reported epsilon "
-                   "%s at delta=%g)%s", result.epsilon_lower_bound, 100 * result.confidence,
-                   result.correct, result.guesses, result.canaries,
-                   "unknown" if reported is None else f"{reported:.4g}", result.delta,
-                   ": the mechanism is weaker than reported (noise, sample rate or accounting is "
-                   "wrong). Do not release this model." if broken else "")
+                   "%s at delta=%g)%s", r.epsilon_lower_bound, 100 * r.confidence, r.correct,
+                   r.guesses, r.canaries, reported, r.delta, ": the mechanism is weaker than "
+                   "reported (noise, rate or accounting wrong). Do not release this model."
+                   if broken else "")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.at_validation and not trainer.sanity_checking:
             self._report()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The monitor reads reporters once more at on_fit_end, after every on_train_end.
-        self._report()
+        self._report()  # the monitor reads reporters once more at on_fit_end, after this
         self._uninstall()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -1,9 +1,9 @@
 """A tamper-evident, append-only audit trail of privacy events (JSON lines).
 
-A line is ``{"seq", "ts", "event", "data", "prev", "hash"[, "hmac"]}``: ``prev``, the SHA-256 of
-the line before (64 zeros first), pins deletions and reordering; ``hash`` (of the record's
-canonical JSON) pins an edit to its record; ``hmac`` needs the secret key. Cutting off the end
-leaves a valid shorter chain: keep :func:`verify`'s head hash elsewhere when that matters.
+A line is ``{"seq", "ts", "event", "data", "prev", "hash"[, "hmac"]}``: ``prev`` (SHA-256 of the
+line before, 64 zeros first) pins deletions and reordering, ``hash`` (of the record's canonical
+JSON) an edit, ``hmac`` needs the secret key. Cutting off the end leaves a valid shorter chain:
+keep :func:`verify`'s head hash elsewhere when that matters.
 """
 from __future__ import annotations
 
@@ -60,10 +60,8 @@ class AuditTrail:
         if not str(path):
             raise ValueError(f"Unexpected value for path: {path!r}; use a file path")
         self.path, self.key_env, self.fsync = Path(path), key_env, fsync
-        self._key = _key(key_env)
-        self._lock = threading.Lock()
-        self._seq: int | None = None  # read from the file at the first record
-        self._prev = _GENESIS
+        self._key, self._lock = _key(key_env), threading.Lock()
+        self._seq: int | None = None  # with ``_prev``, from the file at the first record
 
     @property
     def hmac_enabled(self) -> bool:
@@ -72,7 +70,7 @@ class AuditTrail:
     def record(self, event: str, **data: Any) -> dict[str, Any]:
         """Append one event with ``data``, its facts; returns the record written."""
         with self._lock:
-            if self._seq is None:
+            if self._seq is None:  # continue the file's chain from its last line
                 lines = self.path.read_bytes().split(b"\n") if self.path.exists() else []
                 last = next((line for line in reversed(lines) if line.strip()), b"")
                 try:
@@ -90,23 +88,20 @@ class AuditTrail:
             if self._key is not None:
                 record["hmac"] = hmac.new(self._key, body, hashlib.sha256).hexdigest()
             line = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.fchmod(fd, 0o600)  # also tightens a file that existed with looser bits
-                os.write(fd, line + b"\n")
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+            with open(os.open(self.path, flags, 0o600), "ab", buffering=0) as out:
+                os.fchmod(out.fileno(), 0o600)  # tightens an existing file too
+                out.write(line + b"\n")
                 if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+                    os.fsync(out.fileno())
             self._seq, self._prev = self._seq + 1, hashlib.sha256(line).hexdigest()
             return record
 
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """What :func:`verify` found: ``ok``, the ``records`` intact; for a broken trail the 1-based
-    ``line`` and expected ``seq`` of the first bad record and the ``reason``; ``head``, the SHA-256
-    of the last good line (anchor it elsewhere to detect truncation)."""
+    """What :func:`verify` found: ``ok``, the ``records`` intact, where the first bad record is
+    (1-based ``line``, expected ``seq``) and why; ``head``, the SHA-256 of the last good line."""
 
     ok: bool
     records: int
@@ -116,27 +111,24 @@ class VerifyResult:
     head: str = _GENESIS
 
     def __str__(self) -> str:
-        if self.ok:
-            return f"OK: {self.records} records, head {self.head}"
-        return f"BROKEN at line {self.line} (record {self.seq}): {self.reason}"
+        return f"OK: {self.records} records, head {self.head}" if self.ok else \
+            f"BROKEN at line {self.line} (record {self.seq}): {self.reason}"
 
 
 def _fault(record: Any, seq: int, prev: str, key: bytes | None) -> str | None:
     """Why ``record`` is not the intact record ``seq`` after ``prev``; ``None`` if it is."""
     if not isinstance(record, dict):
         return "not a JSON object"
-    found = record.get("seq")
-    if found != seq:
+    if (found := record.get("seq")) != seq:
         return f"found record {found}: record(s) {seq}..{found - 1} deleted or moved" \
             if isinstance(found, int) and found > seq \
             else f"found record {found!r}: records reordered or duplicated"
     if record.get("prev") != prev:
         return (f"previous-record hash does not match line {seq - 1}: a record before it was "
                 "altered, inserted or removed")
-    body = _canonical(record)
+    body, mac = _canonical(record), record.get("hmac")
     if record.get("hash") != hashlib.sha256(body).hexdigest():
         return "record content altered (its hash does not match)"
-    mac = record.get("hmac")
     if key is not None and not (isinstance(mac, str) and hmac.compare_digest(
             mac, hmac.new(key, body, hashlib.sha256).hexdigest())):
         return "HMAC missing or wrong: altered, or signed with another key"
@@ -145,13 +137,9 @@ def _fault(record: Any, seq: int, prev: str, key: bytes | None) -> str | None:
 
 def verify(path: str | os.PathLike[str], *, key_env: str | None = DEFAULT_KEY_ENV,
            require_hmac: bool = False) -> VerifyResult:
-    """The first broken or altered record of an audit trail, if any.
-
-    Args:
-        path: The audit file (``OSError`` when it cannot be read).
-        key_env: Environment variable with the HMAC key; when set, every record's HMAC is checked.
-        require_hmac: Raise ``ValueError`` when the key variable is not set.
-    """
+    """The first broken or altered record of the audit file at ``path`` (``OSError`` if it
+    cannot be read); HMACs are checked when ``key_env`` holds a key (``require_hmac``: it must,
+    else ``ValueError``)."""
     key = _key(key_env)
     if require_hmac and key is None:
         raise ValueError(f"require_hmac is set but the environment variable {key_env!r} is "

@@ -1,8 +1,4 @@
-"""ComplianceAudit: a fit's audit trail and its DP policy checks, beside the PrivacyMonitor.
-
-A policy is the user's: no law (GDPR, HIPAA, ...) prescribes an epsilon, and a clean run here is
-not a legal finding.
-"""
+"""ComplianceAudit: a fit's audit trail and DP policy checks, beside the PrivacyMonitor."""
 
 from __future__ import annotations
 
@@ -20,13 +16,11 @@ from typing import Any, Callable, Mapping, Sequence
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import CombinedLoader
-from opacus.utils.uniform_sampler import (DistributedUniformWithReplacementSampler,
-                                          UniformWithReplacementSampler)
+from opacus.utils import uniform_sampler
 
 from .. import checks, opacus_compat
-from ..guard import BudgetGuard
-from ..monitor import PrivacyMonitor
-from ..snapshot import PrivacySnapshot, Reporter, reported
+from ..accounting import Accounting
+from ..snapshot import PrivacySnapshot, Reporter, Source, reported
 from .audit import AuditTrail, verify
 
 logger = logging.getLogger(__name__)
@@ -34,39 +28,29 @@ logger = logging.getLogger(__name__)
 __all__ = ["MAX_POINTS", "ComplianceAudit", "DPPolicy"]
 
 MAX_POINTS = 500  # of each series in fit_end: enough for a chart, small in the trail
+_POISSON = (uniform_sampler.UniformWithReplacementSampler,  # Opacus' DPDataLoader's samplers
+            uniform_sampler.DistributedUniformWithReplacementSampler)
 
 
 def _add(points: list[list[Any]], point: list[Any]) -> bool:
-    """Append; past MAX_POINTS (even) drop every other point: the length is odd, the last stays.
-    True when it did."""
+    """Append; past MAX_POINTS (even: the last stays) drop every other point. True if it did."""
     points.append(point)
-    thinned = len(points) > MAX_POINTS
-    if thinned:
+    if thinned := len(points) > MAX_POINTS:
         del points[1::2]
     return thinned
 
 
 @dataclasses.dataclass(frozen=True)
 class DPPolicy:
-    """What a run must satisfy; each broken rule counts in ``privacy_compliance_violations_total``.
+    """What a run must satisfy, the user's (no law prescribes an epsilon; a clean run is not a
+    legal finding); each broken rule counts in ``privacy_compliance_violations_total``."""
 
-    Args:
-        name: The ``policy`` label, e.g. your organisation's policy name.
-        max_epsilon: Largest epsilon allowed, for the target and for what training spends.
-        delta_below_inverse_n: Require delta < 1/N (N: training set size): a delta of 1/N allows
-            a mechanism that publishes one whole record.
-        require_poisson_sampling: Require Poisson sampling, which every Opacus accountant assumes.
-        require_secure_mode: Require Opacus ``secure_mode`` (floating-point attacks on the plain
-            noise generator are known).
-        stop_at_target: Count a violation when training goes on after epsilon passed the target.
-    """
-
-    name: str = "default"
-    max_epsilon: float | None = None
-    delta_below_inverse_n: bool = True
-    require_poisson_sampling: bool = True
-    require_secure_mode: bool = False
-    stop_at_target: bool = True
+    name: str = "default"  # the ``policy`` label
+    max_epsilon: float | None = None  # for the target and for what training spends
+    delta_below_inverse_n: bool = True  # delta < 1/N: a delta of 1/N allows publishing a record
+    require_poisson_sampling: bool = True  # which every Opacus accountant assumes
+    require_secure_mode: bool = False  # Opacus' plain noise has known floating-point attacks
+    stop_at_target: bool = True  # training on after epsilon passed the target is a violation
 
     def __post_init__(self) -> None:
         checks.label("name", self.name)
@@ -77,8 +61,7 @@ class DPPolicy:
 
     @classmethod
     def preset(cls, preset: str, **overrides: Any) -> DPPolicy:
-        """``"default"`` or ``"strict"`` (secure mode, epsilon <= 8), fields replaced by
-        ``overrides``, e.g. ``DPPolicy.preset("strict", name="hipaa")``."""
+        """``"default"`` or ``"strict"`` (secure mode, epsilon <= 8) with fields replaced."""
         presets = {"default": cls(),
                    "strict": cls(name="strict", max_epsilon=8.0, require_secure_mode=True)}
         if preset not in presets:
@@ -88,47 +71,31 @@ class DPPolicy:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> DPPolicy:
         """A policy from JSON or TOML; keys are the field names, plus ``preset``."""
-        path = Path(path)
+        path, names = Path(path), [f.name for f in dataclasses.fields(cls)]
         if path.suffix != ".toml":
             data = json.loads(path.read_text())
         elif sys.version_info >= (3, 11):
             import tomllib
             data = tomllib.loads(path.read_text())
         else:
-            raise ModuleNotFoundError(f"{path}: TOML policies need Python >= 3.11 (tomllib); "
-                                      "use a JSON policy", name="tomllib")
+            raise ValueError(f"{path}: TOML policies need Python >= 3.11; use a JSON policy")
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a policy is a table/object of fields")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)} - {"preset"})
-        if unknown:
-            raise ValueError(f"{path}: unknown policy keys {unknown}; use preset and "
-                             f"{[f.name for f in dataclasses.fields(cls)]}")
+        if unknown := sorted(set(data) - set(names) - {"preset"}):
+            raise ValueError(f"{path}: unknown policy keys {unknown}; use preset and {names}")
         return cls.preset(data.pop("preset", "default"), **data)
 
 
 class ComplianceAudit(Callback):
-    """Writes a fit's audit trail and checks the run against a DP policy.
+    """Writes a fit's audit trail (an :class:`AuditTrail` or its path) from global rank 0 and
+    checks the run against a :class:`DPPolicy` (or a preset name, or a JSON/TOML policy file).
 
-    Records from global rank 0: fit start (DP configuration, dataset size, sampling, secure
-    mode, versions), resume, budget thresholds crossed, policy violations, the first accounting
-    error, a budget guard's stop, and fit end (the accountant's exact final epsilon, the epsilon
-    series, where sigma or q changed). It reads the snapshots of the
-    :class:`~privacy_callbacks.PrivacyMonitor` in the Trainer (one float comparison per step)
-    and the final epsilon. Violations are logged and counted in
-    ``privacy_compliance_violations_total``.
-
-    Args:
-        delta: The monitor's delta.
-        target_epsilon: The budget whose fractions ``audit_thresholds`` are recorded.
-        audit: An :class:`~privacy_callbacks.compliance.AuditTrail` or a file path for one.
-        audit_thresholds: Fractions of ``target_epsilon`` whose crossing is recorded.
-        policy: A :class:`DPPolicy`, a preset name (``"default"``, ``"strict"``) or a JSON/TOML
-            policy file.
-        report: Where to write the privacy report (one self-contained HTML page: epsilon against
-            the target, its chart, the guard, the policy, the audits, the trail's verification)
-            at the end of each fit; a path, or a callable given the session id that returns one.
-            Needs the ``report`` extra. A report that cannot be written costs a warning, never
-            the fit.
+    Records fit start (DP configuration, dataset size, sampling, secure mode, versions), resume,
+    the fractions ``audit_thresholds`` of ``target_epsilon`` crossed, policy violations (logged
+    and counted in ``privacy_compliance_violations_total``), the first accounting error, a
+    guard's stop and fit end (the exact final epsilon, the epsilon series, sigma/q changes).
+    ``report``, a path or a callable from the session id to one, gets the privacy report at each
+    fit's end (the ``report`` extra); one that cannot be written costs a warning, not the fit.
     """
 
     def __init__(self, delta: float, target_epsilon: float | None = None, *,
@@ -149,36 +116,24 @@ class ComplianceAudit(Callback):
         if not isinstance(policy, (DPPolicy, type(None))):
             raise ValueError(f"Unexpected value for policy: {policy!r}; use a DPPolicy, a preset "
                              "name ('default', 'strict') or a JSON/TOML policy file")
-        self.policy = policy
         if report is not None and not (callable(report) or isinstance(report, (str, os.PathLike))):
             raise ValueError(f"Unexpected value for report: {report!r}; use a file path or a "
                              "callable that returns one for a session id")
-        self.report = report
-        self._records: list[dict[str, Any]] = []  # the session's, for the report
+        self.policy, self.report = policy, report
         #: ``{(policy, violation_type): count}``; replaced, never changed (read on other threads).
         self.violations: dict[tuple[str, str], int] = {}
-        # The epsilons that mean an event, ascending: (epsilon, event, fraction or limit's name);
-        # a violation is for epsilon strictly above its limit: the next float up.
-        marks: list[tuple[float, str, Any]] = [] if target is None else [
-            (f * target, "budget_threshold", f) for f in self.thresholds]
-        if policy is not None and policy.stop_at_target and target is not None:
-            marks.append((math.nextafter(target, math.inf), "training_past_target", "the target"))
-        if policy is not None and policy.max_epsilon is not None:
-            marks.append((math.nextafter(policy.max_epsilon, math.inf), "epsilon_above_policy_max",
-                          "the policy's maximum"))
-        self._marks = sorted(marks, key=lambda mark: mark[0]) + [(math.inf, "", None)]
-        self._next, self._watch = 0, self._marks[0][0]
-        self._failed = self._errored = False
-        self._fit(None, False)
-
-    def _fit(self, session: str | None, exporting: bool) -> None:
-        """A fit's own state."""
-        self._session, self._exporting, self._pending = session, exporting, exporting
-        self._series: list[list[Any]] = []  # [step, epsilon, exact]
-        self._changes: list[list[Any]] = []  # [step, sigma, q]
-        self._due, self._stride = 0, 1
-        self._mechanism: tuple[Any, Any] = (None, None)
-        self._accountant: Any = None
+        # (epsilon, event, fraction or limit), ascending; a violation is epsilon strictly above.
+        marks: list[tuple[float, str, Any]] = [
+            (f * target, "budget_threshold", f) for f in self.thresholds if target is not None]
+        limits = [] if policy is None else [
+            (target if policy.stop_at_target else None, "training_past_target", "the target"),
+            (policy.max_epsilon, "epsilon_above_policy_max", "the policy's maximum")]
+        marks += [(math.nextafter(v, math.inf), e, w) for v, e, w in limits if v is not None]
+        self._marks = sorted(marks, key=lambda m: m[0]) + [(math.inf, "", None)]
+        self._next, self._failed, self._errored = 0, False, False
+        self._records: list[dict[str, Any]] = []  # the session's, for the report
+        self._session: str | None = None
+        self._exporting = self._pending = False
 
     def privacy_values(self) -> Mapping[str, Any]:
         return {} if self.policy is None else {"compliance_violations": self.violations}
@@ -188,14 +143,13 @@ class ComplianceAudit(Callback):
         if not self._exporting:
             return
         eps, step = snapshot.epsilon, snapshot.step
-        if (snapshot.noise_multiplier, snapshot.sample_rate) != self._mechanism:
-            self._mechanism = (snapshot.noise_multiplier, snapshot.sample_rate)
-            _add(self._changes, [step, *self._mechanism])
-        if eps is not None and step >= self._due:
+        mechanism = [snapshot.noise_multiplier, snapshot.sample_rate]
+        if mechanism != (self._changes[-1][1:] if self._changes else [None, None]):
+            _add(self._changes, [step, *mechanism])
+        if eps is not None and (not self._series or step >= self._series[-1][0] + self._stride):
             self._stride *= 2 if _add(self._series, [step, eps, snapshot.epsilon_exact]) else 1
-            self._due = step + self._stride
-        if eps is not None and eps >= self._watch and snapshot.epsilon_exact:  # a bound proves none
-            self._check(eps, step)
+        if eps is not None and snapshot.epsilon_exact and eps >= self._marks[self._next][0]:
+            self._check(eps, step)  # a bound proves no crossing
         if snapshot.accounting_errors and not self._errored:
             self._errored = True  # the first; fit_end holds the count
             self._record("accounting_error", step=step, errors=snapshot.accounting_errors)
@@ -205,19 +159,17 @@ class ComplianceAudit(Callback):
         while eps >= self._marks[self._next][0]:
             value, event, what = self._marks[self._next]
             self._next += 1
-            if event != "budget_threshold":
+            if event == "budget_threshold":
+                logger.info("Privacy budget %.0f%% reached at step %d: epsilon=%.4g of %.4g",
+                            what * 100, step, eps, self.target_epsilon)
+                self._record(event, fraction=what, epsilon=eps, step=step,
+                             target_epsilon=self.target_epsilon)
+            else:
                 self._violate(event, f"epsilon={eps:.4g} is above {what}, {value:g}, at step "
                               f"{step}", step=step, epsilon=eps)
-                continue
-            logger.info("Privacy budget %.0f%% reached at step %d: epsilon=%.4g of %.4g",
-                        what * 100, step, eps, self.target_epsilon)
-            self._record(event, fraction=what, epsilon=eps, step=step,
-                         target_epsilon=self.target_epsilon)
-        self._watch = self._marks[self._next][0]
 
     def _violate(self, kind: str, detail: str, **data: Any) -> None:
-        assert self.policy is not None
-        key = (self.policy.name, kind)
+        key = (self.policy.name, kind)  # type: ignore[union-attr]
         self.violations = {**self.violations, key: self.violations.get(key, 0) + 1}
         logger.warning("DP policy %r violated (%s): %s", key[0], kind, detail)
         self._record("policy_violation", policy=key[0], violation_type=kind, detail=detail, **data)
@@ -225,57 +177,53 @@ class ComplianceAudit(Callback):
     def _record(self, event: str, **data: Any) -> None:
         if not self._exporting:
             return
-        record: dict[str, Any] = {"event": event, "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                       time.gmtime()),
-                                  "data": {"session_id": self._session, **data}}
-        if self.audit is not None:
-            try:
-                record = self.audit.record(event, session_id=self._session, **data)
-            except Exception:
-                if not self._failed:  # once: training goes on without its trail
-                    self._failed = True
-                    logger.exception("Writing the privacy audit trail %s failed; training "
-                                     "continues", self.audit.path)
+        record: dict[str, Any] = {"event": event, "data": {"session_id": self._session, **data},
+                                  "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            record = record if self.audit is None else self.audit.record(event, **record["data"])
+        except Exception:
+            if not self._failed:  # once: training goes on without its trail
+                self._failed = True
+                logger.exception("Writing the privacy audit trail %s failed; training "
+                                 "continues", self.audit.path)  # type: ignore[union-attr]
         if self.report is not None:
             self._records.append(record)
 
-    # -- lifecycle ----------------------------------------------------------------------------
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         monitor = next((cb for cb in trainer.callbacks  # type: ignore[attr-defined]
-                        if isinstance(cb, PrivacyMonitor)), None)
+                        if isinstance(cb, Source)), None)
         if monitor is not None and monitor.delta != self.delta:
             raise ValueError(f"Unexpected value for delta: {self.delta!r}; use the "
                              f"PrivacyMonitor's, {monitor.delta!r}")
         session = None if monitor is None else monitor.session_id
         if session != self._session or session is None:
             self._records = []  # a report covers one session, every fit of it
-        self._fit(session, trainer.is_global_zero and (
-            self.audit is not None or self.policy is not None or self.report is not None))
+        self._session, self._exporting = session, trainer.is_global_zero and (
+            self.audit is not None or self.policy is not None or self.report is not None)
+        self._pending = self._exporting
+        self._series: list[list[Any]] = []  # [step, epsilon, exact]
+        self._changes: list[list[Any]] = []  # [step, sigma, q]
+        self._stride = 1  # steps between series points: the next is due at the last one + stride
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._pending:
+        if not self._pending:  # once, after every on_train_start restored the accountant's history
             return
-        # After every on_train_start: the monitor or a guard restored the accountant's history.
-        self._pending = False
-        owner = next((cb for cb in trainer.callbacks  # type: ignore[attr-defined]
-                      if isinstance(cb, (PrivacyMonitor, BudgetGuard)) and cb.accounting), None)
+        callbacks, self._pending = trainer.callbacks, False  # type: ignore[attr-defined]
+        owner = next((cb for cb in callbacks
+                      if isinstance(getattr(cb, "accounting", None), Accounting)), None)
         accountant = self._accountant = opacus_compat.find_accountant(trainer, pl_module) \
-            if owner is None or owner.accounting is None else owner.accounting.accountant
+            if owner is None else owner.accounting.accountant
         optimizers = opacus_compat.dp_optimizers(trainer)
         loaders = CombinedLoader(trainer.train_dataloader).flattened
         try:
             size: int | None = sum(len(loader.dataset) for loader in loaders) or None
         except (AttributeError, TypeError):
             size = None
-        # Opacus' DPDataLoader samples with these; another Poisson sampler says so itself.
-        poisson = all(isinstance(s := getattr(loader, "batch_sampler", None), (
-            UniformWithReplacementSampler, DistributedUniformWithReplacementSampler))
-            or getattr(s, "poisson_sampling", False) is True for loader in loaders)
+        poisson = all(isinstance(s := getattr(loader, "batch_sampler", None), _POISSON)
+                      or getattr(s, "poisson_sampling", False) is True for loader in loaders)
         secure = all(getattr(o, "secure_mode", False) for o in optimizers)
         steps = sum(n for _, _, n in accountant.history)
         policy, target = self.policy, self.target_epsilon
-        planned = trainer.estimated_stepping_batches
         self._record(
             "fit_start", model_name=getattr(owner, "model_name", None) or type(pl_module).__name__,
             accountant=accountant.mechanism(), delta=self.delta, target_epsilon=target,
@@ -283,9 +231,9 @@ class ComplianceAudit(Callback):
             dp={name: getattr(optimizers[0], name, None) for name in (
                 "noise_multiplier", "max_grad_norm", "expected_batch_size", "loss_reduction",
                 "statistics_noise_multiplier")} | {"optimizers": len(optimizers)},
-            planned_steps=int(planned) if math.isfinite(planned) else None,
             world_size=trainer.world_size, global_step=trainer.global_step, steps_accounted=steps,
-            thresholds=list(self.thresholds),
+            thresholds=list(self.thresholds), planned_steps=int(n) if math.isfinite(
+                n := trainer.estimated_stepping_batches) else None,
             policy=None if policy is None else dataclasses.asdict(policy),
             versions={"python": platform.python_version()} | {
                 name: getattr(sys.modules.get(name), "__version__", None)
@@ -313,14 +261,13 @@ class ComplianceAudit(Callback):
             return
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         for guard in (g for cb in callbacks for g in (cb, getattr(cb, "guard", None))):
-            if isinstance(guard, BudgetGuard) and guard.stop_record is not None:
-                self._record("budget_guard_stop", **guard.stop_record)
-        last = next((cb.last_snapshot for cb in callbacks if isinstance(cb, PrivacyMonitor)), None)
+            if isinstance(record := getattr(guard, "stop_record", None), dict):
+                self._record("budget_guard_stop", **record)
+        last = next((cb.last_snapshot for cb in callbacks if isinstance(cb, Source)), None)
         accountant, step = self._accountant, trainer.global_step
         steps = sum(n for _, _, n in accountant.history)
         errors = 0 if last is None else last.accounting_errors or 0
-        eps = last.epsilon if last is not None and last.epsilon_exact \
-            and last.epsilon_step == steps else None
+        eps = last.epsilon if last and last.epsilon_exact and last.epsilon_step == steps else None
         try:  # the accountant's own, unless the monitor published it
             eps = float(accountant.get_epsilon(self.delta)) if eps is None and steps else eps
         except Exception:
@@ -335,16 +282,13 @@ class ComplianceAudit(Callback):
             "fit_end", epsilon=eps, epsilon_exact=eps is not None, delta=self.delta,
             target_epsilon=self.target_epsilon, accountant=accountant.mechanism(),
             steps_accounted=steps, global_step=step, accounting_errors=errors,
-            membership_inference_risk=None if last is None else last.membership_inference_risk,
-            epsilon_forecast=None if last is None else last.epsilon_forecast,
+            membership_inference_risk=getattr(last, "membership_inference_risk", None),
+            epsilon_forecast=getattr(last, "epsilon_forecast", None),
             reported=reported(c for c in callbacks if isinstance(c, Reporter) and c is not self),
             series=self._series, changes=self._changes)
-        if self.report is not None:
-            self._write_report()
-
-    def _write_report(self) -> None:
-        report = self.report
-        path = report(self._session or "") if callable(report) else report
+        if self.report is None:
+            return
+        path = self.report(self._session or "") if callable(self.report) else self.report
         try:
             from ..report import render
 

@@ -1,9 +1,8 @@
 """Personal data out of logs: a scrubbing log filter and a JSON formatter, both opt-in.
 
-:func:`scrub` replaces e-mail addresses, phone numbers, US social security numbers, payment card
-numbers (Luhn-checked), IBANs (mod-97-checked) and IPv4/IPv6 addresses (but loopback) with
-``[email]``, ``[phone]``, ... Checksums keep step counts and hashes from being scrubbed as card
-numbers; only numbers written like phone numbers (a leading ``+`` or separators) count as phones.
+:func:`scrub` replaces e-mail, phone, US social security, payment card (Luhn) and IBAN (mod-97)
+numbers and IP addresses (but loopback) with ``[email]``, ``[phone]``, ...: checksums keep step
+counts and hashes from being scrubbed as cards; a phone is only a number written like one.
 """
 
 from __future__ import annotations
@@ -30,20 +29,17 @@ def _card(text: str) -> bool:
 
 
 def _public_ip(text: str) -> bool:
-    try:
-        address = ipaddress.ip_address(text)
+    try:  # loopback and "any" name no one (and our own endpoint URLs are worth reading)
+        return not ((a := ipaddress.ip_address(text)).is_loopback or a.is_unspecified)
     except ValueError:
         return False
-    # Loopback and "any" name no one (and our own endpoint URLs are worth reading).
-    return not (address.is_loopback or address.is_unspecified)
 
 
 def _when(kind: str, check: Callable[[str], bool]) -> Callable[[re.Match[str]], str]:
     return lambda m: f"[{kind}]" if check(m.group()) else m.group()
 
 
-# Order matters: the checksummed and most specific patterns go first so that their digits are
-# gone before the looser phone pattern looks.
+# The checksummed and most specific patterns first: their digits are gone before phone looks.
 _RULES: tuple[tuple[re.Pattern[str], Any], ...] = tuple((re.compile(p), r) for p, r in (
     (r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b", "[email]"),
     (r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", _when("iban", _iban)),
@@ -51,9 +47,8 @@ _RULES: tuple[tuple[re.Pattern[str], Any], ...] = tuple((re.compile(p), r) for p
     (r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])", _when("ip", _public_ip)),
     (r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])", "[national-id]"),
     (r"(?<![\d.])\d(?:[ -]?\d){12,18}(?![\d.])", _when("card", _card)),
-    # A phone number is written like one: international ("+" country code), an area code in
-    # parentheses, NANP groups joined by "-" or ".", or a national trunk "0" prefix. Bare digit
-    # runs and space-separated counts are not phones: too many step counts look like them.
+    # A phone is written like one: "+" country code, "(area)", NANP groups joined by "-" or ".",
+    # or a trunk "0" prefix; bare digit runs and spaced counts are not (step counts look so).
     (r"(?<![\w+.-])(?:\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){1,5}|\(\d{2,4}\)[ .-]?\d{3,4}[ .-]?\d{3,4}"
      r"|\d{3}([-.])\d{3}\1\d{4}|0\d{1,4}[ -]\d{3,4}[ -]?\d{3,4})(?![\w.-])",
      _when("phone", lambda s: 7 <= sum(c.isdigit() for c in s) <= 15)),
@@ -68,7 +63,7 @@ def scrub(text: str) -> str:
 
 
 def _exc_text(record: logging.LogRecord) -> str | None:
-    """The record's exception text, formatted once (as Formatter does) and scrubbed."""
+    """The record's exception text, formatted once (as Formatter does), scrubbed."""
     if record.exc_info and not record.exc_text:
         record.exc_text = logging.Formatter().formatException(record.exc_info)
     record.exc_text = scrub(record.exc_text) if record.exc_text else record.exc_text
@@ -76,10 +71,8 @@ def _exc_text(record: logging.LogRecord) -> str | None:
 
 
 class PIIFilter(logging.Filter):
-    """Scrubs personal data from log records (the message, with its arguments, and an exception's
-    text); never drops one. A logger's filter sees only records logged on that very logger, not
-    its children's: attach it to a handler for all it emits, ``handler.addFilter(PIIFilter())``.
-    """
+    """Scrubs a record's message, arguments and exception text; never drops one. A logger's filter
+    misses its children's records: ``handler.addFilter(PIIFilter())`` covers all it emits."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -95,9 +88,8 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"m
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record (for Loki/Promtail, Elasticsearch, ...): ``ts`` (RFC 3339,
-    UTC), ``level``, ``logger``, ``message``, ``exc`` and every ``extra=`` field, strings
-    scrubbed: its handler writes no personal data even from loggers without a filter."""
+    """One JSON object per record (Loki, Elasticsearch, ...): ``ts`` (RFC 3339, UTC), ``level``,
+    ``logger``, ``message``, ``exc`` and each ``extra=`` field, strings scrubbed."""
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))

@@ -1,20 +1,16 @@
 """What every exporter implements."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ..snapshot import PrivacySnapshot
+from ..snapshot import PrivacySnapshot
 
 __all__ = ["Exporter", "RunInfo"]
 
 
 @dataclass(frozen=True)
 class RunInfo:
-    """Facts fixed for one fit, given to each exporter when it starts; ``exporters`` are every
-    exporter of the monitor and its publisher (each has ``name`` and ``dropped``)."""
+    """Facts fixed for one fit; ``exporters`` are the monitor's and its publisher."""
 
     session_id: str
     model_name: str
@@ -27,27 +23,18 @@ class RunInfo:
 
 
 class Exporter:
-    """Base class of exporters, driven by :class:`~privacy_callbacks.PrivacyMonitor`:
-    :meth:`start` in ``setup`` (bind ports: errors surface before training), :meth:`open` when
-    training starts, :meth:`export` on the publisher thread (never the training thread),
-    :meth:`close` at teardown within ``timeout`` seconds. Under DDP every rank runs its own.
-
-    Attributes:
-        name: The ``exporter`` label of ``privacy_export_dropped_total``.
-        dropped: Snapshots or points dropped so far (outage, full buffer).
-        rank, local_rank: Set by the monitor before :meth:`start` (a port per local rank).
-        every_step: Whether it needs every step's snapshot (a time-series database does). With
-            ``False`` it gets the newest of each publisher batch (every 50 ms) and every step
-            with measured values.
+    """Base class of exporters, driven by :class:`~privacy_callbacks.PrivacyMonitor` on each
+    rank: :meth:`start` in ``setup`` (bind ports before training), :meth:`open` at train start,
+    :meth:`export` on the publisher thread, :meth:`close` at teardown. ``name`` labels its
+    ``dropped`` count (outage, full buffer); ``rank`` and ``local_rank`` are set before ``start``;
+    with ``every_step = False`` it gets each publisher batch's newest snapshot and measured steps.
     """
 
     name: str = "exporter"
     every_step: bool = True
 
     def __init__(self) -> None:
-        self.dropped = 0
-        self.rank = 0
-        self.local_rank = 0
+        self.dropped = self.rank = self.local_rank = 0
 
     def start(self) -> None:
         """Acquire ports and connections; once per fit."""

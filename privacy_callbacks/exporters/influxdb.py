@@ -30,14 +30,13 @@ _NAMES = {"v2": ("org", "bucket", "token"),
           "v1": ("database", "retention_policy", "username", "password")}
 _REQUIRED = {"v2": ("org", "bucket"), "v1": ("database",)}
 # The fix a refusal's error names, by (api, status); 403 reads as 401.
-_FIXES = {
+_FIXES: dict[tuple[str, Any], str] = {
     ("v2", 401): "check the token and its write permission on the bucket",
     ("v1", 401): "check username and password",
     ("v2", 404): "InfluxDB 1.x has no /api/v2/write: use api='v1'; on InfluxDB 2.x/3.x check "
                  "org {org!r} and bucket {bucket!r}",
     ("v1", 404): "create the database (CREATE DATABASE \"{database}\"), or use api='v2' for "
                  "InfluxDB 2.x/3.x"}
-_TEXT = {"Content-Type": "text/plain; charset=utf-8"}
 _FULL = ("InfluxDB exporter buffer full (%d points, server at %s not keeping up): dropping the "
          "oldest; see privacy_export_dropped_total{exporter=\"influxdb\"}")
 
@@ -52,9 +51,9 @@ def _check_url(url: object) -> str:
     if parts.username is not None or parts.password is not None:  # not echoed: it holds a secret
         raise ValueError("url must not contain credentials: pass token= or username=/password=")
     with contextlib.suppress(ValueError):  # from .port: a malformed port
-        if isinstance(url, str) and parts.scheme in ("http", "https") and parts.hostname \
-                and parts.port != 0 and not (parts.query or parts.fragment):
-            return url.rstrip("/")
+        if parts.scheme in ("http", "https") and parts.hostname and parts.port != 0 \
+                and not (parts.query or parts.fragment):
+            return str(url).rstrip("/")
     raise ValueError(f"Unexpected value for url: {url!r}; use scheme://host:port, e.g. "
                      "'http://localhost:8086'")
 
@@ -70,32 +69,17 @@ _FIELDS: tuple[tuple[str, str, Callable[[Any], Any]], ...] = tuple(
 class InfluxDBExporter(Exporter):
     """Writes one point per optimizer step to InfluxDB, never stalling training.
 
-    A point: measurement ``privacy_training``; tags ``session_id``, ``model_name``, ``rank``,
-    ``accountant``; a field per catalog metric with a ``field`` (the README metrics table's
-    ``InfluxDB field``) and a value, and ``step``; the step's end as time (ns). A newer value for
-    a step (its exact epsilon) is one more point, 1 ms after the step's last one. Points wait in
-    a bounded buffer of ours (the client's batching writer queues without bound in an outage and
-    waits 300 s at close); a sender thread writes a batch at a time, and on failure puts it back
-    and retries with backoff. A full buffer drops its oldest, counted in :attr:`dropped`
-    (``privacy_export_dropped_total{exporter="influxdb"}``) and warned about once; :meth:`close`
-    counts what is not written within its timeout. A refusal (401/403: credentials; 404: wrong
-    API, org, bucket or database) is one error naming the URL, the API and the fix, and drops
-    every point of the fit.
-
-    Args:
-        url: Base URL of the server, e.g. ``http://localhost:8086``.
-        org, bucket, token: Where to write with ``api="v2"``; the token is never logged.
-        api: ``"v2"`` for ``/api/v2/write`` (InfluxDB 2.x, 3.x and compatible servers), ``"v1"``
-            for ``/write?db=`` (InfluxDB 1.x).
-        database, retention_policy: Where to write with ``api="v1"`` (``None``: the default).
-        username, password: HTTP basic authentication (``api="v1"``); never logged.
-        buffer_size, batch_size: Points held while the server is slow or away (the default: 10
-            minutes at 100 steps/s), and sent per write request.
-        flush_interval: Seconds a partial batch waits before it is written.
-        retry_interval: Seconds before the first retry; each further failure doubles the wait,
-            up to ``max_retry_delay`` seconds.
-        request_timeout: Seconds one HTTP request may take.
-        close_timeout: Bound, in seconds, on the wait for the last points at the end of a fit.
+    ``api="v2"`` writes to ``/api/v2/write`` with ``org``, ``bucket``, ``token`` (InfluxDB 2.x,
+    3.x and compatible), ``api="v1"`` to ``/write?db=`` with ``database``, ``retention_policy``,
+    ``username``/``password`` (InfluxDB 1.x). A point (measurement ``privacy_training``, tags from
+    ``catalog.INFLUX_TAGS``, a field per catalog metric with one, and ``step``) is stamped at the
+    step's end; a newer value for a step 1 ms later. Points wait in our bounded buffer (the
+    client's queues without bound in an outage and waits 300 s at close; the default holds 10
+    minutes at 100 steps/s) for a sender thread that writes ``batch_size`` at a time and retries
+    with backoff. What a full buffer drops (its oldest) or :meth:`close` cannot write within
+    ``close_timeout`` s is counted in :attr:`dropped` and warned about once. A refusal (401/403,
+    404) is one error naming the URL, the API and the fix, and drops the rest of the fit.
+    Credentials are never logged.
     """
 
     name = "influxdb"
@@ -124,7 +108,7 @@ class InfluxDBExporter(Exporter):
                                  "(api='v1') database, username and password")
         if (username is None) != (password is None):
             raise ValueError("username and password go together: pass both, or neither")
-        count, seconds, zero = "an integer > 0", "a finite number > 0", "a finite number >= 0"
+        count, seconds = "an integer > 0", "a finite number > 0"
         self.buffer_size = checks.number("buffer_size", buffer_size, count, integer=True)
         self.batch_size = min(checks.number("batch_size", batch_size, count, integer=True),
                               buffer_size)
@@ -132,7 +116,8 @@ class InfluxDBExporter(Exporter):
         self.retry_interval = checks.number("retry_interval", retry_interval, seconds)
         self.max_retry_delay = checks.number("max_retry_delay", max_retry_delay, seconds)
         self.request_timeout = checks.number("request_timeout", request_timeout, seconds)
-        self.close_timeout = checks.number("close_timeout", close_timeout, zero, low_ok=True)
+        self.close_timeout = checks.number("close_timeout", close_timeout, "a finite number >= 0",
+                                           low_ok=True)
         self.api, self.org, self.bucket, self.database = api, org, bucket, database
         self._path = "/api/v2/write" if api == "v2" else "/write"
         # What each write sends, decided once; the secrets live only in the client's auth header.
@@ -148,8 +133,6 @@ class InfluxDBExporter(Exporter):
         self._running = self._draining = self._refused = False
         self._warned: set[str] = set()
         self._sender: threading.Thread | None = None
-        self._tags: dict[str, str] = {}
-        self._last_ns, self._last_step = 0, -1  # of the last point built (publisher thread)
 
     def start(self) -> None:
         if self._running:
@@ -166,13 +149,12 @@ class InfluxDBExporter(Exporter):
 
     def open(self, info: RunInfo) -> None:
         self._tags = {tag: str(getattr(info, tag)) for tag in catalog.INFLUX_TAGS}
-        self._last_ns, self._last_step = 0, -1
+        self._last_ns, self._last_step = 0, -1  # of the last point built (publisher thread)
 
     def export(self, snapshot: PrivacySnapshot) -> None:
         values = {field: kind(value) for attr, field, kind in _FIELDS
                   if (value := snapshot.get(attr)) is not None}
-        # A step published again (a better value) keeps its time: a server keeping every sample
-        # would hold both at one time and return either; 1 ms later the newest is the latest.
+        # A step published again (a better value) 1 ms later: at one time, either could be read.
         stamp = snapshot.timestamp_ns
         if stamp <= self._last_ns:
             stamp = self._last_ns + (_LATER_NS if snapshot.step == self._last_step else 1)
@@ -208,13 +190,10 @@ class InfluxDBExporter(Exporter):
             self._running = False
             self._lock.notify_all()
         sender.join(max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            # A write still under way ends within request_timeout, unheard: its points count here.
-            lost = len(self._buffer) + self._in_flight
+        with self._lock:  # a write still under way ends within request_timeout, unheard: counted
+            lost, self._in_flight, self._sender = len(self._buffer) + self._in_flight, 0, None
             self.dropped += lost
             self._buffer.clear()
-            self._in_flight = 0
-            self._sender = None
         if lost:
             logger.warning("%d privacy points were not written to InfluxDB at %s within %.1f s "
                            "and are counted as dropped", lost, self.url, budget)
@@ -225,22 +204,19 @@ class InfluxDBExporter(Exporter):
             while (batch := self._next(me, delay)) is not None:
                 if not batch:
                     continue
-                try:
-                    # The client's WriteApi posts only to /api/v2/write, which InfluxDB 1.x lacks
-                    # before 1.8; its public low-level call (the one WriteApi makes) posts to
-                    # either, with one connection pool, timeout, auth header and error type
-                    # (it adds its headers to the dict it gets: a fresh one).
-                    client.api_client.call_api(
-                        self._path, "POST", query_params=self._query, header_params=dict(_TEXT),
-                        body=b"\n".join(batch), auth_settings=[])
-                    error: Exception | None = None
+                error: Exception | None = None
+                try:  # WriteApi posts only to /api/v2/write (not in InfluxDB 1.x before 1.8);
+                    # the public call it makes posts to either (it adds headers: a fresh dict).
+                    client.api_client.call_api(self._path, "POST", query_params=self._query,
+                                               body=b"\n".join(batch), auth_settings=[],
+                                               header_params={"Content-Type": "text/plain"})
                 except Exception as exc:  # the server's answer, or none: both handled below
                     error = exc
                 delay = self._settle(me, batch, error, delay)
 
     def _next(self, me: threading.Thread, delay: float) -> list[bytes] | None:
-        """The next batch (``None``: stop) after ``delay`` (the close cuts it short: one more
-        try at once), then a full batch, ``flush_interval`` or the close."""
+        """The next batch (``None``: stop) after ``delay`` (cut short by the close: one more try)
+        and then a full batch, ``flush_interval`` or the close."""
         def stop() -> bool:
             return not self._running or self._refused or self._sender is not me
         with self._lock:
@@ -257,6 +233,7 @@ class InfluxDBExporter(Exporter):
                 delay: float) -> float:
         """Count a write's points; the wait before the next write."""
         status = getattr(error, "status", None) or None
+        rejected = status is not None and status < 429  # else an outage: keep the newest
         with self._lock:
             if self._sender is not me:  # closed meanwhile: these points are counted
                 return 0.0
@@ -265,18 +242,18 @@ class InfluxDBExporter(Exporter):
             if error is None:
                 self.written += len(batch)
                 return 0.0
-            kept, self._refused = [], status in (401, 403, 404)
-            if status is None or status >= 429:  # an outage: keep the newest that fit
-                kept = batch[max(0, len(batch) - self.buffer_size + len(self._buffer)):]
-                self._buffer.extendleft(reversed(kept))
-                self.retried += 1
+            kept = [] if rejected else batch[max(0, len(batch) - self.buffer_size
+                                                 + len(self._buffer)):]
+            self._buffer.extendleft(reversed(kept))
+            self.retried += not rejected
+            self._refused = status in (401, 403, 404)
             self.dropped += len(batch) - len(kept) + (len(self._buffer) if self._refused else 0)
             if self._refused:
                 self._buffer.clear()
-        if status is not None and status < 429:  # a refusal: one error naming the fix
+        if rejected:  # one error naming the fix
             said = getattr(error, "message", None) or ""
-            said = " ".join((said.decode("utf-8", "replace") if isinstance(said, bytes)
-                             else str(said)).split())[:200]
+            said = " ".join(str(said.decode("utf-8", "replace") if isinstance(said, bytes)
+                                else said).split())[:200]
             fix = _FIXES.get((self.api, 401 if status == 403 else status), "batch dropped").format(
                 org=self.org, bucket=self.bucket, database=self.database)
             self._warn_once(f"status-{status}", logging.ERROR, "InfluxDB at %s (API %s) answered "

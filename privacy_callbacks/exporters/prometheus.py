@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -13,9 +14,8 @@ import socket
 import ssl
 import threading
 import urllib.parse
-from collections.abc import Mapping
 from socketserver import ThreadingMixIn
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import (CollectorRegistry, Histogram, delete_from_gateway, make_wsgi_app,
@@ -30,14 +30,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PrometheusExporter"]
 
-_RUN_LABELS = ("session_id", "model_name", "accountant", "rank")
-# Gauges a later snapshot may lack though nothing changed: no step time in a fit's final
-# snapshot. The values of optional parts (the snapshot's ``extra``: mechanism statistics on a
-# CPU only every k-th step) also stay until a snapshot brings new ones.
+# Gauges a later snapshot may lack though nothing changed (no step time in a fit's last one).
 _KEPT = frozenset({"throughput", "step_seconds"})
-# Gauges and counters fed from snapshots: (name, attribute, kind, a single series per run).
-_FED = [(m.name, m.attr, m.kind, all(n in _RUN_LABELS for n in m.labels))
-        for m in catalog.METRICS if m.attr is not None and m.kind != "histogram"]
+# Gauges and counters fed from snapshots: (name, attribute, kind).
+_FED = [(m.name, m.attr, m.kind) for m in catalog.METRICS if m.attr and m.kind != "histogram"]
 
 
 class _Handler(WSGIRequestHandler):
@@ -48,61 +44,40 @@ class _Handler(WSGIRequestHandler):
 
 
 class _Server(ThreadingMixIn, WSGIServer):
-    """A thread per connection. prometheus_client's own server answers one client at a time,
-    and stops answering while idle clients hold connections open."""
+    """A thread per connection: prometheus_client's own server stops answering while idle
+    clients hold connections open (measured: tests/test_hardened_exporter.py)."""
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], family: int) -> None:
-        self.address_family = family
-        super().__init__(address, _Handler)
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None) -> None:
+        self.address_family, _, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)[0]
+        super().__init__((str(address[0]), port), _Handler)
+        if tls is not None:  # each handshake happens in its connection's thread, not in accept
+            self.socket = tls.wrap_socket(self.socket, server_side=True,
+                                          do_handshake_on_connect=False)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         logger.debug("Metrics request from %s failed", client_address, exc_info=True)
 
 
-def _guarded(app: Callable[..., Iterable[bytes]], digest: bytes,
-             refused: Callable[[], None]) -> Callable[..., Iterable[bytes]]:
-    """``app`` behind HTTP basic auth; only a SHA-256 of the credentials is kept."""
-
-    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        scheme, _, credentials = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-        if scheme.lower() == "basic" and hmac.compare_digest(
-                hashlib.sha256(credentials.strip().encode()).digest(), digest):
-            return app(environ, start_response)
-        refused()
-        start_response("401 Unauthorized", [("WWW-Authenticate", 'Basic realm="metrics"'),
-                                            ("Content-Type", "text/plain; charset=utf-8")])
-        return [b"Unauthorized\n"]
-
-    return guarded
-
-
 class PrometheusExporter(Exporter):
     """Serves every catalog metric for Prometheus to scrape, or pushes it to a Pushgateway.
 
-    A custom collector builds the families from the latest value of each metric when
-    ``/metrics`` is scraped (or the registry collected): a step only replaces values, under one
-    lock, so a scrape sees one step's record. Counters are the session's running totals;
-    histograms are prometheus_client's own, fed every observation. The endpoint runs from
-    ``setup`` to ``teardown``; under DDP each rank serves on ``port`` plus its local rank. At a
-    new session the finished session's series go (its Pushgateway group keeps its last push).
+    A collector builds the families from each metric's latest value at scrape time; a step
+    replaces values under one lock, so a scrape sees one step's record (docs/exporters.md).
 
     Args:
-        port: TCP port of ``/metrics``; ``0`` picks a free one (see :attr:`url`).
+        port: TCP port of ``/metrics`` (plus the local rank under DDP); ``0`` picks a free one.
         host: Address to listen on; loopback by default.
-        registry: Registry for the metrics; by default a new one (never the global ``REGISTRY``,
-            so building the exporter twice is safe).
+        registry: Registry for the metrics; by default a new one (never the global ``REGISTRY``).
         serve: Serve ``/metrics``; by default only without ``pushgateway``.
-        pushgateway: ``host:port`` of a Pushgateway: the registry is pushed from a background
-            thread every ``push_interval`` s and at the end of the fit, each push bounded by
-            ``push_timeout``, to the group ``job``/``session_id``/``rank``; failures are counted
-            in ``privacy_export_dropped_total{exporter="prometheus"}``.
-        delete_on_close: Delete the run's group from the gateway after the final push.
-        tls_certfile, tls_keyfile: PEM certificate and key to serve HTTPS.
-        tls_client_cafile: PEM CA bundle: scrapers must show a client certificate it signed.
-        basic_auth: ``(username, password)`` scrapers must send; refusals are counted in
-            ``authentication_failures_total``. Only a hash is kept, never the password.
+        pushgateway: ``host:port`` of a Pushgateway, pushed to every ``push_interval`` s and at
+            the end of the fit (each push bounded by ``push_timeout``), group ``job``/
+            ``session_id``/``rank``; ``delete_on_close`` deletes the group after the last push.
+        tls_certfile, tls_keyfile, tls_client_cafile: PEM certificate and key to serve HTTPS;
+            a CA bundle that must have signed the scrapers' client certificates.
+        basic_auth: ``(username, password)`` scrapers must send (only a hash is kept).
     """
 
     name = "prometheus"
@@ -123,61 +98,51 @@ class PrometheusExporter(Exporter):
         if not isinstance(host, str) or not host:
             raise ValueError(f"Unexpected value for host: {host!r}; use e.g. '127.0.0.1'")
         if pushgateway is not None and (not isinstance(pushgateway, str) or not pushgateway):
-            raise ValueError(f"Unexpected value for pushgateway: {pushgateway!r}; use "
-                             "'host:port', e.g. '127.0.0.1:9091'")
-        if not isinstance(job, str) or not job:
-            raise ValueError(f"Unexpected value for job: {job!r}; use a non-empty string")
+            raise ValueError(f"Unexpected value for pushgateway: {pushgateway!r}; use 'host:port'")
+        self.job = checks.label("job", job)
         self.push_interval = checks.number("push_interval", push_interval, "seconds > 0")
         self.push_timeout = checks.number("push_timeout", push_timeout, "seconds > 0")
-        if (tls_certfile is None) != (tls_keyfile is None):
-            raise ValueError("Pass both tls_certfile and tls_keyfile (PEM files) to serve HTTPS, "
-                             "or neither")
-        if tls_client_cafile is not None and tls_certfile is None:
-            raise ValueError("tls_client_cafile needs tls_certfile and tls_keyfile: client "
-                             "certificates are checked during the TLS handshake")
+        if (tls_certfile is None) != (tls_keyfile is None) or (
+                tls_client_cafile is not None and tls_certfile is None):
+            raise ValueError("Pass both tls_certfile and tls_keyfile (PEM files) to serve HTTPS "
+                             "(tls_client_cafile needs them), or neither")
         for name, path in (("tls_certfile", tls_certfile), ("tls_keyfile", tls_keyfile),
                            ("tls_client_cafile", tls_client_cafile)):
             if path is not None and not os.path.isfile(path):
                 raise ValueError(f"Unexpected value for {name}: {os.fspath(path)!r} is not a file")
-        self._digest: bytes | None = None
-        self.basic_auth_user: str | None = None
-        if basic_auth is not None:
-            if (not isinstance(basic_auth, tuple) or len(basic_auth) != 2
-                    or not all(isinstance(v, str) and v for v in basic_auth)
-                    or ":" in basic_auth[0]):
-                raise ValueError("Unexpected value for basic_auth: use a (username, password) "
-                                 "tuple of non-empty strings, without ':' in the username")
-            token = base64.b64encode(f"{basic_auth[0]}:{basic_auth[1]}".encode())
-            self._digest, self.basic_auth_user = hashlib.sha256(token).digest(), basic_auth[0]
-        self.host, self.pushgateway, self.job = host, pushgateway, job
+        if basic_auth is not None and (
+                not isinstance(basic_auth, tuple) or len(basic_auth) != 2
+                or not all(isinstance(v, str) and v for v in basic_auth) or ":" in basic_auth[0]):
+            raise ValueError("Unexpected value for basic_auth: use a (username, password) "
+                             "tuple of non-empty strings, without ':' in the username")
+        self.basic_auth_user = basic_auth[0] if basic_auth else None
+        token = base64.b64encode(":".join(basic_auth or ()).encode())  # as scrapers send it
+        self._digest = hashlib.sha256(token).digest() if basic_auth else None
+        self.host, self.pushgateway, self.delete_on_close = host, pushgateway, delete_on_close
         self.serve = pushgateway is None if serve is None else serve
-        self.delete_on_close = delete_on_close
         self.tls_certfile, self.tls_keyfile = tls_certfile, tls_keyfile
         self.tls_client_cafile = tls_client_cafile
         self.registry = CollectorRegistry() if registry is None else registry
         self.authentication_failures = 0
         self._lock = threading.Lock()
-        self._run: dict[str, str] = {}
-        self._session: str | None = None
-        self._values: dict[str, Any] = {}
-        self._drops: dict[str, float] = {}
-        self._sources: list[tuple[Any, list[float]]] = []
+        self._run: dict[str, str] = {}  # the run's label values, once open
+        self._values: dict[str, Any] = {}  # metric name: latest value (or {labels: value})
+        self._sources: list[tuple[Any, int]] = []  # (exporter, its drops when the fit opened)
+        self._carried: dict[str, float] = {}  # drops of earlier fits of the session, by name
         self._histograms = {m.name: Histogram(m.name, m.help, m.all_labels, registry=None,
                                               buckets=m.buckets)
                             for m in catalog.METRICS if m.kind == "histogram"}
-        self._observers: list[tuple[str, Any]] = []
-        self.registry.register(self)
+        self._observers: list[tuple[str, Any]] = []  # (attribute, bound histogram child)
         self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self._pusher: threading.Thread | None = None
         self._conn: http.client.HTTPConnection | None = None
         self._stop_push = threading.Event()
+        self.registry.register(self)
 
     def __repr__(self) -> str:
         auth = f"({self.basic_auth_user!r}, '***')" if self.basic_auth_user else None
-        return (f"PrometheusExporter(host={self.host!r}, port={self.port!r}, "
-                f"pushgateway={self.pushgateway!r}, tls={self.tls_certfile is not None}, "
-                f"basic_auth={auth})")
+        return (f"PrometheusExporter(host={self.host!r}, port={self.port!r}, pushgateway="
+                f"{self.pushgateway!r}, tls={self.tls_certfile is not None}, basic_auth={auth})")
 
     @property
     def url(self) -> str | None:
@@ -187,173 +152,143 @@ class PrometheusExporter(Exporter):
         scheme = "https" if self.tls_certfile is not None else "http"
         return f"{scheme}://{self.host}:{self._server.server_port}/metrics"
 
-    # -- the registry's view -----------------------------------------------------------------
-
     def describe(self) -> Iterable[Metric]:
-        """Every family's name, so a registry refuses a second exporter with the same ones."""
-        for metric in catalog.METRICS:
-            family = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}.get(metric.kind)
-            if family is None:
-                yield from self._histograms[metric.name].describe()
-            else:
-                yield family(metric.name, metric.help, labels=metric.all_labels)
+        """Every family, so a registry refuses a second exporter with the same names."""
+        return self.collect()
 
     def collect(self) -> Iterable[Metric]:
         families: list[Metric] = []
         with self._lock:
             values, run = dict(self._values), self._run
-            values["privacy_export_dropped_total"] = dict(self._drops) if run else None
-            values["authentication_failures_total"] = (
-                self.authentication_failures if run and self._digest else None)
+            if run:
+                values["privacy_export_dropped_total"] = self._dropped()
+                if self._digest is not None:
+                    values["authentication_failures_total"] = self.authentication_failures
             for metric in catalog.METRICS:
                 if metric.kind == "histogram":
                     families += self._histograms[metric.name].collect()
                     continue
-                family_type = GaugeMetricFamily if metric.kind == "gauge" else \
-                    CounterMetricFamily
-                family = family_type(metric.name, metric.help, labels=metric.all_labels)
+                family = (GaugeMetricFamily if metric.kind == "gauge" else CounterMetricFamily)(
+                    metric.name, metric.help, labels=metric.all_labels)
+                fixed = [run[n] for n in metric.all_labels if n in run]
                 value = values.get(metric.name)
-                if value is not None:
-                    free = [n for n in metric.all_labels if n not in run]
-                    fixed = [run[n] for n in metric.all_labels if n in run]
-                    items = value.items() if isinstance(value, Mapping) else [((), value)]
-                    for key, number in items:
-                        keys = list(key) if isinstance(key, tuple) else [key]
-                        if number is not None and len(keys) == len(free):
-                            family.add_metric(fixed + [str(k) for k in keys], float(number))
+                for key, number in value.items() if isinstance(value, Mapping) else [((), value)]:
+                    keys = key if isinstance(key, tuple) else (key,)
+                    if number is not None and len(fixed) + len(keys) == len(metric.all_labels):
+                        family.add_metric(fixed + [str(k) for k in keys], float(number))
                 families.append(family)
         return families
 
-    # -- lifecycle ---------------------------------------------------------------------------
+    def _dropped(self) -> dict[str, float]:
+        """This session's drops by exporter name (earlier fits included), read now."""
+        drops = dict(self._carried)
+        for source, at_open in self._sources:
+            drops[source.name] = drops.get(source.name, 0) + source.dropped - at_open
+        return drops
 
     def start(self) -> None:
         if not self.serve or self._server is not None:
             return
-        if self._digest is not None and self.tls_certfile is None:
+        tls = None
+        if self.tls_certfile is not None:
             try:
-                loopback = ipaddress.ip_address(self.host).is_loopback
-            except ValueError:
-                loopback = self.host == "localhost"
-            if not loopback:
-                logger.warning("Basic auth without TLS on %s sends the credentials in clear "
-                               "text: pass tls_certfile and tls_keyfile", self.host)
+                tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # TLS 1.2 or later
+                tls.load_cert_chain(self.tls_certfile, self.tls_keyfile)
+                if self.tls_client_cafile is not None:
+                    tls.load_verify_locations(self.tls_client_cafile)
+                    tls.verify_mode = ssl.CERT_REQUIRED
+            except ssl.SSLError as exc:
+                raise ValueError(f"PrometheusExporter cannot use the TLS files "
+                                 f"{str(self.tls_certfile)!r}, {str(self.tls_keyfile)!r}: "
+                                 f"{exc.reason or exc}. Pass a PEM certificate and its key"
+                                 ) from None
         port = self.port + self.local_rank if self.port else 0  # one endpoint per process
         try:
-            family, _, _, _, address = socket.getaddrinfo(self.host, port,
-                                                          type=socket.SOCK_STREAM)[0]
-            server = _Server((str(address[0]), port), family)
+            self._server = server = _Server(self.host, port, tls)
         except OSError as exc:
             raise OSError(f"PrometheusExporter cannot listen on {self.host}:{port} "
                           f"({exc.strerror or exc}). Choose a free port, or port=0 to pick one "
                           "(its address is in .url).") from exc
-        app = make_wsgi_app(self.registry)
-        server.set_app(app if self._digest is None else _guarded(app, self._digest,
-                                                                 self._refused))
-        if self.tls_certfile is not None:
-            try:
-                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-                context.minimum_version = ssl.TLSVersion.TLSv1_2
-                context.load_cert_chain(self.tls_certfile, self.tls_keyfile)
-                if self.tls_client_cafile is not None:
-                    context.load_verify_locations(self.tls_client_cafile)
-                    context.verify_mode = ssl.CERT_REQUIRED
-            except ssl.SSLError as exc:
-                server.server_close()
-                files = ", ".join(repr(os.fspath(f)) for f in (self.tls_certfile,
-                                                               self.tls_keyfile) if f)
-                raise ValueError(f"PrometheusExporter cannot use the TLS files ({files}): "
-                                 f"{exc.reason or exc}. Pass a PEM certificate and its key"
-                                 ) from None
-            # The handshake happens in the connection's thread, not in the accept loop.
-            server.socket = context.wrap_socket(server.socket, server_side=True,
-                                                do_handshake_on_connect=False)
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,),
-                                        name="privacy-metrics-http", daemon=True)
-        self._thread.start()
+        if self._digest is not None and tls is None \
+                and not ipaddress.ip_address(str(server.server_address[0])).is_loopback:
+            logger.warning("Basic auth without TLS on %s sends the credentials in clear text: "
+                           "pass tls_certfile and tls_keyfile", self.host)
+        self._app = make_wsgi_app(self.registry)
+        server.set_app(self._app if self._digest is None else self._guarded)
+        threading.Thread(target=server.serve_forever, args=(0.05,), name="privacy-metrics-http",
+                         daemon=True).start()
         logger.info("Privacy metrics at %s", self.url)
 
-    def _refused(self) -> None:
+    def _guarded(self, environ: dict[str, Any],
+                 start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """``/metrics`` behind HTTP basic auth; only a SHA-256 of the credentials is kept."""
+        scheme, _, credentials = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        if scheme.lower() == "basic" and hmac.compare_digest(
+                hashlib.sha256(credentials.strip().encode()).digest(), self._digest or b""):
+            return self._app(environ, start_response)
         with self._lock:
             self.authentication_failures += 1
+        start_response("401 Unauthorized", [("WWW-Authenticate", 'Basic realm="metrics"'),
+                                            ("Content-Type", "text/plain; charset=utf-8")])
+        return [b"Unauthorized\n"]
 
     def open(self, info: RunInfo) -> None:
         with self._lock:
-            if info.session_id != self._session:  # a new session: the old one's series go
-                self._session, self._values, self._drops = info.session_id, {}, {}
+            if info.session_id != self._run.get("session_id"):  # the old session's series go
+                self._values, self._sources, self._carried = {}, [], {}
                 for histogram in self._histograms.values():
                     histogram.clear()
+            # Drops before this fit were counted in the fit they happened in.
+            self._carried = self._dropped()
+            self._sources = [(source, source.dropped) for source in info.exporters]
             self._run = {"session_id": info.session_id, "model_name": info.model_name,
                          "accountant": info.accountant, "rank": str(info.rank)}
-            if info.rank == 0:  # the privacy counters exist from the start, at what they count
-                for name, _, kind, single in _FED:
-                    if kind == "counter" and single:
-                        self._values.setdefault(name, 0)
-            # Drops before this fit were counted in the fit they happened in.
-            self._sources = [(source, [float(source.dropped)]) for source in info.exporters]
-            for source, _ in self._sources:
-                self._drops.setdefault(source.name, 0.0)
+            for name, attr, kind in _FED if info.rank == 0 else ():
+                if kind == "counter" and attr in FIELDS:  # rank 0's counters: series from the start
+                    self._values.setdefault(name, 0)
             self._observers = [
-                (m.attr, self._histograms[m.name].labels(
-                    **{n: self._run[n] for n in m.all_labels}))
+                (m.attr, self._histograms[m.name].labels(*(self._run[n] for n in m.all_labels)))
                 for m in catalog.METRICS if m.kind == "histogram" and m.attr is not None]
         if self.pushgateway is not None and self._pusher is None:
             self._stop_push.clear()
             self._pusher = threading.Thread(target=self._push_loop, name="privacy-pushgateway",
-                                            args=({"session_id": info.session_id,
-                                                   "rank": str(info.rank)},), daemon=True)
+                                            daemon=True)
             self._pusher.start()
 
     def export(self, snapshot: PrivacySnapshot) -> None:
-        """Gauges and counters take the newest *assessed* snapshot's values, so one scrape is
-        one step's record (a step with a newer one in the same publisher batch brings only its
-        optional parts' values); histograms count every step's observations."""
-        private = snapshot.epsilon_step is not None  # rank 0's privacy values, not a rank's
-        extra = snapshot.extra
+        """Gauges and counters take the newest *assessed* snapshot's fields (one scrape, one
+        step's record) and the newest ``extra`` values; histograms count every observation."""
         with self._lock:
             values = self._values
-            for name, attr, kind, single in _FED:
-                if attr in FIELDS:
-                    if not snapshot.assessed:
-                        continue
-                    value = getattr(snapshot, attr)
-                elif attr in extra:
-                    value = extra[attr]
+            for name, attr, kind in _FED:
+                if not (snapshot.assessed if attr in FIELDS else attr in snapshot.extra):
+                    continue  # not computed for this step: the last value stays
+                value = snapshot.get(attr)
+                if value is None:
+                    if kind == "gauge" and attr not in _KEPT:
+                        values.pop(name, None)
+                elif kind == "counter" and not isinstance(value, Mapping):
+                    values[name] = max(value, values.get(name, 0))  # a counter never goes down
                 else:
-                    continue
-                if kind == "counter":
-                    if value is not None:
-                        values[name] = value if isinstance(value, Mapping) \
-                            else max(value, values.get(name) or 0)
-                    elif private and single:
-                        values.setdefault(name, 0)  # a series from the first step on
-                elif value is not None:
                     values[name] = value
-                elif attr not in _KEPT:
-                    values.pop(name, None)
             for attr, child in self._observers:
                 value = snapshot.get(attr)
-                if value is not None:
-                    for item in value if isinstance(value, (list, tuple)) else (value,):
+                for item in value if isinstance(value, (list, tuple)) else (value,):
+                    if item is not None:
                         child.observe(item)
-            for source, seen in self._sources:
-                now = float(source.dropped)
-                if now > seen[0]:
-                    self._drops[source.name] += now - seen[0]
-                    seen[0] = now
 
-    def _push_loop(self, grouping_key: dict[str, str]) -> None:
+    def _push_loop(self) -> None:
         while not self._stop_push.wait(self.push_interval):
-            self._push(push_to_gateway, grouping_key, registry=self.registry)
-        self._push(push_to_gateway, grouping_key, registry=self.registry)
+            self._push(push_to_gateway, registry=self.registry)
+        self._push(push_to_gateway, registry=self.registry)
         if self.delete_on_close:
-            self._push(delete_from_gateway, grouping_key)
+            self._push(delete_from_gateway)
 
-    def _push(self, push: Callable[..., None], grouping_key: dict[str, str],
-              **kwargs: Any) -> None:
+    def _push(self, push: Callable[..., None], **kwargs: Any) -> None:
+        group = {"session_id": self._run["session_id"], "rank": self._run["rank"]}
         try:
-            push(self.pushgateway, job=self.job, grouping_key=grouping_key,
-                 timeout=self.push_timeout, handler=self._handler, **kwargs)
+            push(self.pushgateway, job=self.job, grouping_key=group, timeout=self.push_timeout,
+                 handler=self._handler, **kwargs)
         except Exception as exc:
             self.dropped += 1
             if self.dropped == 1:
@@ -368,15 +303,13 @@ class PrometheusExporter(Exporter):
 
         def handle() -> None:
             parts = urllib.parse.urlsplit(url)
-            https = parts.scheme == "https"
-            conn = (http.client.HTTPSConnection if https else http.client.HTTPConnection)(
-                parts.netloc, timeout=timeout)
-            self._conn = conn
+            connection = (http.client.HTTPSConnection if parts.scheme == "https"
+                          else http.client.HTTPConnection)
+            self._conn = conn = connection(parts.netloc, timeout=timeout)
             try:
-                if self._stop_push.is_set() and self._pusher is None:
+                if self._pusher is not threading.current_thread():  # close gave up on it
                     raise ConnectionAbortedError("the exporter is closing")
-                conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""),
-                             body=data, headers=dict(headers))
+                conn.request(method, parts.path, body=data, headers=dict(headers))  # no query
                 response = conn.getresponse()
                 if response.status >= 400:
                     raise OSError(f"Pushgateway answered {response.status}: "
@@ -392,20 +325,15 @@ class PrometheusExporter(Exporter):
         if pusher is not None:
             self._stop_push.set()
             pusher.join(timeout)
-            self._pusher = None
+            self._pusher = None  # from now on no push starts (see _handler)
             conn = self._conn
             if pusher.is_alive() and conn is not None and conn.sock is not None:
-                try:
+                with contextlib.suppress(OSError):
                     conn.sock.shutdown(socket.SHUT_RDWR)  # the request in flight fails now
-                except OSError:
-                    pass
                 pusher.join(1.0)
                 logger.warning("Pushgateway %s did not answer within %.1f s at close; the last "
                                "metrics were not pushed", self.pushgateway, timeout)
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if thread is not None:
-            thread.join(timeout)
+        if self._server is not None:
+            self._server.shutdown()  # returns once serve_forever has returned: its thread ends
+            self._server.server_close()
+            self._server = None

@@ -1,13 +1,4 @@
-"""MechanismMetrics: clipping, noise, signal and DP overhead of each step, read from the device.
-
-It reuses what Opacus computes. In hooks mode the per-sample norms exist only inside
-``clip_and_accumulate``, where the one expression that touches them is ``max_grad_norm /
-(per_sample_norms + 1e-6)``; while per-sample statistics are on, ``max_grad_norm`` is for that
-call a look-alike of the same value (a ``float`` subclass or a tensor view) that keeps the
-divisor and lets the division run unchanged, so parameters are bit-identical. Ghost clipping
-keeps its norms on the module (``per_sample_gradient_norms``). The noise is ``p.grad -
-p.summed_grad`` right after ``add_noise``. The accountant's step hook is never touched.
-"""
+"""MechanismMetrics: clipping, noise, signal and DP overhead of each step, read from the device."""
 
 from __future__ import annotations
 
@@ -15,7 +6,7 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
@@ -40,8 +31,8 @@ __all__ = ["MechanismMetrics"]
 
 # Opacus implementations whose clipping divides max_grad_norm by the per-sample norms once.
 _TAPPABLE = {DPOptimizer.clip_and_accumulate, AdaClipDPOptimizer.clip_and_accumulate}
-# add_noise implementations that leave p.summed_grad (signal) and p.grad = signal + noise; an
-# optimizer with split noise (statistics_noise_multiplier, see opacus_compat) wraps one of them.
+# add_noise implementations that leave p.summed_grad (signal) and p.grad = signal + noise (an
+# optimizer with split noise, statistics_noise_multiplier, wraps one of them).
 _KNOWN_NOISE = {DPOptimizer.add_noise, DistributedDPOptimizer.add_noise,
                 AdaClipDPOptimizer.add_noise, DPOptimizerFastGradientClipping.add_noise}
 _DIVISIONS = {torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.true_divide, torch.div,
@@ -52,9 +43,8 @@ _NAMES = ("privacy_clipped_fraction", "privacy_per_sample_grad_norm", "privacy_n
 
 
 class _FloatTap(float):
-    """``max_grad_norm`` as a float: records a tensor divisor, then divides exactly as a float:
-    ``NotImplemented`` hands the division to ``Tensor.__rtruediv__``, the path of ``float /
-    tensor``, so the result is bit-identical."""
+    """``max_grad_norm`` as a float that records a tensor divisor; ``NotImplemented`` hands the
+    division to ``Tensor.__rtruediv__``, the path of ``float / tensor``: bit-identical."""
 
     sink: list[torch.Tensor]
 
@@ -71,33 +61,28 @@ class _TensorTap(torch.Tensor):
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func in _DIVISIONS and len(args) == 2 and isinstance(args[0], _TensorTap):
             args[0].sink.append(args[1])  # type: ignore[attr-defined]
-        # As Tensor.__torch_function__ runs it, without turning the result into this subclass.
+        # torch's documented way (there is no public one) to run func as Tensor does, without
+        # turning the result into this subclass.
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 
 
 def _tap(value: Any, sink: list[torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        tap: Any = value.as_subclass(_TensorTap)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        tap = _FloatTap(value)
-    else:
-        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        return value
+    tap: Any = value.as_subclass(_TensorTap) if torch.is_tensor(value) else _FloatTap(value)
     tap.sink = sink
     return tap
 
 
 def _grad_sample_hooks(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
-    """Opacus' per-sample hooks on the module: a submodule, in an attribute, in a dict or list
-    attribute (Opacus' Lightning example keeps ``self.dp["model"]``), or on a callback."""
+    """Opacus' per-sample hooks: a submodule, or in an attribute (a dict or list one too, as
+    Opacus' Lightning example's ``self.dp["model"]``) of the module or a callback."""
     found: list[Any] = list(pl_module.modules())
     for obj in (pl_module, *trainer.callbacks):  # type: ignore[attr-defined]
         for value in vars(obj).values():
-            found.append(value)
-            if isinstance(value, Mapping):
-                found.extend(value.values())
-            elif isinstance(value, (list, tuple)):
-                found.extend(value)
+            found += [value, *(value.values() if isinstance(value, Mapping) else value
+                               if isinstance(value, (list, tuple)) else ())]
     hooks = [h for h in found if isinstance(h, GradSampleHooks)]
     return [h for i, h in enumerate(hooks) if all(h is not o for o in hooks[:i])]
 
@@ -105,17 +90,16 @@ def _grad_sample_hooks(trainer: pl.Trainer, pl_module: pl.LightningModule) -> li
 class MechanismMetrics(Callback):
     """Measures clipping, noise, signal and DP overhead of the first DP optimizer, without syncs.
 
-    Add it beside :class:`~privacy_callbacks.PrivacyMonitor`, which publishes its values. On the
-    training thread everything is queued on the device (the norms of the noised update, the
-    global one under DDP, and of the noise; the per-sample statistics the run releases; a copy to
-    pinned memory; timing events); the publisher thread reads it. On a CPU, where that is work in
-    the step, a run without per-sample statistics is measured every k-th step: their own time
-    over ``STATS_SHARE`` of the step's (at most ``MAX_STRIDE``), and at every calibration.
-
-    Per-sample statistics: an optimizer of ``DifferentialPrivacy(statistics_noise_multiplier=...)``
-    releases the histogram of per-sample norms (the catalog's buckets and C) with Gaussian noise
-    of that multiplier on each count (sensitivity 1), accounted with the gradient; any other
-    releases none (its sigma covers the gradient only).
+    Add it beside :class:`~privacy_callbacks.PrivacyMonitor`, which publishes its values. It
+    reuses what Opacus computes: the noise is ``p.grad - p.summed_grad`` after ``add_noise``;
+    ghost clipping keeps the per-sample norms on its module, hooks mode only as the divisor of
+    ``max_grad_norm / (norms + 1e-6)``, read by a look-alike of ``max_grad_norm`` that divides
+    unchanged (parameters are bit-identical). The training thread only queues device work; the
+    publisher thread reads it. On a CPU, where that work is in the step, a run without per-sample
+    statistics is measured every k-th step (k: their time over ``STATS_SHARE`` of the step's, at
+    most ``MAX_STRIDE``) and at every calibration. Per-sample statistics are released only as
+    the noised norm histogram of ``DifferentialPrivacy(statistics_noise_multiplier=...)``,
+    accounted with the gradient.
 
     Exported metrics: ``privacy_clipped_fraction``, ``privacy_per_sample_grad_norm``,
     ``privacy_noise_magnitude``, ``privacy_signal_magnitude``, ``privacy_signal_to_noise_ratio``,
@@ -123,9 +107,8 @@ class MechanismMetrics(Callback):
 
     Args:
         overhead_every: Every this many steps (the first at the third) time one plain
-            forward/backward on the step's batch (per-sample hooks removed; gradients, buffers,
-            RNG state restored; logging off; a metric updated in ``training_step`` sees the
-            batch twice) for the overhead ratios; ``None``: no ratios.
+            forward/backward on the step's batch (hooks removed; gradients, buffers and RNG
+            restored; logging off) for the overhead ratios; ``None``: none.
         raw_private_statistics: Publish the exact per-sample norms and clipped fraction, outside
             epsilon (debugging on data that needs no protection).
     """
@@ -136,22 +119,19 @@ class MechanismMetrics(Callback):
 
     def __init__(self, *, overhead_every: int | None = 1000,
                  raw_private_statistics: bool = False) -> None:
-        self.overhead_every = checks.number(
-            "overhead_every", overhead_every, "a number of optimizer steps >= 1, or None for no "
-            "overhead ratios", low=1, low_ok=True, integer=True, none=True)
+        self.overhead_every = checks.number("overhead_every", overhead_every, "a number of steps "
+                                            ">= 1, or None", low=1, low_ok=True, integer=True,
+                                            none=True)
         self.raw_private_statistics = checks.flag("raw_private_statistics", raw_private_statistics)
         if raw_private_statistics:
             warnings.warn("raw_private_statistics=True publishes per-sample gradient norms and "
-                          "the exact clipped fraction of the private data: they fall outside "
-                          "epsilon (a record with an unusual gradient is visible in them). Use it "
-                          "only on data that needs no protection.", UserWarning, stacklevel=2)
+                          "the exact clipped fraction of the private data, outside epsilon: use "
+                          "it only on data that needs no protection.", UserWarning, stacklevel=2)
         self._opt: Any = None  # the instrumented optimizer; None: off
         self._now: d.Step | None = None  # the step in progress, when it is measured
         self._pending: tuple[Any, ...] | None = None
-        self._step, self._hook = 0, cast(Any, None)
+        self._step, self._hook = 0, None
         self._installed: list[tuple[str, Any]] = []
-
-    # -- lifecycle ---------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and not any(isinstance(cb, PrivacyMonitor)
@@ -169,53 +149,45 @@ class MechanismMetrics(Callback):
         if self.statistics is None:
             logger.info("Per-sample gradient statistics are off: they need "
                         "DifferentialPrivacy(statistics_noise_multiplier=...)")
-        self._params, self._clip = list(opt.params), cast(Any, 0)
+        self._params, self._clip, self._micro, self.stride = list(opt.params), 0, 0, 1
         self._divisors: list[torch.Tensor] = []
-        self._cuda = bool(self._params) and self._params[0].is_cuda
         self._first: int | None = None
-        self._micro, self.due, self.stride, self._reducing = 0, 0.0, 1, True
+        self._cuda = bool(self._params) and self._params[0].is_cuda
+        self.due, self._reducing = 0.0, True
         self._by_cost = self.statistics is None and not self._cuda
         self._hooks = _grad_sample_hooks(trainer, pl_module)
-        self._ghost = isinstance(opt, DPOptimizerFastGradientClipping)
-        self._distributed = isinstance(opt, DistributedDPOptimizer) and opt.world_size > 1
+        self._ghost, kind = isinstance(opt, DPOptimizerFastGradientClipping), type(opt).__name__
         self._buckets = None if self.statistics != "dp" else d.Buckets(
-            by_name("privacy_per_sample_grad_norm").buckets, float(opt.max_grad_norm), _EPS)
-        if self._buckets is not None:
-            self._edges = torch.tensor(self._buckets.edges, device=self._params[0].device)
-        kind, missing = type(opt), {}
+            by_name("privacy_per_sample_grad_norm").buckets, float(opt.max_grad_norm), _EPS,
+            self._params[0].device)
         ghost = next((h for h in self._hooks
                       if isinstance(h, GradSampleHooksFastGradientClipping)), None)
-        norms_ok = ghost is not None if self._ghost else kind.clip_and_accumulate in _TAPPABLE
-        noise_ok = kind.add_noise in _KNOWN_NOISE or split
-        if not norms_ok and self.statistics is not None:
-            missing.update(dict.fromkeys(_NAMES[:2], "the ghost-clipping module holding "
-                                         "per_sample_gradient_norms was not found" if self._ghost
-                                         else f"{kind.__name__} clips in a way not read here"))
-        if not noise_ok:
-            missing.update(dict.fromkeys(_NAMES[2:5], f"{kind.__name__} adds noise in a way "
-                                         "not read here"))
-        problem = self._calibration_problem(trainer, pl_module)
+        norms_ok = ghost is not None if self._ghost else type(opt).clip_and_accumulate in _TAPPABLE
+        noise_ok = type(opt).add_noise in _KNOWN_NOISE or split
+        problem = ("ghost clipping clips inside backward: no plain pass to time" if self._ghost
+                   else "Opacus' per-sample hooks were not found on the module (keep them in an "
+                   "attribute or a dict attribute)" if not self._hooks else "the plain pass "
+                   "needs automatic optimization" if not pl_module.automatic_optimization else
+                   "a plain pass would run the distributed gradient hooks"
+                   if trainer.world_size > 1 else None)
         self._calibration = d.Calibration() if self.overhead_every and not problem else None
-        if self.overhead_every is not None and problem:
-            missing[_NAMES[5]] = problem
-        if noise_ok:  # an instance attribute shadows Opacus' public method; teardown drops it
+        missing = {**(dict.fromkeys(_NAMES[:2], "no ghost-clipping module found" if self._ghost
+                                    else f"{kind} clips in a way not read here")
+                      if not norms_ok and self.statistics is not None else {}),
+                   **({} if noise_ok else dict.fromkeys(_NAMES[2:5], f"{kind} adds noise in a "
+                                                        "way not read here")),
+                   **({_NAMES[5]: problem} if self.overhead_every and problem else {})}
+        if missing:
+            rank_zero_warn("MechanismMetrics cannot measure " + "; ".join(
+                f"{m} ({why})" for m, why in missing.items()) + ". Every other metric is reported.")
+        self._installed = []  # instance attributes shadow Opacus' public methods until teardown
+        if noise_ok:
             self._installed.append(("add_noise", self._wrap_noise(opt.add_noise)))
             self._hook = opt.original_optimizer.register_step_pre_hook(self._before_update)
         if norms_ok:
             name = "accumulate" if self._ghost else "clip_and_accumulate"
             self._installed.append((name, self._wrap_clip(getattr(opt, name), ghost)))
         vars(opt).update(self._installed)
-        if missing:
-            rank_zero_warn("MechanismMetrics cannot measure " + "; ".join(
-                f"{m} ({why})" for m, why in missing.items()) + ". Every other metric is reported.")
-
-    def _calibration_problem(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        return ("ghost clipping clips inside backward, so there is no plain pass to time"
-                if self._ghost else "Opacus' per-sample hooks were not found on the module (keep"
-                " them in an attribute, or a dict attribute as Opacus' Lightning example does)"
-                if not self._hooks else "manual optimization: the plain pass needs automatic "
-                "optimization" if not pl_module.automatic_optimization else "a plain pass would "
-                "run the distributed gradient hooks" if trainer.world_size > 1 else None)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
@@ -228,10 +200,7 @@ class MechanismMetrics(Callback):
             vars(self._opt).pop(name, None)
         if self._hook is not None:
             self._hook.remove()
-        self._opt, self._now, self._pending, self._hook = None, None, None, None
-        self._installed = []
-
-    # -- training thread ---------------------------------------------------------------------
+        self._opt = self._now = self._pending = self._hook = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
@@ -241,9 +210,8 @@ class MechanismMetrics(Callback):
                 return  # not measured: no buffer, no mark
             self._first = step if self._first is None else self._first
             now = self._now = d.Step(self._cuda)
-            self._micro, done = 0, step - self._first
-            if self._calibration is not None and done >= self.WARMUP_STEPS \
-                    and (done - self.WARMUP_STEPS) % (self.overhead_every or 1) == 0:
+            self._micro, done = 0, step - self._first - self.WARMUP_STEPS
+            if self._calibration is not None and done >= 0 and done % self.overhead_every == 0:
                 try:
                     self._calibrate(trainer, pl_module, now, batch, batch_idx)
                 except Exception:  # the user's training_step raised outside its real step
@@ -273,11 +241,11 @@ class MechanismMetrics(Callback):
 
     def _next_calibration(self, step: int) -> float:
         """The first calibration step at or after ``step`` (its step count before it runs)."""
-        every, warmup, first = self.overhead_every, self.WARMUP_STEPS, self._first
+        every, first = self.overhead_every, self._first
         if self._calibration is None or every is None or first is None:
             return math.inf
-        done = step - first
-        return first + warmup + (0 if done <= warmup else -(-(done - warmup) // every) * every)
+        done = step - first - self.WARMUP_STEPS
+        return first + self.WARMUP_STEPS + max(0, -(-done // every) * every)
 
     def _wrap_clip(self, original: Callable[..., Any], ghost: Any) -> Callable[..., Any]:
         opt = self._opt
@@ -294,7 +262,7 @@ class MechanismMetrics(Callback):
                 if isinstance(norms, torch.Tensor):
                     self._divisors.append(norms + _EPS)
             elif self.statistics is not None:
-                tap = opt.max_grad_norm = _tap(value, self._divisors) or value
+                tap = opt.max_grad_norm = _tap(value, self._divisors)
             try:
                 return original(*args, **kwargs)
             finally:
@@ -312,16 +280,19 @@ class MechanismMetrics(Callback):
             result = original(*args, **kwargs)
             if now is not None and self._reducing:
                 now.mark(d.NOISE_END)
-                try:
-                    self._reduce()
-                except Exception:  # monitoring never breaks the training step
-                    self._reducing = False
-                    logger.exception("Mechanism metrics failed; they are off for this fit")
+                self._guarded(self._reduce)
                 now.mark(d.STATS_END)
             self._divisors.clear()
             return result
 
         return add_noise
+
+    def _guarded(self, work: Callable[..., None], *args: Any) -> None:
+        try:
+            work(*args)
+        except Exception:  # monitoring never breaks the training step
+            self._reducing = False
+            logger.exception("Mechanism metrics failed; they are off for this fit")
 
     def _reduce(self) -> None:
         """Queue this step's statistics on the device (right after the noise was added)."""
@@ -329,20 +300,21 @@ class MechanismMetrics(Callback):
                                   if p.summed_grad is not None and p.grad is not None]
         if not params:
             return
-        summed, dev = [p.summed_grad for p in params], params[0].device
+        summed, dev, stats = [p.summed_grad for p in params], params[0].device, self.statistics
         noise = _norm(torch._foreach_sub([p.grad for p in params], summed))
         clip = opt.max_grad_norm  # the C add_noise just used (adaptive: this step's)
-        tail, clipped, divisors = None, torch.zeros((), device=dev), self._divisors
-        if divisors and self.statistics is not None:
-            denom = torch.cat(divisors).to(device=dev, dtype=torch.float32)
-            if self.statistics == "raw":
+        tail, clipped = None, torch.zeros((), device=dev)
+        if self._divisors and stats is not None:
+            denom = torch.cat(self._divisors).to(device=dev, dtype=torch.float32)
+            if stats == "raw":
                 bound = self._clip  # the C of this step's clipping
                 clipped = (denom > (bound.to(dev) if torch.is_tensor(bound) else float(bound))
                            ).sum().float()
                 tail = denom - _EPS
-            else:  # an accounted release: noised counts, never the norms themselves
-                counts = torch.zeros(len(self._edges) + 1, device=dev).index_add_(
-                    0, torch.bucketize(denom, self._edges), torch.ones_like(denom))
+            elif self._buckets is not None:  # accounted: noised counts, never the norms
+                edges = self._buckets.tensor
+                counts = torch.zeros(len(edges) + 1, device=dev).index_add_(
+                    0, torch.bucketize(denom, edges), torch.ones_like(denom))
                 # Opacus' own draw (no public one): its generator, and its secure mode.
                 tail = counts + _generate_noise(
                     std=float(opt.statistics_noise_multiplier), reference=counts,
@@ -351,10 +323,10 @@ class MechanismMetrics(Callback):
                             if torch.is_tensor(clip) else torch.full((), math.nan, device=dev)))
         expected = getattr(opt, "expected_batch_size", None)
         self._pending = (head, tail, params, dict(
-            clip=None if torch.is_tensor(clip) else float(clip), entries=sum(
-                s.numel() for s in summed), raw=self.statistics == "raw",
+            clip=None if torch.is_tensor(clip) else float(clip), raw=stats == "raw",
+            entries=sum(s.numel() for s in summed),
             sigma=opacus_compat.gradient_noise_multiplier(opt, float(opt.noise_multiplier)),
-            buckets=self._buckets if self.statistics == "dp" and tail is not None else None,
+            buckets=self._buckets if stats == "dp" and tail is not None else None,
             expected=float(expected) * self._micro if expected else None,
             calibration=self._calibration, micro_batches=self._micro))
 
@@ -362,29 +334,23 @@ class MechanismMetrics(Callback):
         """The original optimizer's step pre-hook (public torch API): the noise is added, the
         step accounted and, under DDP, the noised gradients reduced: the update exists now."""
         now, pending, self._pending = self._now, self._pending, None
-        if now is None or pending is None:
-            return
-        now.mark(d.UPDATE)
-        try:
-            (head, tail, params, known), opt = pending, self._opt
-            # The update is the noised sum over the (global) expected batch of every batch
-            # accumulated (one parameter's count: Opacus' property walks them all), averaged
-            # over the ranks: undo that to get the noised sum.
-            samples = params[0].grad_sample
-            batches = len(samples) if type(samples) is list else 1
-            scale = float(opt.expected_batch_size) * batches * (
-                opt.world_size if self._distributed else 1) if opt.loss_reduction == "mean" else 1.0
-            grad = (_norm([p.grad for p in params if p.grad is not None]) * scale).reshape(1)
-            now.store(torch.cat((head, grad) if tail is None else (head, grad, tail)), **known)
-        except Exception:  # monitoring never breaks the training step
-            self._reducing = False
-            logger.exception("Mechanism metrics failed; they are off for this fit")
+        if now is not None and pending is not None:
+            now.mark(d.UPDATE)
+            self._guarded(self._store, now, *pending)
+
+    def _store(self, now: d.Step, head: Any, tail: Any, params: list[Any], known: dict) -> None:
+        # The update is the noised sum over the global expected batch of each batch accumulated
+        # (one parameter's count: Opacus' property walks them all): undo that averaging.
+        opt, samples = self._opt, params[0].grad_sample
+        scale = (opacus_compat.global_expected_batch_size(opt) or 1.0) * (
+            len(samples) if type(samples) is list else 1) if opt.loss_reduction == "mean" else 1
+        grad = (_norm([p.grad for p in params if p.grad is not None]) * scale).reshape(1)
+        now.store(torch.cat((head, grad) if tail is None else (head, grad, tail)), **known)
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, now: d.Step,
                    batch: Any, batch_idx: int) -> None:
-        """Time one plain forward/backward on ``batch``, nothing kept. Opacus' hooks are
-        removed for it: disabled ones would still make PyTorch warn "Full backward hook is
-        firing" from a pass the user never asked for."""
+        """Time one plain forward/backward on ``batch``, nothing kept. Opacus' hooks are removed
+        for it: disabled ones would still make PyTorch warn "Full backward hook is firing"."""
         grads = [(p, p.grad) for p in pl_module.parameters()]
         buffers = [(b, b.clone()) for b in pl_module.buffers()]
         rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if self._cuda else None
@@ -399,13 +365,13 @@ class MechanismMetrics(Callback):
             with trainer.precision_plugin.train_step_context():
                 out = pl_module.training_step(batch, batch_idx)
             loss = out.get("loss") if isinstance(out, Mapping) else out
-            if isinstance(loss, torch.Tensor) and loss.requires_grad:
-                loss.backward()
-                now.mark(d.CAL_END)
-            else:
+            if not (isinstance(loss, torch.Tensor) and loss.requires_grad):
                 self._calibration = None
                 rank_zero_warn("MechanismMetrics cannot measure privacy_overhead_ratio "
                                "(training_step returned no loss with a gradient).")
+                return
+            loss.backward()
+            now.mark(d.CAL_END)
         finally:
             for hooks, was in zip(self._hooks, enabled):
                 hooks.add_hooks(loss_reduction=hooks.loss_reduction, batch_first=hooks.batch_first,
@@ -423,7 +389,8 @@ class MechanismMetrics(Callback):
 
 
 def _norm(tensors: Any) -> torch.Tensor:
-    # One fused kernel per dtype and device (what clip_grad_norm_ uses); float32 alike.
+    # torch's _foreach ops (no public equivalent): one fused kernel per dtype and device, as
+    # clip_grad_norm_ uses them; float32 alike.
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors,
                                                                     dtype=torch.float32)))
 

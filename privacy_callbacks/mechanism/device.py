@@ -1,10 +1,8 @@
 """A step's device values and timing marks, read on the publisher thread, never on the training one.
 
-The training thread reduces a step's statistics on the device into one float32 vector, copies it
-with ``non_blocking=True`` into a pinned host buffer of the step's own (PyTorch's caching host
-allocator reuses a buffer only once its copy completed) and records CUDA events; :meth:`Step.read`
-waits for the last event and reads the floats. On a CPU the same code runs synchronously, with
-``time.perf_counter()`` marks.
+The step's float32 vector is copied (``non_blocking``) into a pinned host buffer of its own (the
+caching host allocator reuses one only once its copy completed) and CUDA events mark the step;
+:meth:`Step.read` waits for the last. On a CPU the same code runs synchronously.
 """
 
 from __future__ import annotations
@@ -24,16 +22,15 @@ HEAD = 4  # clipped count, noise norm, C (NaN: a float, kept on the host), noise
 
 
 class Buckets:
-    """Edges of the noised norm histogram: the published ones shifted by 1e-6 (the device counts
-    ``norm + 1e-6``, what Opacus compares with C) and C, so the clipped count is a sum of
-    buckets; ``merge`` maps each to its published bucket."""
+    """The noised histogram's edges: the published ones plus ``eps`` (counted is ``norm + eps``,
+    as Opacus compares it with C) and C; ``merge`` maps each to its published bucket."""
 
-    def __init__(self, shown: tuple[float, ...], clip: float, eps: float) -> None:
-        self.edges = sorted({b + eps for b in shown} | {clip})
-        self.shown = shown
+    def __init__(self, shown: tuple[float, ...], clip: float, eps: float, device: Any) -> None:
+        self.shown, edges = shown, sorted({b + eps for b in shown} | {clip})
+        self.tensor = torch.tensor(edges, device=device)
         # Fine bucket j holds (edges[j-1], edges[j]]; the last one everything above.
-        self.merge = [sum(1 for b in shown if b + eps < e) for e in self.edges] + [len(shown)]
-        self.clipped_from = self.edges.index(clip) + 1
+        self.merge = [sum(1 for b in shown if b + eps < e) for e in edges] + [len(shown)]
+        self.clipped_from = edges.index(clip) + 1
 
     def observations(self, counts: list[float]) -> tuple[float, ...]:
         """Each published bucket's noised count, rounded and floored at 0, as observations at
@@ -46,13 +43,8 @@ class Buckets:
 
 
 class Calibration:
-    """The DP/plain forward-backward time ratio, from the calibration steps (publisher thread).
-
-    A calibration step times one plain forward/backward (per-sample hooks removed, no update)
-    before the real step on its batch. The ratio scales each later step's DP forward/backward
-    down to its plain cost, so batch-size changes (Poisson sampling) carry over. Calibrations
-    are averaged (half weight to the newest); below 1 (only timing noise) counts as 1.
-    """
+    """The DP/plain forward-backward time ratio of the calibration steps (averaged, half weight
+    to the newest; at least 1) scales each step's DP pass to its plain cost (publisher thread)."""
 
     ratio: float | None = None
 
@@ -80,20 +72,18 @@ class Calibration:
 class Step:
     """One measured step: its timing marks, its device values' host copy and how to read them.
 
-    ``noise_magnitude`` is the expected norm ``sigma_g C sqrt(d)`` once the realised norm was
-    found finite and within 0.5-1.5x of it (1 for every correctly drawn vector of more than a
-    few entries): the noise is data-independent, but its exact norm next to the noised update
-    tells the update's distance to each neighbouring sum. Broken noise (or raw statistics) gives
-    the realised norm. ``signal_energy``, ``||g~||^2 - sigma_g^2 C^2 d``, estimates the summed
-    clipped gradients' squared norm from the noised update alone, unbiased but noisy (sd about
-    ``sigma_g^2 C^2 sqrt(2d)``).
+    ``noise_magnitude`` is the expected norm ``sigma_g C sqrt(d)`` once the realised one is
+    within 0.5-1.5x of it (its exact value next to the noised update would tell the update's
+    distance to each neighbouring sum); broken noise (or raw statistics) gives the realised one.
+    ``signal_energy``, ``||g~||^2 - sigma_g^2 C^2 d``, estimates the clipped sum's squared norm
+    from the noised update alone: unbiased, sd about ``sigma_g^2 C^2 sqrt(2d)``.
     """
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self.host: torch.Tensor | None = None
-        self.marks: list[Any] = [torch.cuda.Event(enable_timing=True) for _ in range(END + 1)] \
-            if cuda else [None] * (END + 1)
+        self.marks: list[Any] = [torch.cuda.Event(enable_timing=True) if cuda else None
+                                 for _ in range(END + 1)]
         self.recorded = [False] * (END + 1)
         self.known: dict[str, Any] = {}  # host values the reading needs (set with the copy)
 
@@ -123,8 +113,7 @@ class Step:
         thread); also ``signal_energy`` and the histogram's ``noised_counts`` as released."""
         if self.cuda:
             self.marks[END].synchronize()
-        k = self.known
-        values: list[float] = self.host.tolist() if self.host is not None else []
+        k, values = self.known, self.host.tolist() if self.host is not None else []
         clipped, noise, clip, grad = values[:HEAD]
         clip = k["clip"] if math.isnan(clip) else clip
         expected_noise = (k["sigma"] * clip) ** 2 * k["entries"]
