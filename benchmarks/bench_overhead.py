@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--baseline", type=Path,
                         help="part 2: also run each monitor row with this tree of the package")
     args = parser.parse_args(argv)
+    if args.hook_steps <= HOOK_WARMUP + 1:
+        parser.error(f"--hook-steps {args.hook_steps}: use more than {HOOK_WARMUP + 1} "
+                     f"(the first {HOOK_WARMUP} steps of a fit are not timed)")
     for name in ("reps", "steps", "warmup"):
         if getattr(args, name) < 1:
             raise SystemExit(f"Unexpected value for --{name}: {getattr(args, name)}; use 1 or more")

@@ -192,11 +192,9 @@ class PrivacyMonitor(Callback):
                        exporters=(*self.exporters, self._publisher))
         for exporter in self.exporters:
             exporter.open(info)
-        if self._exporting:
-            urls = [u for u in (getattr(e, "url", None) for e in self.exporters) if u]
-            logger.info("Privacy monitor: session %s, %s accountant, delta=%g%s",
-                        self.session_id, accounting.mechanism, self.delta,
-                        f", metrics at {', '.join(urls)}" if urls else "")
+        if self._exporting:  # each exporter says where its metrics go
+            logger.info("Privacy monitor: session %s, %s accountant, delta=%g", self.session_id,
+                        accounting.mechanism, self.delta)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t_last, self._batches, self._step = None, 0, trainer.global_step

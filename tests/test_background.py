@@ -196,7 +196,8 @@ def test_a_subclass_overriding_a_step_hook_is_called_and_the_guard_too():
 def test_metrics_server_stops_at_close_and_frees_its_port():
     exporter = PrometheusExporter(port=0, basic_auth=("prom", "pw-123456"))
     exporter.start()
-    url, thread = exporter.url, exporter._thread
+    url = exporter.url
+    thread = next(t for t in threading.enumerate() if t.name == "privacy-metrics-http")
     assert url is not None and http_get(url)[0] == 401
     started = time.monotonic()
     exporter.close(timeout=10.0)

@@ -13,7 +13,7 @@ import yaml
 
 from privacy_callbacks import catalog
 from privacy_callbacks.__main__ import main
-from privacy_callbacks.ops import ALERTS, RECEIVERS, Receivers, RuleOptions, alertmanager_config
+from privacy_callbacks.ops import ALERTS, RECEIVERS, RuleOptions, alertmanager_config
 from privacy_callbacks.ops.dashboards import DATASOURCE, dashboards, panel_metrics, panels
 from privacy_callbacks.ops.rules import CATEGORIES, rule_file
 from promtool_cases import cases, render, rule_tests
@@ -202,12 +202,12 @@ def test_attack_alert_pages_on_evidence_not_on_the_theoretical_bound():
 def test_changed_attack_thresholds_are_proven_too(tmp_path: Path):
     promtool = require_binary("promtool", "prometheus")
     options = RuleOptions(attack_score_threshold=0.6, attack_risk_threshold=0.5,
-                          auth_failure_burst=20, auth_failure_window="2m")
+                          auth_failure_burst=20)
     (tmp_path / "rules.yml").write_text(rule_file(options))
     (tmp_path / "tests.yml").write_text(rule_tests("rules.yml", options))
     result = run([promtool, "test", "rules", "tests.yml"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "> 0.6" in rule_file(options) and "[2m]) > 20" in rule_file(options)
+    assert "> 0.6" in rule_file(options) and "[5m]) > 20" in rule_file(options)
 
 
 def test_every_panel_queries_a_catalog_metric():
@@ -271,23 +271,28 @@ def test_every_alert_routes_as_its_labels_say():
         assert (alert.severity, alert.category) in by_label, alert.name
 
 
-def test_receivers_from_env_and_file_keep_secrets_out_of_repr_and_errors(tmp_path: Path):
-    env = {"PRIVACY_ALERTS_PAGER": "pagerduty:SECRET-KEY",
-           "PRIVACY_ALERTS_CHAT": "slack:https://hooks.slack.com/services/SECRET"}
-    receivers = Receivers.from_env(env)
-    assert "SECRET" not in repr(receivers)
-    config = alertmanager_config(receivers)
+def test_receivers_from_env_keep_secrets_out_of_errors(monkeypatch):
+    monkeypatch.setenv("PRIVACY_ALERTS_PAGER", "pagerduty:SECRET-KEY")
+    monkeypatch.setenv("PRIVACY_ALERTS_CHAT", "slack:https://hooks.slack.com/services/SECRET")
+    config = alertmanager_config()
     assert "routing_key: SECRET-KEY" in config
     assert "api_url: https://hooks.slack.com/services/SECRET" in config
-    (tmp_path / "receivers.yml").write_text("soc: https://soc.example/hook\n"
-                                            "privacy-pager: pagerduty:FROM-FILE\n")
-    merged = Receivers.from_file(tmp_path / "receivers.yml", env)
-    assert merged.values["privacy-pager"] == "pagerduty:SECRET-KEY"
-    assert merged.values["soc"] == "https://soc.example/hook"
-    assert set(merged.unset) == set(RECEIVERS) - {"privacy-pager", "privacy-chat", "soc"}
+    soc = yaml.safe_load(alertmanager_config({"soc": "https://soc.example/hook"}))["receivers"]
+    assert [r["name"] for r in soc if len(r) > 1] == ["soc"]  # the others send nowhere
     with pytest.raises(ValueError, match="'compliance'") as info:
-        Receivers({"compliance": "ftp://SECRET"})
+        alertmanager_config({"compliance": "ftp://SECRET"})
     assert "SECRET" not in str(info.value)
+    with pytest.raises(ValueError, match="Unknown receiver 'pager'"):
+        alertmanager_config({"pager": "https://x.example"})
+
+
+def test_cli_rule_flags_reach_the_rules(tmp_path: Path, capsys):
+    assert main(["generate", str(tmp_path), "--stall-minutes", "20", "--auth-failure-burst",
+                 "3", "--runbook-url", "https://runbooks.example/privacy"]) == 0
+    rules = (tmp_path / "privacy-rules.yml").read_text()
+    assert "[20m]) == 0" in rules and "[5m]) > 3" in rules
+    assert "runbook_url: https://runbooks.example/privacy#privacyexporterstalled" in rules
+    assert "receivers sending nowhere" in capsys.readouterr().err
 
 
 def test_bad_rule_options_name_the_value():
@@ -297,8 +302,8 @@ def test_bad_rule_options_name_the_value():
         RuleOptions(stall_minutes=0)
     with pytest.raises(ValueError, match="attack_score_threshold: 0.3"):
         RuleOptions(attack_score_threshold=0.3)
-    with pytest.raises(ValueError, match="auth_failure_window: 'often'"):
-        RuleOptions(auth_failure_window="often")
+    with pytest.raises(ValueError, match="auth_failure_burst: 2.5"):
+        RuleOptions(auth_failure_burst=2.5)
 
 
 def test_stack_names_the_debian_packages_of_missing_binaries(tmp_path: Path):

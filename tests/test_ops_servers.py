@@ -25,8 +25,7 @@ from torch.utils.data import DataLoader
 from dp_models import DPModel, make_data
 from privacy_callbacks import (ComplianceAudit, MechanismMetrics, MembershipInferenceProbe,
                                OneRunAudit, PrivacyMonitor, PrometheusExporter)
-from privacy_callbacks.ops import (ALERTS, Receivers, alertmanager_config, prometheus_config,
-                                   rule_file)
+from privacy_callbacks.ops import ALERTS, alertmanager_config, prometheus_config, rule_file
 from privacy_callbacks.ops.dashboards import dashboards
 from servers import alertmanager, free_port, http_get, prometheus, prometheus_query, wait_for
 
@@ -179,7 +178,7 @@ def test_budget_exhausted_alert_reaches_the_webhook_with_the_session():
     am = prom = None
     try:
         am = alertmanager(alertmanager_config(
-            Receivers({"privacy-pager": hook.url + "/pager", "privacy-chat": hook.url + "/chat"}),
+            {"privacy-pager": hook.url + "/pager", "privacy-chat": hook.url + "/chat"},
             group_wait="1s", group_interval="1s")).start()
         prom = prometheus(prometheus_config(
             [f"127.0.0.1:{port}"], rule_files=("privacy-rules.yml",),
@@ -228,8 +227,8 @@ def test_broken_noise_audit_alert_reaches_the_webhook_and_a_correct_run_stays_qu
     am = prom = None
     bounds: dict[str, tuple[float, float]] = {}
     try:
-        am = alertmanager(alertmanager_config(Receivers({"soc": hook.url + "/soc"}),
-                                              group_wait="1s", group_interval="1s")).start()
+        am = alertmanager(alertmanager_config({"soc": hook.url + "/soc"}, group_wait="1s",
+                                              group_interval="1s")).start()
         prom = prometheus(prometheus_config(
             [f"127.0.0.1:{port}" for port in ports.values()], rule_files=("privacy-rules.yml",),
             alertmanager=f"127.0.0.1:{am.port}", interval="1s"),

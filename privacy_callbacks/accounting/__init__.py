@@ -29,7 +29,7 @@ from . import rdp
 from .background import ChildUnavailable, Worker
 from .bounds import PRV_DELTA, PRV_MARGIN, advantage_from_epsilon, advantage_from_mu, \
     advantage_from_rdp, gdp_bound, gdp_mu
-from .child import count, extended
+from .child import count, extended, last_fitting
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class Accounting:
                target: float, sums: rdp.RdpSum) -> tuple[int | None, bool]:
         if self._gdp:
             steps = sum(s for _, _, s in history[:n])
-            more = _gdp_count(floor, q, target, self.delta, steps)
+            more = last_fitting(lambda k: gdp_bound(floor, q, steps + k, self.delta), target)
             return (None if more is None else steps + more), False
         if not self._bounded:  # an accountant with no known bound: only its own answer counts
             return sum(s for _, _, s in history[:n]), False
@@ -388,17 +388,3 @@ class Accounting:
         """Stop the worker and its child process."""
         self._worker.close()
 
-
-def _gdp_count(sigma: float, q: float, target: float, delta: float, done: int) -> int | None:
-    """Further steps at (sigma, q) after ``done`` that keep :func:`gdp_bound` <= target."""
-    c = gdp_mu(sigma, q, 1)
-    if c == 0:
-        return None
-    s = math.sqrt(2.0 * math.log(1.0 / delta))
-    k = max(0, int(((-s + math.sqrt(s * s + 2.0 * target)) / c) ** 2) - done) if c < math.inf \
-        else 0
-    while k > 0 and gdp_bound(sigma, q, done + k, delta) > target:
-        k -= 1
-    while c < math.inf and gdp_bound(sigma, q, done + k + 1, delta) <= target:
-        k += 1
-    return k

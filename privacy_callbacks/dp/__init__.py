@@ -213,9 +213,8 @@ class DifferentialPrivacy(Callback):
         if stage != "fit":
             return
         original = trainer.strategy.process_dataloader
-        # Lightning has no hook that replaces the train dataloader; the strategy's public
-        # process_dataloader sees it prepared (sharded) from any source. An instance attribute
-        # shadows the method; teardown pops it.
+        # No Lightning hook replaces the train dataloader; the strategy's public process_
+        # dataloader sees it, prepared, from any source: an instance attribute until teardown.
         vars(trainer.strategy)["process_dataloader"] = lambda loader: self._private_dataloader(
             trainer, original(loader)) if trainer.training else original(loader)
 
@@ -226,8 +225,11 @@ class DifferentialPrivacy(Callback):
                              "optimizers: remove its make_private(...) or this callback")
         chosen = self._chosen(optimizers)
         private = {p for i in chosen for g in optimizers[i].param_groups for p in g["params"]}
+        names = dict(pl_module.named_modules())
+        if unknown := [n for n in self.modules or () if n not in names]:
+            raise ValueError(f"Unexpected value in modules: {unknown}; not submodules of {kind}")
         roots = _hooked_roots(pl_module, private) if self.modules is None else [
-            (n, pl_module.get_submodule(n)) for n in self.modules]
+            (n, names[n]) for n in self.modules]
         unsupported = [reason for name, sub in roots for reason in _unsupported_modules(sub, name)]
         if unsupported:
             raise ValueError(f"Opacus cannot compute per-sample gradients for {kind}; unsupported "
@@ -246,16 +248,12 @@ class DifferentialPrivacy(Callback):
                                   loss_reduction="mean", secure_mode=self.secure_mode)
             dp.attach_step_hook(self._account)
             dp.statistics_noise_multiplier = self.statistics_noise_multiplier
-            # LearningRateMonitor names an optimizer by its `.optimizer` when it has one (as for
-            # DeepSpeed's wrapper): one `lr-SGD` column, not `lr-SGD` and `lr-DPOptimizer`.
-            dp.optimizer = optimizers[i]
-        # Schedulers keep pointing at the original optimizers: they share param_groups, and
-        # the original's step (called by the DPOptimizer) is what they count.
+            dp.optimizer = optimizers[i]  # so LearningRateMonitor logs `lr-SGD`, not two columns
+        # Schedulers keep the original optimizers: same param_groups, and their step counts.
         trainer.strategy.optimizers = wrapped
         self._optimizers = [wrapped[i] for i in chosen]
         self._unchecked = list(self._optimizers)
-        # The DP optimizer reduces the noised gradients itself; DDP's all-reduce is model-wide,
-        # so an optimizer left public still needs it.
+        # DP optimizers reduce the noised gradients; DDP's all-reduce is for public ones only.
         model = trainer.strategy.model
         if distributed and len(chosen) == len(optimizers) and isinstance(model, DDP):
             try:
@@ -272,8 +270,7 @@ class DifferentialPrivacy(Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Any) -> None:
-        # Opacus fails on a private parameter without per-sample gradients with an error that
-        # names neither this callback nor the fix; check each private optimizer's first step.
+        # Opacus' error for a private parameter without per-sample gradients names no fix.
         if not any(optimizer is dp for dp in self._unchecked):
             return
         self._unchecked.remove(optimizer)
@@ -284,9 +281,8 @@ class DifferentialPrivacy(Callback):
                 f"DifferentialPrivacy made optimizer {trainer.optimizers.index(optimizer)} "
                 f"({type(optimizer.original_optimizer).__name__}) private, but "
                 f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''} got no per-sample "
-                "gradients (e.g. a GAN's generator never sees the private data); choose the "
-                "private optimizers and hooked submodules with DifferentialPrivacy(optimizers="
-                "[...], modules=[...])")
+                "gradients (a GAN's generator never sees private data): choose them with "
+                "DifferentialPrivacy(optimizers=[...], modules=[...])")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:

@@ -31,8 +31,7 @@ __all__ = ["MechanismMetrics"]
 
 # Opacus implementations whose clipping divides max_grad_norm by the per-sample norms once.
 _TAPPABLE = {DPOptimizer.clip_and_accumulate, AdaClipDPOptimizer.clip_and_accumulate}
-# add_noise implementations that leave p.summed_grad (signal) and p.grad = signal + noise (an
-# optimizer with split noise, statistics_noise_multiplier, wraps one of them).
+# add_noise that leave p.summed_grad (signal) and p.grad = signal + noise (split noise wraps one).
 _KNOWN_NOISE = {DPOptimizer.add_noise, DistributedDPOptimizer.add_noise,
                 AdaClipDPOptimizer.add_noise, DPOptimizerFastGradientClipping.add_noise}
 _DIVISIONS = {torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.true_divide, torch.div,
@@ -67,14 +66,6 @@ class _TensorTap(torch.Tensor):
             return func(*args, **(kwargs or {}))
 
 
-def _tap(value: Any, sink: list[torch.Tensor]) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-        return value
-    tap: Any = value.as_subclass(_TensorTap) if torch.is_tensor(value) else _FloatTap(value)
-    tap.sink = sink
-    return tap
-
-
 def _grad_sample_hooks(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
     """Opacus' per-sample hooks: a submodule, or in an attribute (a dict or list one too, as
     Opacus' Lightning example's ``self.dp["model"]``) of the module or a callback."""
@@ -85,6 +76,15 @@ def _grad_sample_hooks(trainer: pl.Trainer, pl_module: pl.LightningModule) -> li
                                if isinstance(value, (list, tuple)) else ())]
     hooks = [h for h in found if isinstance(h, GradSampleHooks)]
     return [h for i, h in enumerate(hooks) if all(h is not o for o in hooks[:i])]
+
+
+def _tap(value: Any, sink: list[torch.Tensor]) -> Any:
+    """A look-alike of C that records the divisor (a value of another kind stays as it is)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        return value
+    tap: Any = value.as_subclass(_TensorTap) if torch.is_tensor(value) else _FloatTap(value)
+    tap.sink = sink
+    return tap
 
 
 class MechanismMetrics(Callback):
@@ -165,10 +165,9 @@ class MechanismMetrics(Callback):
         norms_ok = ghost is not None if self._ghost else type(opt).clip_and_accumulate in _TAPPABLE
         noise_ok = type(opt).add_noise in _KNOWN_NOISE or split
         problem = ("ghost clipping clips inside backward: no plain pass to time" if self._ghost
-                   else "Opacus' per-sample hooks were not found on the module (keep them in an "
-                   "attribute or a dict attribute)" if not self._hooks else "the plain pass "
-                   "needs automatic optimization" if not pl_module.automatic_optimization else
-                   "a plain pass would run the distributed gradient hooks"
+                   else "no Opacus per-sample hooks found on the module or its attributes"
+                   if not self._hooks else "manual optimization" if not
+                   pl_module.automatic_optimization else "a plain pass would run DDP's hooks"
                    if trainer.world_size > 1 else None)
         self._calibration = d.Calibration() if self.overhead_every and not problem else None
         missing = {**(dict.fromkeys(_NAMES[:2], "no ghost-clipping module found" if self._ghost
@@ -357,7 +356,7 @@ class MechanismMetrics(Callback):
         enabled = [hooks.hooks_enabled for hooks in self._hooks]
         for hooks in self._hooks:
             hooks.remove_hooks()
-        pl_module.log = pl_module.log_dict = _no_log  # type: ignore[method-assign]
+        pl_module.log = pl_module.log_dict = lambda *a, **k: None  # type: ignore[method-assign,assignment]
         try:
             for p, _ in grads:
                 p.grad = None
@@ -394,6 +393,3 @@ def _norm(tensors: Any) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors,
                                                                     dtype=torch.float32)))
 
-
-def _no_log(*args: Any, **kwargs: Any) -> None:
-    """Stands in for ``LightningModule.log`` during the calibration pass."""

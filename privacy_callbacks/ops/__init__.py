@@ -1,10 +1,10 @@
 """Operations, generated from the catalog: alert rules, Alertmanager routing, Grafana dashboards
 and a local monitoring stack."""
 
-from .alertmanager import RECEIVERS, Receivers, alertmanager_config
+from .alertmanager import RECEIVERS, alertmanager_config
 from .dashboards import dashboards
 from .rules import ALERTS, RuleOptions, prometheus_config, rule_file
 from .stack import Stack
 
-__all__ = ["ALERTS", "RECEIVERS", "Receivers", "RuleOptions", "Stack", "alertmanager_config",
-           "dashboards", "prometheus_config", "rule_file"]
+__all__ = ["ALERTS", "RECEIVERS", "RuleOptions", "Stack", "alertmanager_config", "dashboards",
+           "prometheus_config", "rule_file"]

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from .rules import _dump
-
-__all__ = ["RECEIVERS", "Receivers", "alertmanager_config"]
 
 # Receiver name -> environment variable that fills it.
 RECEIVERS: dict[str, str] = {
@@ -36,34 +33,16 @@ def _integration(name: str, value: str) -> dict:
                      "'slack:https://hooks.slack.com/...' or 'pagerduty:<routing key>'")
 
 
-@dataclass(frozen=True)
-class Receivers:
-    """Receiver name -> a webhook URL, ``slack:<webhook URL>`` or ``pagerduty:<routing key>``
-    (secrets: ``repr`` shows only which receivers are set)."""
-
-    values: Mapping[str, str]
-
-    def __post_init__(self) -> None:
-        for name, value in self.values.items():
-            if name not in RECEIVERS:
-                raise ValueError(f"Unknown receiver {name!r}: use one of {sorted(RECEIVERS)}")
-            _integration(name, value)
-
-    def __repr__(self) -> str:
-        return f"Receivers(set={sorted(self.values)})"
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Receivers:
-        """Receivers from the ``PRIVACY_ALERTS_*`` variables of :data:`RECEIVERS`."""
-        env = os.environ if env is None else env
-        return cls({name: env[var] for name, var in RECEIVERS.items() if env.get(var)})
-
-
-def alertmanager_config(receivers: Receivers | None = None, *, group_wait: str = "30s",
+def alertmanager_config(receivers: Mapping[str, str] | None = None, *, group_wait: str = "30s",
                         group_interval: str = "5m") -> str:
-    """The Alertmanager config (YAML), grouped per alert and session; ``receivers`` from the
-    environment if ``None``."""
-    values = (Receivers.from_env() if receivers is None else receivers).values
+    """The Alertmanager config (YAML), grouped per alert and session. ``receivers``: name -> a
+    webhook URL, ``slack:<webhook URL>`` or ``pagerduty:<routing key>`` (``None``: from the
+    ``PRIVACY_ALERTS_*`` variables of :data:`RECEIVERS`)."""
+    values = receivers if receivers is not None else {
+        name: os.environ[var] for name, var in RECEIVERS.items() if os.environ.get(var)}
+    for name in values:
+        if name not in RECEIVERS:
+            raise ValueError(f"Unknown receiver {name!r}: use one of {sorted(RECEIVERS)}")
     critical = ['severity="critical"', 'category="privacy_violation"']
     warning = ['severity="warning"']
     routes = [{"receiver": "privacy-pager", "matchers": critical, "continue": True},

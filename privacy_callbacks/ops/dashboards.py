@@ -1,9 +1,5 @@
-"""Grafana dashboards (JSON): Privacy Budget, Performance, Security & Compliance.
-
-The data source is the variable ``$datasource``, the sessions shown ``$session``; every query
-names its metrics through :func:`~privacy_callbacks.ops.rules.metric`, and a panel without its
-own description shows its first metric's catalog help.
-"""
+"""Grafana dashboards (JSON): Privacy Budget, Performance, Security & Compliance; data source
+``$datasource``, sessions ``$session``, metrics named through :func:`~.rules.metric`."""
 
 from __future__ import annotations
 
@@ -12,8 +8,6 @@ from dataclasses import dataclass
 
 from .. import catalog
 from .rules import metric
-
-__all__ = ["Panel", "dashboards", "panel_metrics", "panels"]
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 _METRIC_NAMES = re.compile(
@@ -28,8 +22,8 @@ def panel_metrics(expr: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Panel:
-    """A panel: ``targets`` are ``(PromQL, legend)`` pairs; stats, gauges and tables show the
-    latest value; ``opt_in`` names the setting without which its metric is not published."""
+    """``targets``: ``(PromQL, legend)`` pairs; the description defaults to the first metric's
+    catalog help; ``opt_in`` names the setting without which its metric is not published."""
 
     title: str
     type: str
@@ -82,7 +76,6 @@ def panels() -> dict[str, tuple[str, tuple[Panel, ...]]]:
         Panel("ε spent", "gauge", ((eps, _R),)),
         Panel("Budget used", "gauge", ((f"{eps} / {target}", _R),),
               "ε spent as a fraction of the target.", unit="percentunit", max=1),
-        Panel("δ", "stat", ((_s("privacy_delta_consumed"), _R),), unit="sci"),
         Panel("Budget exhausted (guard)", "stat", ((_s("privacy_budget_exhausted"), _R),)),
         Panel("ε over time", "timeseries", ((eps, "spent " + _R), (target, "target " + _R), (
             _s("privacy_epsilon_forecast"), "forecast " + _R)),
@@ -93,42 +86,31 @@ def panels() -> dict[str, tuple[str, tuple[Panel, ...]]]:
               "Steps left times the current step time.", unit="s"),
         Panel("Noise and sampling", "timeseries", (
             (_s("privacy_noise_multiplier"), "σ " + _R), (_s("gradient_clipping_norm"), "C " + _R),
-            (_s("privacy_sample_rate"), "q " + _R)),
-              "Noise multiplier σ, clipping norm C and sample rate q of the last step."),
+            (_s("privacy_sample_rate"), "q " + _R)), "Noise multiplier σ, clipping norm C and "
+              "sample rate q of the last step."),
         Panel("Sessions", "table", ((eps, ""), (target, ""), (_s("privacy_budget_remaining"), ""),
-                                    (steps, "")),
-              "Latest ε, target, budget left and accounted steps per session."))
+                                    (steps, "")), "Latest ε, target, budget left and steps."))
     performance = (
         Panel("Throughput", "timeseries", ((_s("training_throughput_private"),
                                             _R + " rank {{rank}}"),), unit="short"),
         Panel("Step time", "timeseries", ((_s("training_step_seconds"), _R + " rank {{rank}}"),),
               unit="s"),
-        Panel("Steps per second", "timeseries", ((f"rate({steps}[$__rate_interval])", _R),),
-              "Optimizer steps accounted per second.", unit="short"),
         Panel("DP overhead by operation", "timeseries",
               ((_s("privacy_overhead_ratio"), _R + " {{operation}}"),)),
         Panel("Clipped fraction", "timeseries", ((_s("privacy_clipped_fraction"), _R),),
               unit="percentunit", opt_in=_PER_SAMPLE),
         Panel("Noise norm (median)", "timeseries",
-              ((_quantile(0.5, "privacy_noise_magnitude"), _R),),
-              "Median L2 norm of the noise added per step."),
+              ((_quantile(0.5, "privacy_noise_magnitude"), _R),)),
         Panel("Per-sample gradient norm (p90)", "timeseries",
-              ((_quantile(0.9, "privacy_per_sample_grad_norm"), _R),),
-              "90th percentile of per-sample gradient norms before clipping (noised histogram).",
-              opt_in=_PER_SAMPLE),
+              ((_quantile(0.9, "privacy_per_sample_grad_norm"), _R),), opt_in=_PER_SAMPLE),
         Panel("Signal to noise", "timeseries", ((_s("privacy_signal_to_noise_ratio"), _R),)))
     security = (
         Panel("Membership-inference risk", "timeseries", (
             (_s("membership_inference_risk_score"), "bound " + _R),
-            (_s("membership_inference_empirical_advantage"), "empirical " + _R)),
-              "Largest attack advantage allowed by (ε, δ), and the one measured by a "
-              "loss-threshold attack.", max=1),
+            (_s("membership_inference_empirical_advantage"), "empirical " + _R)), max=1),
         Panel("Privacy audit: ε lower bound vs reported ε", "timeseries", (
             (_s("privacy_audit_epsilon_lower_bound"), "audit lower bound " + _R),
-            (f"max by (session_id) ({eps})", "reported " + _R)),
-              "ε the one-run audit (OneRunAudit) proves at 95 % confidence, next to the ε the "
-              "accountant reports. A bound above the reported ε means the mechanism is weaker "
-              "than reported (PrivacyAttackDetected fires); a correct run stays well below."),
+            (f"max by (session_id) ({eps})", "reported " + _R))),
         Panel("Attack success", "timeseries", ((_s("privacy_attack_score"),
                                                 _R + " {{attack_type}}"),), max=1),
         Panel("Refused /metrics requests", "timeseries", ((
@@ -138,18 +120,16 @@ def panels() -> dict[str, tuple[str, tuple[Panel, ...]]]:
               ((_s("membership_inference_empirical_auc"), _R),)),
         Panel("Compliance violations", "table", ((
             f"sum by (session_id, policy, violation_type) "
-            f"({_s('privacy_compliance_violations_total')})", ""),),
-              "Violations of the configured DP policy, per policy and type."),
+            f"({_s('privacy_compliance_violations_total')})", ""),)),
         Panel("Exporter drops", "timeseries", ((
             f"increase({_s('privacy_export_dropped_total')}[$__rate_interval])",
             _R + " {{exporter}}"),), unit="short"),
         Panel("Accounting errors", "stat", ((
             f"sum by (session_id) ({_s('privacy_accounting_errors_total')}) or "
-            f"sum by (session_id) ({eps}) * 0", _R),),
-              "Failures while computing ε (0 when there were none)."),
+            f"sum by (session_id) ({eps}) * 0", _R),), "Failures while computing ε (0: none)."),
         Panel("Seconds since last step", "stat", ((f"time() - timestamp({steps})", _R),),
-              "Age of the latest accounted step: a growing value on a running job means it is "
-              "stuck.", unit="s"))
+              "Age of the latest accounted step: growing on a running job, it is stuck.",
+              unit="s"))
     return {"privacy-budget": ("Privacy Budget", budget),
             "privacy-performance": ("Privacy Performance", performance),
             "privacy-security": ("Privacy Security & Compliance", security)}

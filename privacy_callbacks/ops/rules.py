@@ -9,29 +9,22 @@ import yaml
 from .. import catalog
 from ..checks import number
 
-__all__ = ["ALERTS", "CATEGORIES", "Alert", "RuleOptions", "alerts", "metric",
-           "prometheus_config", "rule_file"]
-
 CATEGORIES = ("privacy_violation", "regulatory", "security", "performance")  # the routing's
 PUSH_TIME_SECONDS = "push_time_seconds"  # the Pushgateway's own: Unix time of a group's last push
 
 
 def metric(name: str, suffix: str = "") -> str:
-    """The catalog's name for ``name`` (``KeyError`` if unknown: generation fails), with a
-    histogram ``suffix``."""
+    """The catalog's name (``KeyError`` if unknown: generation fails), + a histogram suffix."""
     m = catalog.by_name(name)
-    if suffix and (m.kind != "histogram" or suffix not in ("_bucket", "_sum", "_count")):
+    if suffix and m.kind != "histogram":
         raise ValueError(f"Suffix {suffix!r} does not apply to {m.kind} {m.name!r}")
     return m.name + suffix
 
 
 @dataclass(frozen=True)
 class RuleOptions:
-    """Thresholds of the rules (the windows are fixed: see docs/operations.md).
-
-    ``attack_score_threshold`` is a guess accuracy (0.5 = chance), ``attack_risk_threshold`` the
-    advantage bound that ε allows (it warns, never pages); ``runbook_url`` gets ``#<alertname>``.
-    """
+    """Thresholds of the rules (docs/operations.md; the windows are fixed): a guess accuracy
+    (0.5 = chance) for attacks, the advantage bound ε allows for the risk warning."""
 
     budget_low_ratio: float = 0.8
     attack_score_threshold: float = 0.7
@@ -77,17 +70,16 @@ class Alert:
                 "annotations": annotations}
 
 
-def _increased(name: str, window: str) -> str:
-    """Counter ``name`` went up within ``window``, or first appeared there above 0 (``increase``
+def _increased(name: str) -> str:
+    """Counter ``name`` went up within 10 min, or first appeared there above 0 (``increase``
     misses the first increment of a series that starts at its first event, as ours do)."""
     m = metric(name)
-    return f"(increase({m}[{window}]) > 0) or ({m} > 0 unless ({m} offset {window}))"
+    return f"(increase({m}[10m]) > 0) or ({m} > 0 unless ({m} offset 10m))"
 
 
 def alerts(options: RuleOptions | None = None) -> tuple[Alert, ...]:
     """The alerts with ``options`` (defaults if ``None``)."""
     o = options or RuleOptions()
-    recent = "10m"  # how far back a new violation or accounting error counts
     eps, target = metric("privacy_epsilon_consumed"), metric("privacy_epsilon_target")
     steps = metric("training_steps_with_privacy_total")
     noise_sum = metric("privacy_noise_magnitude", "_sum")
@@ -103,19 +95,14 @@ def alerts(options: RuleOptions | None = None) -> tuple[Alert, ...]:
               f"({eps} >= {target}) or ({eps} and ({metric('privacy_budget_exhausted')} == 1))",
               "Privacy budget exhausted: " + who,
               'ε spent is {{ $value | printf "%.2f" }} ({{ $labels.accountant }} accountant) '
-              f"for a target of {target_of}, or the budget guard allows no further step. Every "
-              "further step weakens the privacy guarantee.",
-              "Stop the run now (or confirm the budget guard stopped it). Do not release the "
-              "model or checkpoints saved after the target was passed; retrain with a larger "
-              "noise multiplier, fewer epochs or an approved larger target."),
+              f"for a target of {target_of}, or the budget guard allows no further step.",
+              "Stop the run; release no checkpoint past the target; retrain with more noise."),
         Alert("PrivacyBudgetLow", "warning", "privacy_violation",
               f"({eps} / {target} >= {o.budget_low_ratio!r}) and ({eps} < {target})",
               "Privacy budget nearly spent: " + who,
               "{{ $value | humanizePercentage }} of the ε budget is spent (alert at "
               f"{o.budget_low_ratio:.0%}; target {target_of}).",
-              "Check the forecast (privacy_epsilon_forecast) and the steps left "
-              "(privacy_budget_exhaustion_steps); shorten training or raise the noise "
-              "multiplier before the target is reached."),
+              "See privacy_epsilon_forecast; shorten training or raise the noise in time."),
         Alert("PrivacyAttackDetected", "critical", "security",
               # The audit's contradiction first: where it holds, it is what the alert says.
               f"({metric('privacy_audit_epsilon_lower_bound')} > on({run_keys}) group_left() "
@@ -127,73 +114,58 @@ def alerts(options: RuleOptions | None = None) -> tuple[Alert, ...]:
               f"{o.attack_score_threshold!r}, chance 0.5).{{{{ else }}}}The one-run privacy "
               'audit proves ε ≥ {{ $value | printf "%.2f" }} (95 % confidence), above the '
               "reported ε: the privacy mechanism is weaker than reported.{{ end }}",
-              "Treat the model as leaking its training data: do not release it or its "
-              "checkpoints, restrict access to its outputs, and check the mechanism (noise "
-              "multiplier, sample rate, accountant wiring) before retraining; the audit trail "
-              "holds the audit record."),
+              "Treat the model as leaking: release nothing, check the mechanism's wiring."),
         Alert("MembershipRiskBoundHigh", "warning", "privacy_violation",
               f"{metric('membership_inference_risk_score')} > {o.attack_risk_threshold!r}",
               "Membership-inference bound above the policy limit: " + who,
-              "At the ε spent, the proven bound lets a membership attack reach an advantage of "
-              '{{ $value | printf "%.2f" }} ' f"(policy limit {o.attack_risk_threshold!r}). "
-              "This is what ε allows, not a measured attack.",
-              "Review ε against the data owners' requirements; to measure what an attack "
-              "achieves, add MembershipInferenceProbe or OneRunAudit to the run."),
+              'At the ε spent, an attack may reach an advantage of {{ $value | printf "%.2f" }} '
+              f"(limit {o.attack_risk_threshold!r}): what ε allows, not a measured attack.",
+              "Review ε with the data owners; OneRunAudit measures what an attack achieves."),
         Alert("MetricsAuthenticationFailures", "warning", "security",
               f"increase({metric('authentication_failures_total')}[5m]) > {o.auth_failure_burst!r}",
               "Refused requests to protected /metrics: " + who,
               '{{ $value | printf "%.0f" }} requests to /metrics were refused for missing or '
               f"wrong credentials within 5m (alert above {o.auth_failure_burst!r}).",
-              "Find who is scraping with wrong credentials (a misconfigured scraper after a "
-              "password rotation, or someone guessing): check the network logs of the "
-              "exporter's host; rotate the credentials if guessing is likely."),
+              "Find the scraper with wrong credentials; rotate them if someone is guessing."),
         Alert("PrivacyComplianceViolation", "critical", "regulatory",
-              _increased("privacy_compliance_violations_total", recent),
+              _increased("privacy_compliance_violations_total"),
               "Privacy policy violated: " + who,
               "Policy {{ $labels.policy }} was violated ({{ $labels.violation_type }}) within "
-              f"the last {recent}.",
-              "Record the violation in the audit trail, pause releases of this model and inform "
-              "the compliance owner of the policy."),
+              "the last 10m.",
+              "Record it in the audit trail, pause releases, inform the policy's owner."),
         Alert("NoiseGenerationFailure", "critical", "privacy_violation",
               f"({metric('privacy_noise_multiplier')} == 0) or ({noise_sum} != {noise_sum}) or "
               f"((increase({noise_count}[5m]) > 0) and (increase({noise_sum}[5m]) == 0))",
               "No privacy noise: " + who,
               "The noise added to the gradients is zero or not a number (noise multiplier 0, or "
               "noise norms of 0 / NaN): the updates of this run are not private.",
-              "Stop the run. Check the privacy engine's noise_multiplier (and any scheduler "
-              "changing it) and the optimizer wiring; discard checkpoints trained without noise."),
+              "Stop the run, check the noise multiplier and discard the checkpoints."),
         Alert("HighPrivacyOverhead", "warning", "performance",
               f'{metric("privacy_overhead_ratio")}{{operation="total"}} '
               f"> {o.overhead_ratio_threshold!r}",
               "High DP overhead: " + who,
               'A private step takes {{ $value | printf "%.1f" }} times a plain step (threshold '
               f"{o.overhead_ratio_threshold!r}, for 5m).",
-              "Look at privacy_overhead_ratio by operation: per-sample gradients dominate with "
-              "large models (try ghost clipping or a smaller batch per device); noise "
-              "generation dominates when it runs on the CPU.", for_="5m"),
+              "See privacy_overhead_ratio by operation (try ghost clipping).", for_="5m"),
         Alert("PrivacyAccountingErrors", "warning", "privacy_violation",
-              _increased("privacy_accounting_errors_total", recent),
+              _increased("privacy_accounting_errors_total"),
               "Privacy accounting failed: " + who,
               'ε could not be computed {{ $value | printf "%.0f" }} time(s) within the last '
-              f"{recent}; the reported ε may be stale.",
-              "Read the training log for the accountant's exception; until ε is computed again, "
-              "treat the budget as unknown and do not extend training."),
+              "10m; the reported ε may be stale.",
+              "Read the accountant's exception in the log; until then the budget is unknown."),
         Alert("PrivacyExporterStalled", "warning", "performance",
               f"increase({steps}[{stall}]) == 0",
               f"No training step for {stall}: " + who,
-              f"The run still serves its metrics but accounted no optimizer step in {stall}: "
-              "training or the metrics publisher is stuck.",
-              "Check the training process (stack dump, GPU utilisation) and the exporter's "
-              "privacy_export_dropped_total; a stuck publisher never blocks training, a stuck "
-              "trainer does."),
+              f"The run serves its metrics but accounted no step in {stall}: training or the "
+              "metrics publisher is stuck.",
+              "Check the training process and privacy_export_dropped_total."),
         Alert("PrivacyMetricsStale", "warning", "performance",
               f"((time() - {PUSH_TIME_SECONDS}) > 600) "
               f"and on(job, instance) group by (job, instance) ({steps})",
               "Pushed privacy metrics are stale: job {{ $labels.job }}",
               "The Pushgateway group of job {{ $labels.job }} was last pushed "
               "{{ $value | humanizeDuration }} ago (limit 10m).",
-              "If the run ended, delete its group from the Pushgateway; if it runs, check that "
-              "it can reach the Pushgateway (privacy_export_dropped_total counts failed pushes)."),
+              "Ended: delete its group; running: check privacy_export_dropped_total."),
     )
 
 
@@ -214,26 +186,23 @@ def rule_file(options: RuleOptions | None = None) -> str:
 def prometheus_config(targets: list[str], *, rule_files: tuple[str, ...] = (),
                       alertmanager: str | None = None, pushgateway: str | None = None,
                       remote_write: str | None = None, interval: str = "15s") -> str:
-    """A Prometheus config scraping the exporters at ``targets`` (``host:port``) and a
-    ``pushgateway`` (pushed labels kept), loading ``rule_files`` (relative to the config's
-    folder), alerting ``alertmanager`` and copying every sample to ``remote_write`` (e.g.
-    VictoriaMetrics' ``/api/v1/write``)."""
-    if not targets and not pushgateway:
-        raise ValueError("No scrape target: pass the exporters' host:port (e.g. 127.0.0.1:9108) "
-                         "or a Pushgateway")
+    """A Prometheus config scraping ``targets`` (``host:port``) and a ``pushgateway`` (its
+    labels kept), loading ``rule_files``, alerting ``alertmanager``, copying every sample to
+    ``remote_write`` (e.g. VictoriaMetrics' ``/api/v1/write``)."""
     for target in [*targets, *filter(None, (alertmanager, pushgateway))]:
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit() or "/" in target:
             raise ValueError(f"Unexpected target {target!r}: use host:port, e.g. 127.0.0.1:9108")
-    jobs: tuple[tuple[str, list, dict], ...] = (
-        ("privacy", list(targets), {}), ("pushgateway", [pushgateway], {"honor_labels": True}))
-    config = {
+    scrape = [{"job_name": "privacy", "static_configs": [{"targets": list(targets)}]}]
+    scrape = scrape if targets else []
+    if pushgateway:
+        scrape.append({"job_name": "pushgateway", "honor_labels": True,
+                       "static_configs": [{"targets": [pushgateway]}]})
+    if not scrape:
+        raise ValueError("No scrape target: pass the exporters' host:port or a Pushgateway")
+    return _dump({key: value for key, value in {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
-        "rule_files": list(rule_files),
+        "rule_files": list(rule_files), "scrape_configs": scrape,
         "alerting": alertmanager and {"alertmanagers": [{"static_configs": [
             {"targets": [alertmanager]}]}]},
-        "scrape_configs": [{"job_name": job, **extra, "static_configs": [{"targets": hosts}]}
-                           for job, hosts, extra in jobs if hosts and hosts[0]],
-        "remote_write": remote_write and [{"url": remote_write}],
-    }
-    return _dump({key: value for key, value in config.items() if value})
+        "remote_write": remote_write and [{"url": remote_write}]}.items() if value})

@@ -4,30 +4,24 @@ Pushgateway, alerts an Alertmanager and copies every sample to VictoriaMetrics."
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 from ..checks import number
-from .alertmanager import Receivers, alertmanager_config
+from .alertmanager import alertmanager_config
 from .rules import RuleOptions, prometheus_config, rule_file
 
-__all__ = ["SERVICES", "MissingBinary", "Stack", "argv", "default_workdir", "write_files"]
-
-
-class MissingBinary(RuntimeError):
-    """A server binary is not installed; the message names the Debian package."""
-
-
 class Service(NamedTuple):
-    package: str  # the Debian package that installs it
-    binaries: tuple[str, ...]  # Debian's name first, then upstream's
-    ready_path: str  # the server's own readiness answer: 200, holding ready_body
+    binaries: tuple[str, ...]  # Debian's name (also its package's) first, then upstream's
+    ready_path: str
     ready_body: str
     default_port: int
     args: tuple[str, ...]  # {listen}: 127.0.0.1:port, {dir}: its folder, {config}: its file
@@ -36,17 +30,17 @@ class Service(NamedTuple):
 # In dependency order: started in this order, stopped in the reverse one.
 SERVICES: dict[str, Service] = {
     "victoria-metrics": Service(
-        "victoria-metrics", ("victoria-metrics", "victoria-metrics-prod"), "/health", "OK", 8428,
+        ("victoria-metrics", "victoria-metrics-prod"), "/health", "OK", 8428,
         ("-httpListenAddr={listen}", "-storageDataPath={dir}/victoria-metrics")),
     "pushgateway": Service(
-        "prometheus-pushgateway", ("prometheus-pushgateway", "pushgateway"), "/-/ready", "OK",
-        9091, ("--web.listen-address={listen}", "--persistence.file={dir}/pushgateway.db")),
+        ("prometheus-pushgateway", "pushgateway"), "/-/ready", "OK", 9091,
+        ("--web.listen-address={listen}", "--persistence.file={dir}/pushgateway.db")),
     "alertmanager": Service(  # alone: no cluster gossip port
-        "prometheus-alertmanager", ("prometheus-alertmanager", "alertmanager"), "/-/ready", "OK",
-        9093, ("--config.file={config}", "--storage.path={dir}/alertmanager",
-               "--web.listen-address={listen}", "--cluster.listen-address=")),
+        ("prometheus-alertmanager", "alertmanager"), "/-/ready", "OK", 9093,
+        ("--config.file={config}", "--storage.path={dir}/alertmanager",
+         "--web.listen-address={listen}", "--cluster.listen-address=")),
     "prometheus": Service(
-        "prometheus", ("prometheus",), "/-/ready", "Prometheus", 9090,
+        ("prometheus",), "/-/ready", "Prometheus", 9090,
         ("--config.file={config}", "--storage.tsdb.path={dir}/prometheus",
          "--web.listen-address={listen}", "--web.enable-lifecycle")),
 }
@@ -54,8 +48,7 @@ SERVICES: dict[str, Service] = {
 
 def argv(name: str, binary: str, workdir: Path, port: int, config: Path | None = None
          ) -> list[str]:
-    """Service ``name`` on 127.0.0.1:``port``, its files in ``workdir`` (config
-    ``<name>.yml`` there unless given)."""
+    """Service ``name`` on 127.0.0.1:``port``, its files (config ``<name>.yml``) in ``workdir``."""
     values = {"listen": f"127.0.0.1:{port}", "dir": workdir,
               "config": config or workdir / f"{name}.yml"}
     return [binary, *(a.format(**values) for a in SERVICES[name].args)]
@@ -65,8 +58,7 @@ def alertmanager_argv(binary: str, workdir: Path, port: int, config: Path) -> li
     return argv("alertmanager", binary, workdir, port, config)
 
 
-def _ready(url: str, body: str) -> bool:
-    """Whether ``url`` answers 200 with ``body`` in its text: the server's own ready answer."""
+def _ready(url: str, body: str) -> bool:  # 200, with the server's own ready text
     try:
         with urllib.request.urlopen(url, timeout=1.0) as resp:
             return resp.status == 200 and body in resp.read(4096).decode("utf-8", "replace")
@@ -84,14 +76,11 @@ def _bind(port: int) -> int | None:
         return s.getsockname()[1]
 
 
-_ERROR = ("level=error", "level=fatal", "level=panic", "\tfatal\t", "\terror\t", "panic:",
-          "error:", "Error:")
-
-
 def error_lines(log: str, limit: int = 3) -> str:
     """The last error lines of a server's log, each whole (they carry the cause)."""
-    errors = [line for line in log.splitlines() if any(m in line for m in _ERROR)]
-    return "\n".join((errors or [line for line in log.splitlines() if line.strip()])[-limit:])
+    lines = [line for line in log.splitlines() if line.strip()]
+    return "\n".join(([n for n in lines if re.search("(?i)error|fatal|panic", n)] or lines)
+                     [-limit:])
 
 
 def write_files(folder: Path, files: dict[str, str]) -> list[Path]:
@@ -107,33 +96,30 @@ def write_files(folder: Path, files: dict[str, str]) -> list[Path]:
 
 
 class Stack:
-    """The four servers scraping ``targets`` (``host:port``), with configs, data and logs
-    (``<service>.log``) in ``workdir``; ``ports`` maps a service to its port (0: any free one;
-    missing: its usual one); ``receivers`` come from the environment if ``None``."""
+    """The four servers scraping ``targets`` (``host:port``), with configs, data and logs in
+    ``workdir`` (default: under the user's cache); ``ports``: service -> port (0: any free one;
+    missing: its usual one); ``receivers`` from the environment if ``None``."""
 
-    def __init__(self, workdir: str | Path, targets: list[str], *,
-                 ports: dict[str, int] | None = None, receivers: Receivers | None = None,
-                 rule_options: RuleOptions | None = None, interval: str = "15s",
-                 group_wait: str = "30s") -> None:
-        for name, port in (ports or {}).items():
+    def __init__(self, workdir: str | Path | None, targets: list[str], *,
+                 ports: dict[str, int] | None = None, receivers: Mapping[str, str] | None = None,
+                 rule_options: RuleOptions | None = None, interval: str = "15s") -> None:
+        for name, port in (ports := ports or {}).items():
             if name not in SERVICES:
                 raise ValueError(f"Unknown service {name!r}: use one of {sorted(SERVICES)}")
             number(f"port of {name}", port, "0-65535 (0 = any free port)", low_ok=True,
                    high=65535, high_ok=True, integer=True)
-        found = {n: next(filter(None, map(shutil.which, s.binaries)), None)
-                 for n, s in SERVICES.items()}
-        missing = [f"`{s.binaries[0]}` not found: install the Debian package `{s.package}` "
-                   f"(sudo apt-get install {s.package})" for n, s in SERVICES.items()
-                   if not found[n]]
-        if missing:
-            raise MissingBinary("; ".join(missing))
-        self.binaries = {n: b for n, b in found.items() if b}
-        self.ports = {n: (ports or {}).get(n, s.default_port) or _bind(0) or 0
+        self.binaries = {n: next(filter(None, map(shutil.which, s.binaries)), "")
+                         for n, s in SERVICES.items()}
+        if missing := [s.binaries[0] for n, s in SERVICES.items() if not self.binaries[n]]:
+            raise RuntimeError("; ".join(f"`{b}` not found: install the Debian package `{b}` "
+                                         f"(sudo apt-get install {b})" for b in missing))
+        self.ports = {n: ports.get(n, s.default_port) or _bind(0) or 0
                       for n, s in SERVICES.items()}
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home()
+                                            / ".cache") / "privacy-callbacks" / "stack")
         self.procs: dict[str, subprocess.Popen] = {}
         self.files = {"privacy-rules.yml": rule_file(rule_options),
-                      "alertmanager.yml": alertmanager_config(receivers, group_wait=group_wait),
+                      "alertmanager.yml": alertmanager_config(receivers),
                       "prometheus.yml": prometheus_config(
                           targets, rule_files=("privacy-rules.yml",),
                           alertmanager=f"127.0.0.1:{self.ports['alertmanager']}",
@@ -143,6 +129,11 @@ class Stack:
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
+
+    def errors(self, name: str) -> str:
+        """``name``'s log path and its last error lines."""
+        log = self.workdir / f"{name}.log"
+        return f"see {log}:\n{error_lines(log.read_text(errors='replace')[-20_000:])}"
 
     def start(self, timeout: float = 60.0) -> Stack:
         """Write the configs, start every server and wait until each answers ready."""
@@ -165,25 +156,16 @@ class Stack:
                 deadline = time.monotonic() + timeout
                 while not _ready(self.url(name) + service.ready_path, service.ready_body):
                     if proc.poll() is not None:
-                        raise RuntimeError(f"{name} exited with {proc.returncode}; see "
-                                           f"{self.workdir / name}.log:\n"
-                                           f"{error_lines(self.log_tail(name))}")
+                        raise RuntimeError(f"{name} exited with {proc.returncode}; "
+                                           + self.errors(name))
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"{name} did not answer on {self.url(name)} within "
-                                           f"{timeout:.0f} s; see {self.workdir / name}.log")
+                                           f"{timeout:.0f} s; " + self.errors(name))
                     time.sleep(0.2)
         except BaseException:
             self.stop()
             raise
         return self
-
-    def log_tail(self, name: str, chars: int = 20_000) -> str:
-        path = self.workdir / f"{name}.log"
-        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
-
-    def exited(self) -> dict[str, int]:
-        """Servers that stopped by themselves, with their exit codes."""
-        return {n: code for n, p in self.procs.items() if (code := p.poll()) is not None}
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the servers, dependants first: SIGTERM, then SIGKILL after ``timeout`` s each."""
@@ -196,9 +178,3 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-
-
-def default_workdir() -> Path:
-    """Where ``stack`` keeps its files unless told: a folder under the user's cache."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
-        / "privacy-callbacks" / "stack"
