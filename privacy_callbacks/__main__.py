@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 from . import catalog
-from .ops import (RECEIVERS, RuleOptions, Stack, alertmanager_config, dashboards,
-                  prometheus_config, rule_file)
-from .ops.stack import SERVICES, write_files
+from .ops.alertmanager import RECEIVERS, alertmanager_config
+from .ops.dashboards import dashboards
+from .ops.rules import RuleOptions, prometheus_config, rule_file
+from .ops.stack import SERVICES, Stack, write_files
 
 
 def metrics_markdown() -> str:
@@ -38,8 +39,7 @@ def _metrics(args: argparse.Namespace) -> None:
         print(metrics_markdown(), end="")
 
 
-def _rule_options(args: argparse.Namespace) -> RuleOptions:
-    """The options ``generate`` and ``stack`` ask for; names the receivers left unset."""
+def _rule_options(args: argparse.Namespace) -> RuleOptions:  # and names unset receivers
     if unset := [name for name, var in RECEIVERS.items() if not os.environ.get(var)]:
         print(f"receivers sending nowhere (set PRIVACY_ALERTS_*): {', '.join(unset)}",
               file=sys.stderr)
@@ -48,18 +48,18 @@ def _rule_options(args: argparse.Namespace) -> RuleOptions:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    options = _rule_options(args)
-    files = {"privacy-rules.yml": rule_file(options), "prometheus.yml": prometheus_config(
-        args.target, rule_files=("privacy-rules.yml",), alertmanager=args.alertmanager,
-        pushgateway=args.pushgateway, interval=args.interval),
-        "alertmanager.yml": alertmanager_config()}
-    files.update({f"dashboards/{uid}.json": json.dumps(board, indent=2, ensure_ascii=False)
-                  for uid, board in dashboards().items()})
+    files = {"privacy-rules.yml": rule_file(_rule_options(args)), "prometheus.yml":
+             prometheus_config(args.target, rule_files=("privacy-rules.yml",),
+                               alertmanager=args.alertmanager, pushgateway=args.pushgateway,
+                               interval=args.interval), "alertmanager.yml": alertmanager_config(),
+             **{f"dashboards/{uid}.json": json.dumps(board, indent=2, ensure_ascii=False)
+                for uid, board in dashboards().items()}}
     print("\n".join(map(str, write_files(Path(args.dir), files))))
 
 
-def _stack(args: argparse.Namespace) -> int | None:
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # the servers stop on either
+def _stack(args: argparse.Namespace) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a background job ignores it
+        signal.signal(sig, signal.default_int_handler)
     options = _rule_options(args)  # sets args.target
     stack = Stack(getattr(args, "dir", None), args.target, rule_options=options, ports={
         n: getattr(args, n.replace("-", "_") + "_port") for n in SERVICES}, interval=args.interval)
@@ -69,19 +69,18 @@ def _stack(args: argparse.Namespace) -> int | None:
         print(f"files and logs in {stack.workdir}; Ctrl-C stops the stack", flush=True)
         while not (dead := [n for n, p in stack.procs.items() if p.poll() is not None]):
             time.sleep(0.5)
-        print(f"error: {dead[0]} exited with {stack.procs[dead[0]].returncode}; "
-              f"{stack.errors(dead[0])}", file=sys.stderr)
-        return 1
+        raise RuntimeError(f"{dead[0]} exited with {stack.procs[dead[0]].returncode}; "
+                           + stack.errors(dead[0]))
     except KeyboardInterrupt:
-        return None
+        pass
     finally:
         stack.stop()
         print("stack stopped", flush=True)
 
 
-def _audit_verify(args: argparse.Namespace) -> int:
-    from .compliance import audit
-    result = audit.verify(args.trail, key_env=args.key_env, require_hmac=args.require_hmac)
+def _audit(args: argparse.Namespace) -> int:
+    from .compliance.audit import verify
+    result = verify(args.trail, require_hmac=args.require_hmac)
     print(f"{args.trail}: {result}", file=sys.stdout if result.ok else sys.stderr)
     return 0 if result.ok else 1
 
@@ -112,38 +111,33 @@ def build_parser() -> argparse.ArgumentParser:
     trail.add_argument("trail", metavar="TRAIL", help="the JSON-lines audit trail")
     parser = argparse.ArgumentParser(prog="privacy-callbacks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def command(name, func, text, *parents, where=sub) -> argparse.ArgumentParser:
-        return where.add_parser(name, parents=parents, help=text, formatter_class=(
-            argparse.ArgumentDefaultsHelpFormatter)).set_defaults(func=func) or where.choices[name]
-
-    command("metrics", _metrics, "print docs/metrics.md").add_argument(
-        "--write", metavar="PATH", help="write it to PATH instead")
-    generate = command("generate", _generate, "write rules, configs, dashboards to DIR", ops)
-    generate.add_argument("dir", metavar="DIR", help="output folder")
-    generate.add_argument("--alertmanager", default="127.0.0.1:9093", metavar="HOST:PORT")
-    generate.add_argument("--pushgateway", metavar="HOST:PORT", help="also scrape it")
-    stack = command("stack", _stack, "run the monitoring stack on 127.0.0.1", ops)
-    stack.add_argument("--dir", default=argparse.SUPPRESS,
-                       help="configs, data, logs (default: ~/.cache/privacy-callbacks/stack)")
-    for name, service in SERVICES.items():
-        stack.add_argument(f"--{name}-port", type=int, default=service.default_port,
-                           help="0: any free port")
     audit = sub.add_parser("audit", help="audit trail tools").add_subparsers(required=True)
-    verify = command("verify", _audit_verify, "check the hash chain (and HMACs)", trail,
-                     where=audit)
-    verify.add_argument("--key-env", metavar="VAR", default="PRIVACY_AUDIT_HMAC_KEY",
-                        help="variable holding the HMAC key, checked when set")
-    verify.add_argument("--require-hmac", action="store_true", help="fail when it is not set")
-    command("report", _report, "render a trail's privacy report", trail).add_argument(
-        "-o", "--output", required=True, metavar="OUT", help="the HTML file")
+    made = {name: where.add_parser(name, parents=parents, help=text, formatter_class=(
+        argparse.ArgumentDefaultsHelpFormatter)) for name, where, parents, text in (
+        ("metrics", sub, [], "print docs/metrics.md"),
+        ("generate", sub, [ops], "write rules, configs, dashboards to DIR"),
+        ("stack", sub, [ops], "run the monitoring stack on 127.0.0.1"),
+        ("verify", audit, [trail], "check the hash chain (and HMACs)"),
+        ("report", sub, [trail], "render a trail's privacy report"))}
+    made["metrics"].add_argument("--write", metavar="PATH", help="write it to PATH instead")
+    made["generate"].add_argument("dir", metavar="DIR", help="output folder")
+    made["generate"].add_argument("--alertmanager", default="127.0.0.1:9093", metavar="HOST:PORT")
+    made["generate"].add_argument("--pushgateway", metavar="HOST:PORT", help="also scrape it")
+    made["stack"].add_argument("--dir", default=argparse.SUPPRESS,
+                               help="files and logs (default: ~/.cache/privacy-callbacks/stack)")
+    for name, service in SERVICES.items():
+        made["stack"].add_argument(f"--{name}-port", type=int, default=service.default_port,
+                                   help="0: any free port")
+    made["verify"].add_argument("--require-hmac", action="store_true",
+                                help="fail unless PRIVACY_AUDIT_HMAC_KEY is set")
+    made["report"].add_argument("-o", "--output", required=True, metavar="OUT", help="HTML file")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        return globals()["_" + args.command](args) or 0  # each command's function: _<command>
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
     return 2

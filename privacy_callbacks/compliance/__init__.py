@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 from .audit import AuditTrail, VerifyResult, verify
@@ -18,4 +17,5 @@ __all__ = ["AuditTrail", "ComplianceAudit", "DPPolicy", "JsonFormatter", "PIIFil
 def __getattr__(name: str) -> Any:  # the callback needs Lightning: `audit verify` does not
     if name not in ("ComplianceAudit", "DPPolicy"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(".callback", __name__), name)
+    from . import callback
+    return getattr(callback, name)

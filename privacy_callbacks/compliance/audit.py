@@ -1,9 +1,6 @@
-"""A tamper-evident, append-only audit trail of privacy events (JSON lines).
-
-A line is ``{"seq", "ts", "event", "data", "prev", "hash"[, "hmac"]}``: ``prev`` (SHA-256 of the
-line before, 64 zeros first) pins deletions and reordering, ``hash`` (of the record's canonical
-JSON) an edit, ``hmac`` needs the secret key. Cutting off the end leaves a valid shorter chain:
-keep :func:`verify`'s head hash elsewhere when that matters.
+"""A tamper-evident audit trail: JSON lines ``{seq, ts, event, data, prev, hash[, hmac]}``.
+``prev`` (SHA-256 of the line before) pins deletions and reordering, ``hash`` an edit, ``hmac`` a
+forger without the key. A cut-off end is a valid shorter chain: keep :func:`verify`'s head apart.
 """
 from __future__ import annotations
 
@@ -46,19 +43,13 @@ def _jsonable(value: Any) -> Any:
 
 
 class AuditTrail:
-    """Appends hash-chained events to a JSON-lines file (mode 0600), continuing an existing one.
-
-    Args:
-        path: The audit file.
-        key_env: Environment variable holding the HMAC key; when set, every record carries an
-            HMAC-SHA256. The key never leaves the process (not in records, logs or ``repr``).
-        fsync: ``os.fsync`` after each record, so an event survives a crash right after it.
-    """
+    """Appends hash-chained events to ``path`` (mode 0600, continuing its chain); an HMAC-SHA256
+    too when ``key_env`` holds a key (never in records, logs or ``repr``); ``fsync`` each record."""
 
     def __init__(self, path: str | os.PathLike[str], *, key_env: str | None = DEFAULT_KEY_ENV,
                  fsync: bool = True) -> None:
         if not str(path):
-            raise ValueError(f"Unexpected value for path: {path!r}; use a file path")
+            raise ValueError("Unexpected value for path: ''; use a file path, e.g. 'audit.jsonl'")
         self.path, self.key_env, self.fsync = Path(path), key_env, fsync
         self._key, self._lock = _key(key_env), threading.Lock()
         self._seq: int | None = None  # with ``_prev``, from the file at the first record
@@ -71,8 +62,8 @@ class AuditTrail:
         """Append one event with ``data``, its facts; returns the record written."""
         with self._lock:
             if self._seq is None:  # continue the file's chain from its last line
-                lines = self.path.read_bytes().split(b"\n") if self.path.exists() else []
-                last = next((line for line in reversed(lines) if line.strip()), b"")
+                last = self.path.read_bytes().rstrip().rpartition(b"\n")[2] \
+                    if self.path.exists() else b""
                 try:
                     self._seq = int(json.loads(last)["seq"]) if last else 0
                 except (ValueError, KeyError, TypeError):
@@ -81,8 +72,8 @@ class AuditTrail:
                                      "or start a new file") from None
                 self._prev = hashlib.sha256(last).hexdigest() if last else _GENESIS
             ts = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            record: dict[str, Any] = {"seq": self._seq + 1, "ts": ts, "event": event,
-                                      "data": _jsonable(data), "prev": self._prev}
+            record = {"seq": self._seq + 1, "ts": ts, "event": event, "data": _jsonable(data),
+                      "prev": self._prev}
             body = _canonical(record)
             record["hash"] = hashlib.sha256(body).hexdigest()
             if self._key is not None:
@@ -100,8 +91,8 @@ class AuditTrail:
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """What :func:`verify` found: ``ok``, the ``records`` intact, where the first bad record is
-    (1-based ``line``, expected ``seq``) and why; ``head``, the SHA-256 of the last good line."""
+    """:func:`verify`'s finding: ``records`` intact, the first bad ``line`` (1-based), the ``seq``
+    it should hold and why (``reason``); ``head``, the SHA-256 of the last good line."""
 
     ok: bool
     records: int
@@ -137,20 +128,19 @@ def _fault(record: Any, seq: int, prev: str, key: bytes | None) -> str | None:
 
 def verify(path: str | os.PathLike[str], *, key_env: str | None = DEFAULT_KEY_ENV,
            require_hmac: bool = False) -> VerifyResult:
-    """The first broken or altered record of the audit file at ``path`` (``OSError`` if it
-    cannot be read); HMACs are checked when ``key_env`` holds a key (``require_hmac``: it must,
-    else ``ValueError``)."""
+    """The first broken or altered record of the audit file at ``path``; HMACs too where
+    ``key_env`` holds a key (``require_hmac``: it must, else ``ValueError``)."""
     key = _key(key_env)
     if require_hmac and key is None:
         raise ValueError(f"require_hmac is set but the environment variable {key_env!r} is "
                          "empty: export the audit HMAC key there")
-    prev, count = _GENESIS, 0
+    prev, number = _GENESIS, 0  # line ``number`` holds record ``number``
     for number, line in enumerate(Path(path).read_bytes().splitlines(), start=1):
         try:
-            fault = _fault(json.loads(line), count + 1, prev, key)
+            fault = _fault(json.loads(line), number, prev, key)
         except ValueError:
             fault = "not valid JSON"
         if fault is not None:
-            return VerifyResult(False, count, number, count + 1, fault, prev)
-        prev, count = hashlib.sha256(line).hexdigest(), count + 1
-    return VerifyResult(True, count, head=prev)
+            return VerifyResult(False, number - 1, number, number, fault, prev)
+        prev = hashlib.sha256(line).hexdigest()
+    return VerifyResult(True, number, head=prev)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import importlib
 import logging
 import math
 import os
@@ -72,13 +72,10 @@ class DPPolicy:
     def from_file(cls, path: str | os.PathLike[str]) -> DPPolicy:
         """A policy from JSON or TOML; keys are the field names, plus ``preset``."""
         path, names = Path(path), [f.name for f in dataclasses.fields(cls)]
-        if path.suffix != ".toml":
-            data = json.loads(path.read_text())
-        elif sys.version_info >= (3, 11):
-            import tomllib
-            data = tomllib.loads(path.read_text())
-        else:
+        if path.suffix == ".toml" and sys.version_info < (3, 11):
             raise ValueError(f"{path}: TOML policies need Python >= 3.11; use a JSON policy")
+        data = importlib.import_module("tomllib" if path.suffix == ".toml" else "json").loads(
+            path.read_text())
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a policy is a table/object of fields")
         if unknown := sorted(set(data) - set(names) - {"preset"}):
@@ -87,16 +84,12 @@ class DPPolicy:
 
 
 class ComplianceAudit(Callback):
-    """Writes a fit's audit trail (an :class:`AuditTrail` or its path) from global rank 0 and
-    checks the run against a :class:`DPPolicy` (or a preset name, or a JSON/TOML policy file).
-
-    Records fit start (DP configuration, dataset size, sampling, secure mode, versions), resume,
-    the fractions ``audit_thresholds`` of ``target_epsilon`` crossed, policy violations (logged
-    and counted in ``privacy_compliance_violations_total``), the first accounting error, a
-    guard's stop and fit end (the exact final epsilon, the epsilon series, sigma/q changes).
-    ``report``, a path or a callable from the session id to one, gets the privacy report at each
-    fit's end (the ``report`` extra); one that cannot be written costs a warning, not the fit.
-    """
+    """Writes a fit's audit trail (an :class:`AuditTrail` or path) from rank 0; checks the run
+    against a :class:`DPPolicy` (or preset name, or JSON/TOML policy file). Records fit start
+    (DP setup, data size, sampling, versions), resume, the ``audit_thresholds`` (fractions of
+    ``target_epsilon``) crossed, violations, the first accounting error, a guard's stop and fit
+    end (exact final epsilon, epsilon series, sigma/q changes). ``report`` (a path, or a callable
+    from session id to one) gets the privacy report at fit end; failing to write it only warns."""
 
     def __init__(self, delta: float, target_epsilon: float | None = None, *,
                  audit: AuditTrail | str | os.PathLike[str] | None = None,
@@ -130,7 +123,7 @@ class ComplianceAudit(Callback):
             (policy.max_epsilon, "epsilon_above_policy_max", "the policy's maximum")]
         marks += [(math.nextafter(v, math.inf), e, w) for v, e, w in limits if v is not None]
         self._marks = sorted(marks, key=lambda m: m[0]) + [(math.inf, "", None)]
-        self._next, self._failed, self._errored = 0, False, False
+        self._failed = self._errored = False
         self._records: list[dict[str, Any]] = []  # the session's, for the report
         self._session: str | None = None
         self._exporting = self._pending = False
@@ -148,7 +141,7 @@ class ComplianceAudit(Callback):
             _add(self._changes, [step, *mechanism])
         if eps is not None and (not self._series or step >= self._series[-1][0] + self._stride):
             self._stride *= 2 if _add(self._series, [step, eps, snapshot.epsilon_exact]) else 1
-        if eps is not None and snapshot.epsilon_exact and eps >= self._marks[self._next][0]:
+        if eps is not None and snapshot.epsilon_exact and eps >= self._marks[0][0]:
             self._check(eps, step)  # a bound proves no crossing
         if snapshot.accounting_errors and not self._errored:
             self._errored = True  # the first; fit_end holds the count
@@ -156,9 +149,8 @@ class ComplianceAudit(Callback):
 
     def _check(self, eps: float, step: int) -> None:
         # No lock: on_fit_end calls it only once the monitor's publisher built every snapshot.
-        while eps >= self._marks[self._next][0]:
-            value, event, what = self._marks[self._next]
-            self._next += 1
+        while eps >= self._marks[0][0]:
+            value, event, what = self._marks.pop(0)
             if event == "budget_threshold":
                 logger.info("Privacy budget %.0f%% reached at step %d: epsilon=%.4g of %.4g",
                             what * 100, step, eps, self.target_epsilon)
@@ -190,8 +182,8 @@ class ComplianceAudit(Callback):
             self._records.append(record)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        monitor = next((cb for cb in trainer.callbacks  # type: ignore[attr-defined]
-                        if isinstance(cb, Source)), None)
+        monitor = self._monitor = next((cb for cb in trainer.callbacks  # type: ignore[attr-defined]
+                                        if isinstance(cb, Source)), None)
         if monitor is not None and monitor.delta != self.delta:
             raise ValueError(f"Unexpected value for delta: {self.delta!r}; use the "
                              f"PrivacyMonitor's, {monitor.delta!r}")
@@ -242,14 +234,12 @@ class ComplianceAudit(Callback):
             (policy.delta_below_inverse_n and size and self.delta >= 1 / size,
              "delta_not_below_inverse_n", f"delta={self.delta:g} is not below 1/N="
              f"{1 / (size or 1):g} (N={size} training examples)"),
-            (policy.require_poisson_sampling and not poisson, "non_poisson_sampling", "the "
-             "train loader does not sample as Poisson but the accountant assumes it; use "
-             "make_private(poisson_sampling=True) or DifferentialPrivacy(poisson_sampling=True)"),
-            (policy.require_secure_mode and not secure, "secure_mode_off", "secure_mode is off; "
-             "use PrivacyEngine(secure_mode=True) or DifferentialPrivacy(secure_mode=True)"),
+            (policy.require_poisson_sampling and not poisson, "non_poisson_sampling",
+             "the accountant assumes Poisson sampling: use poisson_sampling=True in Opacus"),
+            (policy.require_secure_mode and not secure, "secure_mode_off",
+             "secure_mode is off: use secure_mode=True in Opacus or DifferentialPrivacy"),
             (policy.max_epsilon is not None and (target or 0) > policy.max_epsilon,
-             "target_above_policy_max", f"target epsilon {target} is above the policy's "
-             f"maximum {policy.max_epsilon}")]:
+             "target_above_policy_max", f"target epsilon {target} > maximum {policy.max_epsilon}")]:
             if broken:
                 self._violate(kind, detail)
         if trainer.ckpt_path is not None:
@@ -263,10 +253,10 @@ class ComplianceAudit(Callback):
         for guard in (g for cb in callbacks for g in (cb, getattr(cb, "guard", None))):
             if isinstance(record := getattr(guard, "stop_record", None), dict):
                 self._record("budget_guard_stop", **record)
-        last = next((cb.last_snapshot for cb in callbacks if isinstance(cb, Source)), None)
+        last = None if self._monitor is None else self._monitor.last_snapshot
         accountant, step = self._accountant, trainer.global_step
         steps = sum(n for _, _, n in accountant.history)
-        errors = 0 if last is None else last.accounting_errors or 0
+        errors = getattr(last, "accounting_errors", None) or 0
         eps = last.epsilon if last and last.epsilon_exact and last.epsilon_step == steps else None
         try:  # the accountant's own, unless the monitor published it
             eps = float(accountant.get_epsilon(self.delta)) if eps is None and steps else eps

@@ -1,9 +1,6 @@
-"""Personal data out of logs: a scrubbing log filter and a JSON formatter, both opt-in.
-
-:func:`scrub` replaces e-mail, phone, US social security, payment card (Luhn) and IBAN (mod-97)
-numbers and IP addresses (but loopback) with ``[email]``, ``[phone]``, ...: checksums keep step
-counts and hashes from being scrubbed as cards; a phone is only a number written like one.
-"""
+"""Personal data out of logs: an opt-in scrubbing log filter and JSON formatter. :func:`scrub`
+replaces e-mails, phones (written as such), US SSNs, cards (Luhn), IBANs (mod-97) and IPs but
+loopback with ``[email]``, ``[phone]``, ...: checksums keep counts and hashes readable."""
 
 from __future__ import annotations
 
@@ -62,8 +59,7 @@ def scrub(text: str) -> str:
     return text
 
 
-def _exc_text(record: logging.LogRecord) -> str | None:
-    """The record's exception text, formatted once (as Formatter does), scrubbed."""
+def _exc_text(record: logging.LogRecord) -> str | None:  # formatted once, as Formatter does
     if record.exc_info and not record.exc_text:
         record.exc_text = logging.Formatter().formatException(record.exc_info)
     record.exc_text = scrub(record.exc_text) if record.exc_text else record.exc_text

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import math
 import secrets
+import warnings
 from typing import Any, Callable, Iterator, Sequence, Sized, cast
 
 import lightning.pytorch as pl
@@ -186,7 +187,10 @@ class DifferentialPrivacy(Callback):
             raise ValueError(f"Unexpected value for modules: {modules!r}; use submodule names")
         self.optimizers: Any = list(optimizers) if isinstance(optimizers, Sequence) else optimizers
         self.modules = None if modules is None else tuple(modules)
-        self.privacy_engine = PrivacyEngine(accountant=accountant)
+        # The engine only holds the accountant; the noise's generator is ours (secure_mode).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Secure RNG turned off")
+            self.privacy_engine = PrivacyEngine(accountant=accountant)
         self.sample_rate: float | None = None
         self._secure_rng = None
         if secure_mode and seed is not None:

@@ -6,6 +6,7 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -22,7 +23,7 @@ from opacus.optimizers.optimizer import _generate_noise
 
 from .. import checks, opacus_compat
 from ..catalog import by_name
-from ..monitor import PrivacyMonitor
+from ..snapshot import Source
 from . import device as d
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,7 @@ _NAMES = ("privacy_clipped_fraction", "privacy_per_sample_grad_norm", "privacy_n
 
 
 class _FloatTap(float):
-    """``max_grad_norm`` as a float that records a tensor divisor; ``NotImplemented`` hands the
-    division to ``Tensor.__rtruediv__``, the path of ``float / tensor``: bit-identical."""
+    """``max_grad_norm`` recording a tensor divisor; ``Tensor.__rtruediv__`` then divides."""
 
     sink: list[torch.Tensor]
 
@@ -56,10 +56,12 @@ class _FloatTap(float):
 class _TensorTap(torch.Tensor):
     """``max_grad_norm`` as a tensor (adaptive clipping): records the divisor of a division."""
 
+    sink: list[torch.Tensor]
+
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func in _DIVISIONS and len(args) == 2 and isinstance(args[0], _TensorTap):
-            args[0].sink.append(args[1])  # type: ignore[attr-defined]
+            args[0].sink.append(args[1])
         # torch's documented way (there is no public one) to run func as Tensor does, without
         # turning the result into this subclass.
         with torch._C.DisableTorchFunctionSubclass():
@@ -67,39 +69,27 @@ class _TensorTap(torch.Tensor):
 
 
 def _grad_sample_hooks(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
-    """Opacus' per-sample hooks: a submodule, or in an attribute (a dict or list one too, as
-    Opacus' Lightning example's ``self.dp["model"]``) of the module or a callback."""
+    """Opacus' per-sample hooks: submodules, or attributes (in a dict or list too) of the module
+    or of a callback."""
     found: list[Any] = list(pl_module.modules())
     for obj in (pl_module, *trainer.callbacks):  # type: ignore[attr-defined]
         for value in vars(obj).values():
             found += [value, *(value.values() if isinstance(value, Mapping) else value
                                if isinstance(value, (list, tuple)) else ())]
-    hooks = [h for h in found if isinstance(h, GradSampleHooks)]
-    return [h for i, h in enumerate(hooks) if all(h is not o for o in hooks[:i])]
-
-
-def _tap(value: Any, sink: list[torch.Tensor]) -> Any:
-    """A look-alike of C that records the divisor (a value of another kind stays as it is)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-        return value
-    tap: Any = value.as_subclass(_TensorTap) if torch.is_tensor(value) else _FloatTap(value)
-    tap.sink = sink
-    return tap
+    return list({id(h): h for h in found if isinstance(h, GradSampleHooks)}.values())
 
 
 class MechanismMetrics(Callback):
     """Measures clipping, noise, signal and DP overhead of the first DP optimizer, without syncs.
 
-    Add it beside :class:`~privacy_callbacks.PrivacyMonitor`, which publishes its values. It
-    reuses what Opacus computes: the noise is ``p.grad - p.summed_grad`` after ``add_noise``;
-    ghost clipping keeps the per-sample norms on its module, hooks mode only as the divisor of
-    ``max_grad_norm / (norms + 1e-6)``, read by a look-alike of ``max_grad_norm`` that divides
-    unchanged (parameters are bit-identical). The training thread only queues device work; the
-    publisher thread reads it. On a CPU, where that work is in the step, a run without per-sample
-    statistics is measured every k-th step (k: their time over ``STATS_SHARE`` of the step's, at
-    most ``MAX_STRIDE``) and at every calibration. Per-sample statistics are released only as
-    the noised norm histogram of ``DifferentialPrivacy(statistics_noise_multiplier=...)``,
-    accounted with the gradient.
+    Add it beside :class:`~privacy_callbacks.PrivacyMonitor`, which publishes its values. The
+    noise is ``p.grad - p.summed_grad`` after ``add_noise``; the per-sample norms are ghost
+    clipping's, or the divisor of ``max_grad_norm / (norms + 1e-6)`` read by a look-alike of
+    ``max_grad_norm`` (bit-identical). The training thread only queues device work. On a CPU a
+    run without per-sample statistics is measured every k-th step (their time over
+    ``STATS_SHARE`` of the step's, at most ``MAX_STRIDE``) and at each calibration. Per-sample
+    statistics are released only as the noised histogram of
+    ``DifferentialPrivacy(statistics_noise_multiplier=...)``, accounted with the gradient.
 
     Exported metrics: ``privacy_clipped_fraction``, ``privacy_per_sample_grad_norm``,
     ``privacy_noise_magnitude``, ``privacy_signal_magnitude``, ``privacy_signal_to_noise_ratio``,
@@ -134,7 +124,7 @@ class MechanismMetrics(Callback):
         self._installed: list[tuple[str, Any]] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and not any(isinstance(cb, PrivacyMonitor)
+        if stage == "fit" and not any(isinstance(cb, Source)
                                       for cb in trainer.callbacks):  # type: ignore[attr-defined]
             raise RuntimeError("MechanismMetrics publishes through PrivacyMonitor: add "
                                "PrivacyMonitor(delta=...) to the Trainer's callbacks too")
@@ -149,12 +139,10 @@ class MechanismMetrics(Callback):
         if self.statistics is None:
             logger.info("Per-sample gradient statistics are off: they need "
                         "DifferentialPrivacy(statistics_noise_multiplier=...)")
-        self._params, self._clip, self._micro, self.stride = list(opt.params), 0, 0, 1
+        self._params, self._clip, self._micro, self.due = list(opt.params), 0, 0, 0.0
         self._divisors: list[torch.Tensor] = []
-        self._first: int | None = None
+        self._start, self._reducing = self._step + self.WARMUP_STEPS, True  # first calibration
         self._cuda = bool(self._params) and self._params[0].is_cuda
-        self.due, self._reducing = 0.0, True
-        self._by_cost = self.statistics is None and not self._cuda
         self._hooks = _grad_sample_hooks(trainer, pl_module)
         self._ghost, kind = isinstance(opt, DPOptimizerFastGradientClipping), type(opt).__name__
         self._buckets = None if self.statistics != "dp" else d.Buckets(
@@ -181,11 +169,12 @@ class MechanismMetrics(Callback):
                 f"{m} ({why})" for m, why in missing.items()) + ". Every other metric is reported.")
         self._installed = []  # instance attributes shadow Opacus' public methods until teardown
         if noise_ok:
-            self._installed.append(("add_noise", self._wrap_noise(opt.add_noise)))
+            self._installed.append(("add_noise", partial(self._add_noise, opt.add_noise)))
             self._hook = opt.original_optimizer.register_step_pre_hook(self._before_update)
         if norms_ok:
             name = "accumulate" if self._ghost else "clip_and_accumulate"
-            self._installed.append((name, self._wrap_clip(getattr(opt, name), ghost)))
+            self._installed.append((name, partial(self._clip_and_accumulate, getattr(opt, name),
+                                                  ghost)))
         vars(opt).update(self._installed)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -207,12 +196,12 @@ class MechanismMetrics(Callback):
             step = self._step  # optimizer steps so far
             if self._opt is None or step < self.due:
                 return  # not measured: no buffer, no mark
-            self._first = step if self._first is None else self._first
             now = self._now = d.Step(self._cuda)
-            self._micro, done = 0, step - self._first - self.WARMUP_STEPS
+            self._micro, done = 0, step - self._start
             if self._calibration is not None and done >= 0 and done % self.overhead_every == 0:
-                try:
-                    self._calibrate(trainer, pl_module, now, batch, batch_idx)
+                try:  # the RNG is restored: the real step draws what it would have
+                    with torch.random.fork_rng(range(torch.cuda.device_count() * self._cuda)):
+                        self._calibrate(trainer, pl_module, now, batch, batch_idx)
                 except Exception:  # the user's training_step raised outside its real step
                     self._calibration = None
                     logger.exception("The overhead calibration pass failed; "
@@ -221,8 +210,7 @@ class MechanismMetrics(Callback):
         self._micro += 1
 
     def privacy_step_values(self, step: int) -> Callable[[], Mapping[str, Any]] | None:
-        """Close the step that just ran (``step``: optimizer steps now); what the publisher
-        thread calls to read its values, or ``None`` for a step not measured or skipped."""
+        """Close the step that just ran: its reader for the publisher thread, or ``None``."""
         self._step, now, self._now, self._pending = step, self._now, None, None
         if now is None:
             return None
@@ -230,61 +218,53 @@ class MechanismMetrics(Callback):
         now.mark(d.END)
         if now.host is None:
             return None
-        if self._by_cost:  # host clock: the statistics' own time and the step's, known now
+        if self.statistics is None and not self._cuda:  # host clock: both times known now
             own, seconds = now.seconds(d.NOISE_END, d.STATS_END), now.seconds(d.START, d.END)
             if own is not None and seconds:
-                self.stride = max(1, min(self.MAX_STRIDE,
-                                         math.ceil(own / (self.STATS_SHARE * seconds))))
-                self.due = min(step + self.stride - 1, self._next_calibration(step))
+                stride = max(1, min(self.MAX_STRIDE, math.ceil(own / (self.STATS_SHARE * seconds))))
+                self.due = min(step + stride - 1, self._next_calibration(step))
         return now.read
 
     def _next_calibration(self, step: int) -> float:
         """The first calibration step at or after ``step`` (its step count before it runs)."""
-        every, first = self.overhead_every, self._first
-        if self._calibration is None or every is None or first is None:
+        if self._calibration is None:
             return math.inf
-        done = step - first - self.WARMUP_STEPS
-        return first + self.WARMUP_STEPS + max(0, -(-done // every) * every)
+        every, start = self.overhead_every, self._start
+        return start + max(0, -((start - step) // every) * every)
 
-    def _wrap_clip(self, original: Callable[..., Any], ghost: Any) -> Callable[..., Any]:
-        opt = self._opt
+    def _clip_and_accumulate(self, original: Callable[..., Any], ghost: Any, *args: Any,
+                             **kwargs: Any) -> Any:
+        opt, now = self._opt, self._now
+        value = self._clip = opt.max_grad_norm
+        if now is None:  # a step not measured
+            return original(*args, **kwargs)
+        now.mark(d.CLIP_START)
+        tap, norms = value, getattr(ghost, "per_sample_gradient_norms", None)
+        if self.statistics is not None and self._ghost and isinstance(norms, torch.Tensor):
+            self._divisors.append(norms + _EPS)
+        elif self.statistics is not None and not self._ghost and isinstance(
+                value, (int, float, torch.Tensor)) and not isinstance(value, bool):
+            # a look-alike of C that records the divisor
+            tap = value.as_subclass(_TensorTap) if torch.is_tensor(value) else _FloatTap(value)
+            tap.sink = self._divisors
+            opt.max_grad_norm = tap
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if opt.max_grad_norm is tap:
+                opt.max_grad_norm = value
+            now.mark(d.CLIP_END)
 
-        def clip(*args: Any, **kwargs: Any) -> Any:
-            now, value = self._now, opt.max_grad_norm
-            self._clip = value
-            if now is None:  # a step not measured
-                return original(*args, **kwargs)
-            now.mark(d.CLIP_START)
-            tap = None
-            if self.statistics is not None and self._ghost:
-                norms = getattr(ghost, "per_sample_gradient_norms", None)
-                if isinstance(norms, torch.Tensor):
-                    self._divisors.append(norms + _EPS)
-            elif self.statistics is not None:
-                tap = opt.max_grad_norm = _tap(value, self._divisors)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                if tap is not None and opt.max_grad_norm is tap:
-                    opt.max_grad_norm = value
-                now.mark(d.CLIP_END)
-
-        return clip
-
-    def _wrap_noise(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def add_noise(*args: Any, **kwargs: Any) -> Any:
-            now = self._now
-            if now is not None:
-                now.mark(d.NOISE_START)
-            result = original(*args, **kwargs)
-            if now is not None and self._reducing:
-                now.mark(d.NOISE_END)
-                self._guarded(self._reduce)
-                now.mark(d.STATS_END)
-            self._divisors.clear()
-            return result
-
-        return add_noise
+    def _add_noise(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if (now := self._now) is not None:
+            now.mark(d.NOISE_START)
+        result = original(*args, **kwargs)
+        if now is not None and self._reducing:
+            now.mark(d.NOISE_END)
+            self._guarded(self._reduce)
+            now.mark(d.STATS_END)
+        self._divisors.clear()
+        return result
 
     def _guarded(self, work: Callable[..., None], *args: Any) -> None:
         try:
@@ -330,8 +310,7 @@ class MechanismMetrics(Callback):
             calibration=self._calibration, micro_batches=self._micro))
 
     def _before_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """The original optimizer's step pre-hook (public torch API): the noise is added, the
-        step accounted and, under DDP, the noised gradients reduced: the update exists now."""
+        """The original optimizer's step pre-hook: noise added, step accounted, DDP reduced."""
         now, pending, self._pending = self._now, self._pending, None
         if now is not None and pending is not None:
             now.mark(d.UPDATE)
@@ -348,18 +327,16 @@ class MechanismMetrics(Callback):
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, now: d.Step,
                    batch: Any, batch_idx: int) -> None:
-        """Time one plain forward/backward on ``batch``, nothing kept. Opacus' hooks are removed
-        for it: disabled ones would still make PyTorch warn "Full backward hook is firing"."""
+        """Time one plain forward/backward on ``batch``, nothing kept (hooks removed: disabled
+        ones would still make PyTorch warn "Full backward hook is firing")."""
         grads = [(p, p.grad) for p in pl_module.parameters()]
         buffers = [(b, b.clone()) for b in pl_module.buffers()]
-        rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if self._cuda else None
         enabled = [hooks.hooks_enabled for hooks in self._hooks]
         for hooks in self._hooks:
             hooks.remove_hooks()
         pl_module.log = pl_module.log_dict = lambda *a, **k: None  # type: ignore[method-assign,assignment]
         try:
-            for p, _ in grads:
-                p.grad = None
+            pl_module.zero_grad(set_to_none=True)
             now.mark(d.CAL_START)
             with trainer.precision_plugin.train_step_context():
                 out = pl_module.training_step(batch, batch_idx)
@@ -382,9 +359,6 @@ class MechanismMetrics(Callback):
                 p.grad = g
             for b, saved in buffers:
                 b.copy_(saved)
-            torch.set_rng_state(rng[0])
-            if rng[1] is not None:
-                torch.cuda.set_rng_state_all(rng[1])
 
 
 def _norm(tensors: Any) -> torch.Tensor:

@@ -1,8 +1,7 @@
 """A step's device values and timing marks, read on the publisher thread, never on the training one.
 
-The step's float32 vector is copied (``non_blocking``) into a pinned host buffer of its own (the
-caching host allocator reuses one only once its copy completed) and CUDA events mark the step;
-:meth:`Step.read` waits for the last. On a CPU the same code runs synchronously.
+The values go (``non_blocking``) to a pinned host buffer of their own (reused only once its copy
+completed); CUDA events mark the step and :meth:`Step.read` waits for the last.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ HEAD = 4  # clipped count, noise norm, C (NaN: a float, kept on the host), noise
 
 
 class Buckets:
-    """The noised histogram's edges: the published ones plus ``eps`` (counted is ``norm + eps``,
-    as Opacus compares it with C) and C; ``merge`` maps each to its published bucket."""
+    """The noised histogram's edges: the published ones plus ``eps`` (as Opacus compares), and C."""
 
     def __init__(self, shown: tuple[float, ...], clip: float, eps: float, device: Any) -> None:
         self.shown, edges = shown, sorted({b + eps for b in shown} | {clip})
@@ -33,18 +31,15 @@ class Buckets:
         self.clipped_from = edges.index(clip) + 1
 
     def observations(self, counts: list[float]) -> tuple[float, ...]:
-        """Each published bucket's noised count, rounded and floored at 0, as observations at
-        its upper edge (post-processing: the histogram's ``_sum`` is only approximate)."""
-        merged = [0.0] * (len(self.shown) + 1)
-        for j, count in enumerate(counts):
-            merged[self.merge[j]] += count
+        """Each published bucket's noised count, rounded, floored at 0, at its upper edge."""
+        merged = [sum(c for m, c in zip(self.merge, counts) if m == i)
+                  for i in range(len(self.shown) + 1)]
         return tuple(top for top, count in zip((*self.shown, 10 * self.shown[-1]), merged)
                      for _ in range(max(0, round(count))))
 
 
 class Calibration:
-    """The DP/plain forward-backward time ratio of the calibration steps (averaged, half weight
-    to the newest; at least 1) scales each step's DP pass to its plain cost (publisher thread)."""
+    """The DP/plain forward-backward time ratio (half weight to the newest; at least 1)."""
 
     ratio: float | None = None
 
@@ -70,37 +65,32 @@ class Calibration:
 
 
 class Step:
-    """One measured step: its timing marks, its device values' host copy and how to read them.
+    """One measured step: its timing marks and its device values' host copy.
 
-    ``noise_magnitude`` is the expected norm ``sigma_g C sqrt(d)`` once the realised one is
-    within 0.5-1.5x of it (its exact value next to the noised update would tell the update's
-    distance to each neighbouring sum); broken noise (or raw statistics) gives the realised one.
-    ``signal_energy``, ``||g~||^2 - sigma_g^2 C^2 d``, estimates the clipped sum's squared norm
-    from the noised update alone: unbiased, sd about ``sigma_g^2 C^2 sqrt(2d)``.
+    ``noise_magnitude`` is the expected ``sigma_g C sqrt(d)`` when the realised norm is within
+    0.5-1.5x of it (the exact one would tell the update's distance to each neighbouring sum).
+    ``signal_energy``, ``||g~||^2 - sigma_g^2 C^2 d``, is unbiased for the clipped sum's.
     """
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self.host: torch.Tensor | None = None
-        self.marks: list[Any] = [torch.cuda.Event(enable_timing=True) if cuda else None
-                                 for _ in range(END + 1)]
-        self.recorded = [False] * (END + 1)
+        self.marks: dict[int, Any] = {}  # index: CUDA event or host clock
         self.known: dict[str, Any] = {}  # host values the reading needs (set with the copy)
 
     def mark(self, index: int) -> None:
         if self.cuda:
+            self.marks[index] = torch.cuda.Event(enable_timing=True)
             self.marks[index].record()
         else:
             self.marks[index] = time.perf_counter()
-        self.recorded[index] = True
 
     def seconds(self, start: int, end: int) -> float | None:
         """Time between two recorded marks (once the step's last mark completed)."""
-        if not (self.recorded[start] and self.recorded[end]):
+        a, b = self.marks.get(start), self.marks.get(end)
+        if a is None or b is None:
             return None
-        if self.cuda:
-            return self.marks[start].elapsed_time(self.marks[end]) / 1000.0
-        return self.marks[end] - self.marks[start]
+        return a.elapsed_time(b) / 1000.0 if self.cuda else b - a
 
     def store(self, values: torch.Tensor, **known: Any) -> None:
         """Queue the copy of ``values`` (1-d float32, on the device) to the host."""
@@ -109,22 +99,21 @@ class Step:
         self.known = known
 
     def read(self) -> dict[str, Any]:
-        """The step's values by catalog attribute, once its device work is done (publisher
-        thread); also ``signal_energy`` and the histogram's ``noised_counts`` as released."""
+        """The step's values by catalog attribute (publisher thread), ``noised_counts`` too."""
         if self.cuda:
             self.marks[END].synchronize()
-        k, values = self.known, self.host.tolist() if self.host is not None else []
+        k, values = self.known, self.host.tolist()  # type: ignore[union-attr]
         clipped, noise, clip, grad = values[:HEAD]
         clip = k["clip"] if math.isnan(clip) else clip
         expected_noise = (k["sigma"] * clip) ** 2 * k["entries"]
         expected_norm = math.sqrt(expected_noise)
         checked = expected_norm > 0 and 0.5 <= noise / expected_norm <= 1.5  # NaN: False
         energy = grad ** 2 - expected_noise
+        signal = math.sqrt(max(0.0, energy))
         out: dict[str, Any] = {
             "noise_magnitude": expected_norm if checked and not k["raw"] else noise,
-            "signal_energy": energy, "signal_magnitude": math.sqrt(max(0.0, energy)),
-            "signal_to_noise_ratio": math.sqrt(max(0.0, energy)) / expected_norm
-            if expected_noise > 0 and math.isfinite(energy) else None}
+            "signal_energy": energy, "signal_magnitude": signal, "signal_to_noise_ratio":
+            signal / expected_norm if expected_noise > 0 and math.isfinite(energy) else None}
         buckets, tail = k["buckets"], values[HEAD:]
         if buckets is not None:
             out.update(noised_counts=tuple(tail), per_sample_grad_norms=buckets.observations(tail))

@@ -1,5 +1,4 @@
-"""Operations, generated from the catalog: alert rules, Alertmanager routing, Grafana dashboards
-and a local monitoring stack."""
+"""Alert rules, Alertmanager routing, Grafana dashboards and a local stack, from the catalog."""
 
 from .alertmanager import RECEIVERS, alertmanager_config
 from .dashboards import dashboards

@@ -20,7 +20,8 @@ HOURS = "business-hours"  # 09:00-17:00 Monday to Friday, the host's time zone
 
 
 def _integration(name: str, value: str) -> dict:
-    """The Alertmanager integration of one receiver value."""
+    if name not in RECEIVERS:
+        raise ValueError(f"Unknown receiver {name!r}: use one of {sorted(RECEIVERS)}")
     kind, _, rest = value.partition(":")
     if kind == "slack" and rest.startswith(("https://", "http://")):
         return {"slack_configs": [{"api_url": rest, "send_resolved": True}]}
@@ -40,19 +41,14 @@ def alertmanager_config(receivers: Mapping[str, str] | None = None, *, group_wai
     ``PRIVACY_ALERTS_*`` variables of :data:`RECEIVERS`)."""
     values = receivers if receivers is not None else {
         name: os.environ[var] for name, var in RECEIVERS.items() if os.environ.get(var)}
-    for name in values:
-        if name not in RECEIVERS:
-            raise ValueError(f"Unknown receiver {name!r}: use one of {sorted(RECEIVERS)}")
+    integrations = {name: _integration(name, value) for name, value in values.items()}
     critical = ['severity="critical"', 'category="privacy_violation"']
     warning = ['severity="warning"']
-    routes = [{"receiver": "privacy-pager", "matchers": critical, "continue": True},
-              {"receiver": "privacy-chat", "matchers": critical},
-              {"receiver": "compliance", "matchers": ['category="regulatory"']},
-              {"receiver": "soc", "matchers": ['category="security"']},
-              {"receiver": "warnings-business-hours", "matchers": warning,
-               "active_time_intervals": [HOURS], "continue": True},
-              {"receiver": "warnings-after-hours", "matchers": warning,
-               "mute_time_intervals": [HOURS]}]
+    routes = [{"receiver": r, "matchers": m, **extra} for r, m, extra in (
+        ("privacy-pager", critical, {"continue": True}), ("privacy-chat", critical, {}),
+        ("compliance", ['category="regulatory"'], {}), ("soc", ['category="security"'], {}),
+        ("warnings-business-hours", warning, {"active_time_intervals": [HOURS], "continue": True}),
+        ("warnings-after-hours", warning, {"mute_time_intervals": [HOURS]}))]
     return _dump({
         "route": {"receiver": "privacy-chat", "group_by": ["alertname", "session_id"],
                   "group_wait": group_wait, "group_interval": group_interval,
@@ -61,10 +57,7 @@ def alertmanager_config(receivers: Mapping[str, str] | None = None, *, group_wai
         "inhibit_rules": [{"source_matchers": ['alertname="PrivacyBudgetExhausted"'],
                            "target_matchers": ['alertname="PrivacyBudgetLow"'],
                            "equal": ["session_id", "model_name"]}],
-        "receivers": [{"name": name, **(_integration(name, values[name]) if name in values
-                                        else {})} for name in RECEIVERS],
-        "time_intervals": [{"name": HOURS, "time_intervals": [{
-            "weekdays": ["monday:friday"], "times": [{"start_time": "09:00",
-                                                      "end_time": "17:00"}],
-            "location": "Local"}]}],
+        "receivers": [{"name": name, **integrations.get(name, {})} for name in RECEIVERS],
+        "time_intervals": [{"name": HOURS, "time_intervals": [{"weekdays": ["monday:friday"],
+            "times": [{"start_time": "09:00", "end_time": "17:00"}], "location": "Local"}]}],
     })

@@ -61,13 +61,11 @@ class Alert:
     for_: str = "0s"
 
     def rule(self, runbook_url: str | None) -> dict:
-        annotations = {"summary": self.summary, "description": self.description,
-                       "runbook": self.runbook}
-        if runbook_url:
-            annotations["runbook_url"] = f"{runbook_url}#{self.name.lower()}"
+        url = {"runbook_url": f"{runbook_url}#{self.name.lower()}"} if runbook_url else {}
         return {"alert": self.name, "expr": self.expr, "for": self.for_,
                 "labels": {"severity": self.severity, "category": self.category},
-                "annotations": annotations}
+                "annotations": {"summary": self.summary, "description": self.description,
+                                "runbook": self.runbook, **url}}
 
 
 def _increased(name: str) -> str:
@@ -186,14 +184,13 @@ def rule_file(options: RuleOptions | None = None) -> str:
 def prometheus_config(targets: list[str], *, rule_files: tuple[str, ...] = (),
                       alertmanager: str | None = None, pushgateway: str | None = None,
                       remote_write: str | None = None, interval: str = "15s") -> str:
-    """A Prometheus config scraping ``targets`` (``host:port``) and a ``pushgateway`` (its
-    labels kept), loading ``rule_files``, alerting ``alertmanager``, copying every sample to
-    ``remote_write`` (e.g. VictoriaMetrics' ``/api/v1/write``)."""
+    """A Prometheus config scraping ``targets`` and a ``pushgateway`` (``host:port``), alerting
+    ``alertmanager``, copying every sample to ``remote_write`` (a ``/api/v1/write`` URL)."""
     for target in [*targets, *filter(None, (alertmanager, pushgateway))]:
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit() or "/" in target:
             raise ValueError(f"Unexpected target {target!r}: use host:port, e.g. 127.0.0.1:9108")
-    scrape = [{"job_name": "privacy", "static_configs": [{"targets": list(targets)}]}]
+    scrape: list[dict] = [{"job_name": "privacy", "static_configs": [{"targets": list(targets)}]}]
     scrape = scrape if targets else []
     if pushgateway:
         scrape.append({"job_name": "pushgateway", "honor_labels": True,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -96,9 +95,8 @@ def write_files(folder: Path, files: dict[str, str]) -> list[Path]:
 
 
 class Stack:
-    """The four servers scraping ``targets`` (``host:port``), with configs, data and logs in
-    ``workdir`` (default: under the user's cache); ``ports``: service -> port (0: any free one;
-    missing: its usual one); ``receivers`` from the environment if ``None``."""
+    """The four servers scraping ``targets``, files and logs in ``workdir`` (default: the user's
+    cache); ``ports``: service -> port (0: any free one; missing: its usual one)."""
 
     def __init__(self, workdir: str | Path | None, targets: list[str], *,
                  ports: dict[str, int] | None = None, receivers: Mapping[str, str] | None = None,
@@ -131,7 +129,6 @@ class Stack:
         return f"http://127.0.0.1:{self.ports[name]}"
 
     def errors(self, name: str) -> str:
-        """``name``'s log path and its last error lines."""
         log = self.workdir / f"{name}.log"
         return f"see {log}:\n{error_lines(log.read_text(errors='replace')[-20_000:])}"
 
@@ -139,10 +136,9 @@ class Stack:
         """Write the configs, start every server and wait until each answers ready."""
         taken = [f"{n} port {p}" for n, p in self.ports.items() if _bind(p) is None]
         if taken:
-            raise RuntimeError(
-                f"127.0.0.1: {', '.join(taken)} already in use (Debian's own prometheus* and "
-                "victoria-metrics services use the default ports: `systemctl stop` them), or "
-                "choose other ports, e.g. --prometheus-port 0 for any free one")
+            raise RuntimeError(f"127.0.0.1: {', '.join(taken)} already in use (Debian's own "
+                               "services use the defaults: `systemctl stop` them), or choose "
+                               "other ports, e.g. --prometheus-port 0 for any free one")
         write_files(self.workdir, self.files)
         try:
             for name, service in SERVICES.items():
@@ -171,8 +167,7 @@ class Stack:
         """Stop the servers, dependants first: SIGTERM, then SIGKILL after ``timeout`` s each."""
         procs, self.procs = list(self.procs.values())[::-1], {}
         for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+            proc.terminate()  # nothing if it exited
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
