@@ -10,15 +10,13 @@ monitor, on the same model and batches. The tests compare what DP adds to the pl
 
 which is 1 for a perfect measurement and 0 for a total that leaves the DP cost out.
 
-The band, 0.3 to 2, is wide on purpose: these are millisecond steps on two shared cores, and the
-monitor counts its own per-step work (about a millisecond here, nothing next to a real model's
-step) as plain-step time, so small models read low. Measured on a 2-core machine under a load
-average of 1 to 5: ``bench_mechanism.py --quick`` gave 0.68 to 1.46 (30 runs), the device
-check's tiny encoder 0.46 to 0.96 (18 runs). With the total broken on purpose: 0 for a constant
-1.0; 0.09 to 0.16 for a total that leaves out the per-sample gradient cost; 2.8 to 5.9 for one
-that counts the whole forward/backward pass as DP cost. A guard first checks
-that DP costs clearly more than the plain step in the run (side-by-side above 1.5; about 2.7 and
-3 for these models), since otherwise the band could not tell these apart.
+The test holds the lower end only, 0.3: a total that leaves a DP cost out reads 0 (a constant
+1.0) or 0.09 to 0.16 (no per-sample gradient cost), while right totals gave 0.46 to 1.46 on a
+2-core machine under a load average of 1 to 5 (``bench_mechanism.py --quick`` 30 runs, the
+device check's tiny encoder 18). The upper end (a total that counts the whole forward/backward
+as DP cost read 2.8 to 5.9) overlaps what a busy machine gives a right total (2.57 was seen in a
+full test run), so it is the benchmark's to report (``excess_ratio``), not a test's. A guard
+first checks that DP costs clearly more than the plain step in the run (side-by-side above 1.5).
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-EXCESS_BAND = (0.3, 2.0)
+MIN_EXCESS = 0.3
 MIN_SIDE_BY_SIDE = 1.5
 
 
@@ -53,10 +51,9 @@ def assert_total_matches_side_by_side(result: dict) -> None:
         f"DP step only {side}x the plain step in this run: too close to tell a total without "
         f"the DP cost from a right one; use a model where per-sample gradients cost more")
     excess = (reported - 1) / (side - 1)
-    low, high = EXCESS_BAND
-    assert low <= excess <= high, (
+    assert excess >= MIN_EXCESS, (
         f"reported total {reported} vs side-by-side {side}: the DP cost reported is {excess:.2f}x "
-        f"the one measured, outside [{low}, {high}]")
+        f"the one measured, below {MIN_EXCESS}: the total leaves a DP cost out")
 
 
 def test_bench_mechanism_quick_reported_total_agrees_with_side_by_side():
