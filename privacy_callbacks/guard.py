@@ -75,6 +75,9 @@ class BudgetGuard(Callback):
         self.accountant = accountant
         self.allow_privacy_reset = checks.flag("allow_privacy_reset", allow_privacy_reset)
         self.stop = checks.flag("stop", stop)
+        # Kept: Lightning reads state_key around every hook call (its profiler's action name).
+        self._state_key = self._generate_state_key(target_epsilon=self.target_epsilon,
+                                                   delta=self.delta)
         self.stopped = self.exhausted = False
         self.stop_record: dict[str, Any] | None = None
         self.accounting: Accounting | None = None
@@ -96,7 +99,7 @@ class BudgetGuard(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(target_epsilon=self.target_epsilon, delta=self.delta)
+        return self._state_key
 
     def state_dict(self) -> dict[str, Any]:
         accountant = None if self.accounting is None else self.accounting.accountant

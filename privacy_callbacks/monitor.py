@@ -96,14 +96,16 @@ class PrivacyMonitor(Callback):
         self._every = True
         self._rank = self._step = self._batches = 0
         self._log_every, self._log_loggers, self._logged = 50, False, -1
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(
+        # Kept: Lightning reads state_key around every hook call (its profiler's action name).
+        self._state_key = self._generate_state_key(
             delta=self.delta, target_epsilon=self.target_epsilon,
             session_id=self.session_id if self._named else None,
             exporters=[repr(e) if type(e).__repr__ is not object.__repr__ else type(e).__name__
                        for e in self.exporters])
+
+    @property
+    def state_key(self) -> str:
+        return self._state_key
 
     @property
     def last_snapshot(self) -> PrivacySnapshot | None:
