@@ -150,6 +150,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
+    try:
+        out = _measure(args)
+    finally:  # main() also runs inside test processes: their logging stays as it was
+        logging.disable(logging.NOTSET)
+    print(table(out))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def _measure(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"speed": [], "freshness": [], "guard": []}
     if not args.guard:
         grid = [("rdp", 100, 1), ("rdp", 100, 10)] if args.quick else [
@@ -167,9 +178,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["guard"].append(guard(mechanism, target))
         if package is not None:
             out["guard"].append(guard(mechanism, target, package))
-    print(table(out))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
     return out
 
 
