@@ -270,7 +270,8 @@ class DifferentialPrivacy(Callback):
             raise RuntimeError("DifferentialPrivacy saw no train DataLoader to sample and account")
         for opt in self._optimizers:  # the checkpoint (history, global step) is restored by now
             device = next((p.device for p in opt.params), torch.device("cpu"))
-            opt.generator = self._generator(trainer, "noise", device)
+            opt.generator = self._secure_rng or torch.Generator(device=device).manual_seed(
+                self._seed(trainer, "noise"))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Any) -> None:
@@ -320,15 +321,12 @@ class DifferentialPrivacy(Callback):
                                             sample_rate=self.accounted_sample_rate(
                                                 optimizer, optimizer.accumulated_iterations))
 
-    def _generator(self, trainer: pl.Trainer, purpose: str, device: Any) -> torch.Generator:
+    def _seed(self, trainer: pl.Trainer, purpose: str) -> int:
         """OS entropy, or ``seed`` mixed with where the run stands: no position reuses one."""
-        if self._secure_rng is not None:
-            return self._secure_rng
-        seed = secrets.randbits(62) if self.seed is None else mixed_seed(
+        return secrets.randbits(62) if self.seed is None else mixed_seed(
             self.seed, purpose, trainer.global_rank if purpose == "noise" else 0,
             sum(int(s) for _, _, s in self.privacy_engine.accountant.history),
             trainer.global_step, trainer.current_epoch)
-        return torch.Generator(device=device).manual_seed(seed)
 
     def _private_dataloader(self, trainer: pl.Trainer, loader: object) -> object:
         if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
@@ -349,7 +347,7 @@ class DifferentialPrivacy(Callback):
             raise ValueError(f"Unexpected combination secure_mode=True with {world} processes: "
                              "ranks cannot share a random-device generator's Poisson masks")
         generator = self._secure_rng or torch.Generator().manual_seed(trainer.strategy.broadcast(
-            int(self._generator(trainer, "sampler", "cpu").initial_seed()), src=0))  # one mask
+            self._seed(trainer, "sampler"), src=0))  # one mask on every rank
         return poisson_loader(loader, PoissonBatchSampler(
             num_samples=size, logical_rate=min(1.0, self.sample_rate * accumulate), steps=steps,
             accumulate=accumulate, rank=trainer.global_rank, world_size=world,

@@ -121,7 +121,7 @@ class MechanismMetrics(Callback):
         self._now: d.Step | None = None  # the step in progress, when it is measured
         self._pending: tuple[Any, ...] | None = None
         self._step, self._hook = 0, None
-        self._installed: list[tuple[str, Any]] = []
+        self._installed: dict[str, Any] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and not any(isinstance(cb, Source)
@@ -139,7 +139,7 @@ class MechanismMetrics(Callback):
         if self.statistics is None:
             logger.info("Per-sample gradient statistics are off: they need "
                         "DifferentialPrivacy(statistics_noise_multiplier=...)")
-        self._params, self._clip, self._micro, self.due = list(opt.params), 0, 0, 0.0
+        self._params, self._micro, self.due = list(opt.params), 0, 0.0
         self._divisors: list[torch.Tensor] = []
         self._start, self._reducing = self._step + self.WARMUP_STEPS, True  # first calibration
         self._cuda = bool(self._params) and self._params[0].is_cuda
@@ -167,14 +167,13 @@ class MechanismMetrics(Callback):
         if missing:
             rank_zero_warn("MechanismMetrics cannot measure " + "; ".join(
                 f"{m} ({why})" for m, why in missing.items()) + ". Every other metric is reported.")
-        self._installed = []  # instance attributes shadow Opacus' public methods until teardown
+        self._installed = {}  # instance attributes shadow Opacus' public methods until teardown
         if noise_ok:
-            self._installed.append(("add_noise", partial(self._add_noise, opt.add_noise)))
+            self._installed["add_noise"] = partial(self._add_noise, opt.add_noise)
             self._hook = opt.original_optimizer.register_step_pre_hook(self._before_update)
         if norms_ok:
             name = "accumulate" if self._ghost else "clip_and_accumulate"
-            self._installed.append((name, partial(self._clip_and_accumulate, getattr(opt, name),
-                                                  ghost)))
+            self._installed[name] = partial(self._clip_and_accumulate, getattr(opt, name), ghost)
         vars(opt).update(self._installed)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -184,7 +183,7 @@ class MechanismMetrics(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self._opt is None:
             return
-        for name, _ in self._installed:
+        for name in self._installed:
             vars(self._opt).pop(name, None)
         if self._hook is not None:
             self._hook.remove()
@@ -222,20 +221,16 @@ class MechanismMetrics(Callback):
             own, seconds = now.seconds(d.NOISE_END, d.STATS_END), now.seconds(d.START, d.END)
             if own is not None and seconds:
                 stride = max(1, min(self.MAX_STRIDE, math.ceil(own / (self.STATS_SHARE * seconds))))
-                self.due = min(step + stride - 1, self._next_calibration(step))
+                self.due = step + stride - 1
+                if self._calibration is not None:  # the next calibration step is measured too
+                    every, start = self.overhead_every, self._start
+                    self.due = min(self.due, start + max(0, -((start - step) // every) * every))
         return now.read
-
-    def _next_calibration(self, step: int) -> float:
-        """The first calibration step at or after ``step`` (its step count before it runs)."""
-        if self._calibration is None:
-            return math.inf
-        every, start = self.overhead_every, self._start
-        return start + max(0, -((start - step) // every) * every)
 
     def _clip_and_accumulate(self, original: Callable[..., Any], ghost: Any, *args: Any,
                              **kwargs: Any) -> Any:
         opt, now = self._opt, self._now
-        value = self._clip = opt.max_grad_norm
+        value = opt.max_grad_norm
         if now is None:  # a step not measured
             return original(*args, **kwargs)
         now.mark(d.CLIP_START)
@@ -285,9 +280,8 @@ class MechanismMetrics(Callback):
         tail, clipped = None, torch.zeros((), device=dev)
         if self._divisors and stats is not None:
             denom = torch.cat(self._divisors).to(device=dev, dtype=torch.float32)
-            if stats == "raw":
-                bound = self._clip  # the C of this step's clipping
-                clipped = (denom > (bound.to(dev) if torch.is_tensor(bound) else float(bound))
+            if stats == "raw":  # C is still the one this step clipped with
+                clipped = (denom > (clip.to(dev) if torch.is_tensor(clip) else float(clip))
                            ).sum().float()
                 tail = denom - _EPS
             elif self._buckets is not None:  # accounted: noised counts, never the norms
