@@ -6,7 +6,6 @@ import collections
 import contextlib
 import logging
 import threading
-import time
 import typing
 import urllib.parse
 from typing import Any, Callable
@@ -130,19 +129,19 @@ class InfluxDBExporter(Exporter):
         self._lock = threading.Condition()
         self._buffer: collections.deque[bytes] = collections.deque(maxlen=self.buffer_size)
         self._in_flight = 0  # points of the write under way, out of the buffer
-        self._running = self._draining = self._refused = False
+        self._draining = self._refused = False
         self._warned: set[str] = set()
-        self._sender: threading.Thread | None = None
+        self._sender: threading.Thread | None = None  # None: not started, or closed
 
     def start(self) -> None:
-        if self._running:
+        if self._sender is not None:
             return
         before = _levels()  # building a client sets its loggers, and the root, to WARNING
         client = InfluxDBClient(self.url, timeout=int(self.request_timeout * 1000), **self._auth)
         for lg in _levels():
             lg.setLevel(before.get(lg, logging.NOTSET))
         with self._lock:  # close() left the buffer empty
-            self._draining, self._refused, self._running = False, False, True
+            self._draining = self._refused = False
             self._sender = threading.Thread(target=self._send, args=(client,),
                                             name="privacy-influxdb", daemon=True)
             self._sender.start()
@@ -164,7 +163,7 @@ class InfluxDBExporter(Exporter):
             "fields": {**values, catalog.INFLUX_STEP_FIELD: snapshot.step}},
         ).to_line_protocol().encode()  # the default precision, ns
         with self._lock:
-            if self._refused or not self._running:
+            if self._refused or self._sender is None:
                 self.dropped += 1
                 return
             full = len(self._buffer) == self.buffer_size  # the deque drops its oldest
@@ -181,19 +180,15 @@ class InfluxDBExporter(Exporter):
         if sender is None:
             return
         budget = max(0.0, min(timeout, self.close_timeout))
-        deadline = time.monotonic() + budget
-        with self._lock:
+        with self._lock:  # the sender writes what is left, then stops
             self._draining = True
             self._lock.notify_all()
-            self._lock.wait_for(lambda: self._refused or not (self._buffer or self._in_flight),
-                                budget)
-            self._running = False
-            self._lock.notify_all()
-        sender.join(max(0.0, deadline - time.monotonic()))
+        sender.join(budget)
         with self._lock:  # a write still under way ends within request_timeout, unheard: counted
             lost, self._in_flight, self._sender = len(self._buffer) + self._in_flight, 0, None
             self.dropped += lost
             self._buffer.clear()
+            self._lock.notify_all()  # a sender still waiting stops now
         if lost:
             logger.warning("%d privacy points were not written to InfluxDB at %s within %.1f s "
                            "and are counted as dropped", lost, self.url, budget)
@@ -217,13 +212,13 @@ class InfluxDBExporter(Exporter):
     def _next(self, me: threading.Thread, delay: float) -> list[bytes] | None:
         """The next batch (``None``: stop) after ``delay`` (cut short by the close: one more try)
         and then a full batch, ``flush_interval`` or the close."""
-        def stop() -> bool:
-            return not self._running or self._refused or self._sender is not me
+        def stop() -> bool:  # closed, refused, or all written at the close
+            return self._sender is not me or self._refused or self._draining and not self._buffer
         with self._lock:
             was = self._draining
             self._lock.wait_for(lambda: stop() or self._draining != was, delay)
-            self._lock.wait_for(lambda: stop() or len(self._buffer) >= self.batch_size
-                                or self._draining and bool(self._buffer), self.flush_interval)
+            self._lock.wait_for(lambda: stop() or self._draining
+                                or len(self._buffer) >= self.batch_size, self.flush_interval)
             if stop():
                 return None
             self._in_flight = min(self.batch_size, len(self._buffer))
@@ -238,7 +233,6 @@ class InfluxDBExporter(Exporter):
             if self._sender is not me:  # closed meanwhile: these points are counted
                 return 0.0
             self._in_flight = 0
-            self._lock.notify_all()
             if error is None:
                 self.written += len(batch)
                 return 0.0
