@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from scipy.stats import rankdata
 
 from .. import checks
 
@@ -25,14 +26,11 @@ def attack_metrics(member_losses: Sequence[float] | np.ndarray,
     if members.size == 0 or others.size == 0:
         raise ValueError("attack_metrics needs at least one member and one non-member loss")
     scores = np.concatenate([members, others])
-    order = np.argsort(scores, kind="mergesort")
-    uniq, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
-    ranks = np.empty(scores.size)
-    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)  # average ranks over ties
     n_m, n_o = members.size, others.size
-    u = ranks[n_m:].sum() - n_o * (n_o + 1) / 2.0  # (member, non-member) pairs ordered right
-    tpr = np.searchsorted(np.sort(members), uniq, side="right") / n_m
-    fpr = np.searchsorted(np.sort(others), uniq, side="right") / n_o
+    u = rankdata(scores)[n_m:].sum() - n_o * (n_o + 1) / 2.0  # the pairs ordered right
+    thresholds = np.unique(scores)
+    tpr = np.searchsorted(np.sort(members), thresholds, side="right") / n_m
+    fpr = np.searchsorted(np.sort(others), thresholds, side="right") / n_o
     return float(u / (n_m * n_o)), float(max(0.0, np.max(tpr - fpr)))
 
 

@@ -181,15 +181,14 @@ class OneRunAudit(Callback):
         flat = np.sort(rng.choice(total, size=m, replace=False))
         self._coins = rng.random(m) < 0.5
         self._signs = np.where(rng.random(m) < 0.5, -1.0, 1.0)
-        ends = np.cumsum(sizes)
-        owner = np.searchsorted(ends, flat, side="right")
-        offset, device = flat - (ends - sizes)[owner], params[0].device
-        self._where = []
-        for i in np.unique(owner).tolist():
-            mine, p = np.flatnonzero(owner == i), params[i]
-            coords = torch.as_tensor(offset[mine], device=device)
-            self._where.append((p, coords, p.detach().reshape(-1)[coords].clone(), torch.as_tensor(
-                self._signs[mine] * self._coins[mine], dtype=p.dtype, device=device)))
+        ends, device = np.cumsum(sizes), params[0].device
+        self._where = []  # flat is sorted: each parameter's canaries are consecutive
+        for p, end, mine in zip(params, ends, np.split(np.arange(m), np.searchsorted(flat, ends))):
+            if mine.size:
+                coords = torch.as_tensor(flat[mine] - (end - p.numel()), device=device)
+                self._where.append((p, coords, p.detach().reshape(-1)[coords].clone(),
+                                    torch.as_tensor(self._signs[mine] * self._coins[mine],
+                                                    dtype=p.dtype, device=device)))
         generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
         rate = opacus_compat.ChargedRate(optimizer)
         # Opacus has no hook between its noise and its scaling: wrap add_noise on the instance.
@@ -217,9 +216,8 @@ class OneRunAudit(Callback):
     def _uninstall(self) -> None:
         optimizer, wrapper, self._wrapper = self._optimizer, self._wrapper, None
         if optimizer is not None and vars(optimizer).get("add_noise") is wrapper:
-            if self._previous is None:
-                del optimizer.add_noise  # the class's method again
-            else:
+            del optimizer.add_noise  # the class's method again, or what was there before ours
+            if self._previous is not None:
                 optimizer.add_noise = self._previous
         self._optimizer = self._previous = None
 
@@ -259,7 +257,3 @@ class OneRunAudit(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         self._uninstall()
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._uninstall()
