@@ -144,15 +144,14 @@ def prometheus_query(server: Server, expr: str) -> list[dict]:
 
 def alertmanager(config: str) -> Server:
     """An Alertmanager with ``config`` (YAML text), alone (no cluster port)."""
-    from privacy_callbacks.ops.stack import alertmanager_argv
+    from privacy_callbacks.ops.stack import argv
 
     binary = require_binary("prometheus-alertmanager", "prometheus-alertmanager")
     workdir = new_workdir("alertmanager")
     (workdir / "alertmanager.yml").write_text(config)
     port = free_port()
-    return Server("alertmanager", alertmanager_argv(binary, workdir, port,
-                                                    workdir / "alertmanager.yml"),
-                  port, workdir, ready_path="/-/ready")
+    return Server("alertmanager", argv("alertmanager", binary, workdir, port), port, workdir,
+                  ready_path="/-/ready")
 
 
 def pushgateway() -> Server:

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from .. import catalog
-from .rules import metric
+from .rules import RUN_KEYS, metric
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 _METRIC_NAMES = re.compile(
@@ -63,7 +63,6 @@ def _quantile(q: float, name: str) -> str:
 _R = "{{session_id}}"  # the legend: the run
 _PER_SAMPLE = ("MechanismMetrics and DifferentialPrivacy(statistics_noise_multiplier=...) "
                "(noised, in ε) or MechanismMetrics(raw_private_statistics=True) (outside ε)")
-_KEYS = "job, instance, session_id, model_name"
 
 
 def panels() -> dict[str, tuple[str, tuple[Panel, ...]]]:
@@ -80,8 +79,8 @@ def panels() -> dict[str, tuple[str, tuple[Panel, ...]]]:
             _s("privacy_epsilon_forecast"), "forecast " + _R)),
               "ε spent, the target and the forecast at the end of the planned training."),
         Panel("Steps to exhaustion", "timeseries", left, unit="short"),
-        Panel("Time to exhaustion", "stat", f"{left} * on({_KEYS}) group_left() max by "
-              f"({_KEYS}) ({_s('training_step_seconds')})", "Steps left times the step time.",
+        Panel("Time to exhaustion", "stat", f"{left} * on({RUN_KEYS}) group_left() max by "
+              f"({RUN_KEYS}) ({_s('training_step_seconds')})", "Steps left times the step time.",
               unit="s"),
         Panel("Noise and sampling", "timeseries", (
             (_s("privacy_noise_multiplier"), "σ " + _R), (_s("gradient_clipping_norm"), "C " + _R),

@@ -9,7 +9,7 @@ import yaml
 from .. import catalog
 from ..checks import number
 
-CATEGORIES = ("privacy_violation", "regulatory", "security", "performance")  # the routing's
+RUN_KEYS = "job, instance, session_id, model_name"  # the labels naming a run's series
 PUSH_TIME_SECONDS = "push_time_seconds"  # the Pushgateway's own: Unix time of a group's last push
 
 
@@ -82,7 +82,6 @@ def alerts(options: RuleOptions | None = None) -> tuple[Alert, ...]:
     steps = metric("training_steps_with_privacy_total")
     noise_sum = metric("privacy_noise_magnitude", "_sum")
     noise_count = metric("privacy_noise_magnitude", "_count")
-    run_keys = "job, instance, session_id, model_name"
     who = "session {{ $labels.session_id }} (model {{ $labels.model_name }})"
     target_of = ("{{ with printf `" + target + "{session_id=%q,model_name=%q,accountant=%q}` "
                  "$labels.session_id $labels.model_name $labels.accountant | query }}"
@@ -103,8 +102,8 @@ def alerts(options: RuleOptions | None = None) -> tuple[Alert, ...]:
               "See privacy_epsilon_forecast; shorten training or raise the noise in time."),
         Alert("PrivacyAttackDetected", "critical", "security",
               # The audit's contradiction first: where it holds, it is what the alert says.
-              f"({metric('privacy_audit_epsilon_lower_bound')} > on({run_keys}) group_left() "
-              f"max by ({run_keys}) ({eps})) or on({run_keys}) "
+              f"({metric('privacy_audit_epsilon_lower_bound')} > on({RUN_KEYS}) group_left() "
+              f"max by ({RUN_KEYS}) ({eps})) or on({RUN_KEYS}) "
               f"({metric('privacy_attack_score')} > {o.attack_score_threshold!r})",
               "Privacy attack evidence: " + who,
               "{{ if $labels.attack_type }}The {{ $labels.attack_type }} membership attack "

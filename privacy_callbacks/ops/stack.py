@@ -45,16 +45,10 @@ SERVICES: dict[str, Service] = {
 }
 
 
-def argv(name: str, binary: str, workdir: Path, port: int, config: Path | None = None
-         ) -> list[str]:
+def argv(name: str, binary: str, workdir: Path, port: int) -> list[str]:
     """Service ``name`` on 127.0.0.1:``port``, its files (config ``<name>.yml``) in ``workdir``."""
-    values = {"listen": f"127.0.0.1:{port}", "dir": workdir,
-              "config": config or workdir / f"{name}.yml"}
+    values = {"listen": f"127.0.0.1:{port}", "dir": workdir, "config": workdir / f"{name}.yml"}
     return [binary, *(a.format(**values) for a in SERVICES[name].args)]
-
-
-def alertmanager_argv(binary: str, workdir: Path, port: int, config: Path) -> list[str]:
-    return argv("alertmanager", binary, workdir, port, config)
 
 
 def _ready(url: str, body: str) -> bool:  # 200, with the server's own ready text
@@ -75,11 +69,10 @@ def _bind(port: int) -> int | None:
         return s.getsockname()[1]
 
 
-def error_lines(log: str, limit: int = 3) -> str:
-    """The last error lines of a server's log, each whole (they carry the cause)."""
+def error_lines(log: str) -> str:
+    """The last 3 error lines of a server's log, each whole (they carry the cause)."""
     lines = [line for line in log.splitlines() if line.strip()]
-    return "\n".join(([n for n in lines if re.search("(?i)error|fatal|panic", n)] or lines)
-                     [-limit:])
+    return "\n".join(([n for n in lines if re.search("(?i)error|fatal|panic", n)] or lines)[-3:])
 
 
 def write_files(folder: Path, files: dict[str, str]) -> list[Path]:
@@ -134,8 +127,7 @@ class Stack:
 
     def start(self, timeout: float = 60.0) -> Stack:
         """Write the configs, start every server and wait until each answers ready."""
-        taken = [f"{n} port {p}" for n, p in self.ports.items() if _bind(p) is None]
-        if taken:
+        if taken := [f"{n} port {p}" for n, p in self.ports.items() if _bind(p) is None]:
             raise RuntimeError(f"127.0.0.1: {', '.join(taken)} already in use (Debian's own "
                                "services use the defaults: `systemctl stop` them), or choose "
                                "other ports, e.g. --prometheus-port 0 for any free one")
