@@ -1,9 +1,6 @@
-"""The privacy report: one self-contained HTML page per session, from its audit records.
-
-The records hold only data-independent settings, the accountant's epsilon (post-processing of
-what DP released) and accounted releases (the one-run audit's bound, attack scores). The chart is
-matplotlib's inline SVG, the page a Jinja2 template with HTML escaping on (the ``report`` extra).
-"""
+"""The privacy report: one self-contained HTML page per session, from its audit records. They
+hold only data-independent settings, the accountant's epsilon (post-processing of what DP
+released) and accounted releases (the one-run audit's bound, attack scores)."""
 
 from __future__ import annotations
 
@@ -13,8 +10,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 __all__ = ["render", "render_trail"]
-
-_TEMPLATE = Path(__file__).with_name("report.html.j2")
 
 
 def _session(records: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -97,7 +92,7 @@ def render(records: Iterable[Mapping[str, Any]], *, verified: Any = None) -> str
         return "-" if ts is None else ts[:19].replace("T", " ") + " UTC"
 
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    page = environment.from_string(_TEMPLATE.read_text())
+    page = environment.from_string(Path(__file__).with_name("report.html.j2").read_text())
     return page.render(
         session=first.get("session_id"), model=first.get("model_name"),
         accountant=end.get("accountant", first.get("accountant")), epsilon=epsilon,

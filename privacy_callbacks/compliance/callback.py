@@ -84,12 +84,11 @@ class DPPolicy:
 
 
 class ComplianceAudit(Callback):
-    """Writes a fit's audit trail (an :class:`AuditTrail` or path) from rank 0; checks the run
-    against a :class:`DPPolicy` (or preset name, or JSON/TOML policy file). Records fit start
-    (DP setup, data size, sampling, versions), resume, the ``audit_thresholds`` (fractions of
-    ``target_epsilon``) crossed, violations, the first accounting error, a guard's stop and fit
-    end (exact final epsilon, epsilon series, sigma/q changes). ``report`` (a path, or a callable
-    from session id to one) gets the privacy report at fit end; failing to write it only warns."""
+    """Writes a fit's audit trail (an :class:`AuditTrail` or path) from rank 0: fit start, resume,
+    the ``audit_thresholds`` (fractions of ``target_epsilon``) crossed, violations of the
+    :class:`DPPolicy` (or preset name, or JSON/TOML policy file), the first accounting error, a
+    guard's stop, fit end. ``report`` (a path, or a callable from session id to one) gets the
+    privacy report at fit end; failing to write it only warns."""
 
     def __init__(self, delta: float, target_epsilon: float | None = None, *,
                  audit: AuditTrail | str | os.PathLike[str] | None = None,
@@ -124,7 +123,6 @@ class ComplianceAudit(Callback):
         marks += [(math.nextafter(v, math.inf), e, w) for v, e, w in limits if v is not None]
         self._marks = sorted(marks, key=lambda m: m[0]) + [(math.inf, "", None)]
         self._failed = self._errored = False
-        self._records: list[dict[str, Any]] = []  # the session's, for the report
         self._session: str | None = None
         self._exporting = self._pending = False
 
@@ -188,8 +186,8 @@ class ComplianceAudit(Callback):
             raise ValueError(f"Unexpected value for delta: {self.delta!r}; use the "
                              f"PrivacyMonitor's, {monitor.delta!r}")
         session = None if monitor is None else monitor.session_id
-        if session != self._session or session is None:
-            self._records = []  # a report covers one session, every fit of it
+        if session != self._session or session is None:  # always at the first fit
+            self._records: list[dict[str, Any]] = []  # a report covers one session, all its fits
         self._session, self._exporting = session, trainer.is_global_zero and (
             self.audit is not None or self.policy is not None or self.report is not None)
         self._pending = self._exporting
