@@ -106,6 +106,18 @@ def test_a_tampered_trail_renders_with_a_visible_verification_failure(tmp_path):
     assert "Audit trail verification failed" in page_text((tmp_path / "next.html").read_text())
 
 
+def test_a_trail_signed_with_its_own_key_verifies_in_its_report(tmp_path, monkeypatch):
+    from privacy_callbacks import AuditTrail
+
+    monkeypatch.setenv("PRIVACY_AUDIT_HMAC_KEY", "the default variable, another key")
+    monkeypatch.setenv("TEAM_AUDIT_KEY", "this trail's key")
+    trail = AuditTrail(tmp_path / "trail.jsonl", key_env="TEAM_AUDIT_KEY")
+    audit = ComplianceAudit(1e-5, 4.0, audit=trail, report=tmp_path / "report.html")
+    fit(DPModel(), PrivacyMonitor(delta=1e-5, target_epsilon=4.0), audit)
+    text = page_text((tmp_path / "report.html").read_text())
+    assert "verification failed" not in text and "Audit trail verified" in text
+
+
 def test_schedule_and_resume_are_marked(tmp_path):
     model = ScheduledModel(gamma=0.99)
     monitor = PrivacyMonitor(delta=1e-5, session_id="sched")

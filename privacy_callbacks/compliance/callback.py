@@ -280,7 +280,8 @@ class ComplianceAudit(Callback):
         try:
             from ..report import render
 
-            verified = None if self.audit is None else verify(self.audit.path)
+            verified = None if self.audit is None else verify(self.audit.path,
+                                                                key_env=self.audit.key_env)
             Path(path).write_text(render(self._records, verified=verified), encoding="utf-8")
         except Exception as exc:
             logger.warning("The privacy report could not be written to %s (%s); the fit is "
