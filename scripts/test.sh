@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the tests need -- the monitoring servers and Chromium (the report's browser
 # test) from Debian packages, and the Python dev dependencies -- then lints and type-checks the
-# code (any finding fails the script) and runs the test suite. Extra arguments go to pytest.
+# code (any finding fails the script) and runs the test suite on two workers (pytest-xdist; every
+# test starts its own servers on free ports). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,4 +24,4 @@ python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
 
 python3 -m ruff check privacy_callbacks tests benchmarks examples
 python3 -m mypy privacy_callbacks
-python3 -m pytest -q "$@"
+python3 -m pytest -q -n 2 "$@"
