@@ -240,9 +240,9 @@ class PrivacyMonitor(Callback):
         every = self._log_every
         bar = self.progress_bar and (batch_idx == 0 or step % every == 0)
         loggers = self._log_loggers and step % every == 0
-        last = trainer.should_stop or 0 < trainer.max_steps <= step or (
-            trainer.is_last_batch and trainer.current_epoch + 1 >= (trainer.max_epochs or 0) > 0)
-        if (bar or loggers or last and self.progress_bar) and self.accounting is not None:
+        last = self.progress_bar and (trainer.should_stop or 0 < trainer.max_steps <= step or (
+            trainer.is_last_batch and trainer.current_epoch + 1 >= (trainer.max_epochs or 0) > 0))
+        if (bar or loggers or last) and self.accounting is not None:
             if last:  # the bar's last value is the exact one
                 self.accounting.settle(timeout=10.0)
             value = self.accounting.epsilon()  # for the history now: the release is this step's

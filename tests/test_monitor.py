@@ -100,6 +100,14 @@ def test_epsilon_in_progress_bar_and_loggers(tmp_path):
     assert len(metrics.splitlines()) == 1 + 4  # steps 2, 4, 6, 8
 
 
+def test_progress_bar_false_keeps_epsilon_off_the_bar_but_in_the_loggers(tmp_path):
+    monitor = PrivacyMonitor(delta=1e-5, progress_bar=False)
+    trainer = fit(DPModel(), monitor, logger=CSVLogger(tmp_path), log_every_n_steps=2)
+    assert not any(k.startswith("privacy/") for k in trainer.progress_bar_metrics)
+    metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert len(metrics.splitlines()) == 1 + 4 and "privacy/epsilon" in metrics
+
+
 def test_explicit_accountant_argument():
     model = DPModel()
     monitor = PrivacyMonitor(delta=1e-5, accountant=model.privacy_engine)
