@@ -327,7 +327,8 @@ class PrivacyMonitor(Callback):
         last, publisher = self._last, self._publisher
         if last is not None and publisher is not None and self._exporting \
                 and last.epsilon_step == value.step:
-            publisher.put(self._with_epsilon(dataclasses.replace(last, extra={}), value, None))
+            publisher.offer(self._with_epsilon(dataclasses.replace(last, extra={}), value,
+                                               None))
 
     def _publish_final(self, timeout: float = 10.0) -> None:
         """The last step's exact epsilon and the reporters' last values, out before the fit

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import lightning.pytorch as pl
 import pytest
@@ -96,6 +97,54 @@ def test_the_publisher_tells_each_build_whether_a_newer_step_is_queued():
     finally:
         publisher.close(timeout=10.0)
     assert built == [(0, False), (1, False), (2, False), (3, False), (4, True)]
+
+
+def test_a_full_publisher_drops_the_oldest_steps_and_counts_each():
+    from privacy_callbacks.publisher import Publisher
+
+    built: list[int] = []
+    publisher = Publisher([], lambda record, newest: built.append(record), max_pending=3,
+                          interval=60.0)  # drains only when flushed
+    try:
+        for step in range(5):
+            publisher.put(step)
+        assert publisher.flush(timeout=10.0)
+        publisher.put(5)
+        assert publisher.flush(timeout=10.0)
+    finally:
+        publisher.close(timeout=10.0)
+    assert built == [2, 3, 4, 5] and publisher.dropped == 2
+
+
+def test_every_step_is_built_or_counted_while_the_publisher_drains_and_others_offer():
+    # The training thread's put takes no lock: what the deque lets go while the thread drains it
+    # is still counted, never twice, and snapshots offered from another thread go out too.
+    from privacy_callbacks import PrivacySnapshot
+    from privacy_callbacks.publisher import Publisher
+
+    built: list[int] = []
+    delivered: list[int] = []
+
+    class Sink(Exporter):
+        def export(self, snapshot):
+            delivered.append(snapshot.step)
+
+    publisher = Publisher([Sink()], lambda record, newest: built.append(record) or None,
+                          max_pending=50, interval=0.001)
+    offering = threading.Thread(target=lambda: [publisher.offer(PrivacySnapshot(
+        step=10 ** 6, timestamp_ns=0, accountant="rdp")) for _ in range(200)])
+    try:
+        offering.start()
+        for step in range(20_000):
+            publisher.put(step)
+            if step % 100 == 0:
+                time.sleep(0.0002)  # the publisher drains meanwhile
+        offering.join()
+        assert publisher.flush(timeout=10.0)
+    finally:
+        publisher.close(timeout=10.0)
+    assert len(built) + publisher.dropped == 20_000 and built == sorted(built)
+    assert delivered == [10 ** 6] * 200
 
 
 def test_a_newer_snapshot_queued_behind_a_build_leaves_it_the_newest_build():
