@@ -149,11 +149,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    previous = logging.root.manager.disable  # main() also runs inside test processes
     logging.disable(logging.WARNING)
     try:
         out = _measure(args)
-    finally:  # main() also runs inside test processes: their logging stays as it was
-        logging.disable(logging.NOTSET)
+    finally:  # the caller's logging stays as it was
+        logging.disable(previous)
     print(table(out))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

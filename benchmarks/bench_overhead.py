@@ -470,6 +470,7 @@ def hooks_part(args: argparse.Namespace) -> dict[str, Any]:
         rows = [r for row in rows
                 for r in ((row,) if row in ("dp", "floor") else (row, f"{row} [baseline]"))]
     torch.set_num_threads(1)
+    previous = logging.root.manager.disable  # main() also runs inside test processes
     logging.disable(logging.WARNING)
     gaps: dict[str, list[tuple[float, float]]] = {r: [] for r in rows}
     hooks: dict[str, list[float]] = {r: [] for r in rows}
@@ -482,7 +483,7 @@ def hooks_part(args: argparse.Namespace) -> dict[str, Any]:
                 hooks[row].extend(h)
                 thread[row].append(th)
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(previous)
     out: dict[str, Any] = {"rounds": args.hook_rounds, "steps": args.hook_steps,
                            "load": os.getloadavg(), "rows": {}}
     base = rows[0]
